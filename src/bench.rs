@@ -1,0 +1,457 @@
+//! The benchmark harness (`keybroker bench`): measures the cache-hit Encrypt/Decrypt path against
+//! a bare tonic echo server carrying the same messages, side by side in one run, and reports
+//! ratios (docs/benchmarks.md). Not a test: nothing here asserts a time.
+//!
+//! Fair setup (../BENCHMARKING notes): each server is a separate process on a single-threaded
+//! runtime pinned to one core (`taskset`), the load generator is pinned to another; a fixed
+//! number of HTTP/2 connections; warm-up, then a bounded measuring window; echo and keybroker
+//! alternate run by run so a noisy neighbour hits both; medians over runs are reported.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::cli::CliResult;
+use crate::client::KeyBrokerClient;
+use crate::proto;
+use crate::proto::key_broker_server::{KeyBroker, KeyBrokerServer};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Measuring window per run.
+    #[arg(long, default_value = "10s", value_parser = crate::util::parse_duration)]
+    pub duration: Duration,
+    /// Warm-up before each measuring window.
+    #[arg(long, default_value = "1s", value_parser = crate::util::parse_duration)]
+    pub warmup: Duration,
+    /// Requests in flight (comma-separated list).
+    #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub payload: usize,
+    /// HTTP/2 connections the load is spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Operations to measure.
+    #[arg(long, value_delimiter = ',', default_value = "encrypt,decrypt")]
+    pub ops: Vec<BenchOp>,
+    /// Transport between load generator and servers.
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// CPU for the server processes and CPU for the load generator (taskset); -1 disables.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub server_cpu: i32,
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub client_cpu: i32,
+    /// Extra `bench-server` arguments for the keybroker server (e.g. a config file).
+    #[arg(long)]
+    pub server_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOp {
+    Encrypt,
+    Decrypt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServerMode {
+    Echo,
+    Keybroker,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServerArgs {
+    #[arg(long, value_enum)]
+    pub mode: ServerMode,
+    #[arg(long)]
+    pub listen: String,
+    /// Configuration for keybroker mode (default: a temporary local keyring).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Echo: the same RPCs and message sizes with no work, the gRPC ceiling.
+struct Echo;
+
+#[tonic::async_trait]
+impl KeyBroker for Echo {
+    async fn encrypt(
+        &self,
+        r: Request<proto::EncryptRequest>,
+    ) -> Result<Response<proto::EncryptResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(proto::EncryptResponse {
+            ciphertext: r.plaintext,
+            key: r.key,
+            key_version: "1".into(),
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        r: Request<proto::DecryptRequest>,
+    ) -> Result<Response<proto::DecryptResponse>, Status> {
+        Ok(Response::new(proto::DecryptResponse {
+            plaintext: r.into_inner().ciphertext,
+            key: "default".into(),
+            key_version: "1".into(),
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        _: Request<proto::GenerateDataKeyRequest>,
+    ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn re_encrypt(
+        &self,
+        _: Request<proto::ReEncryptRequest>,
+    ) -> Result<Response<proto::ReEncryptResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn list_keys(
+        &self,
+        _: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        Ok(Response::new(proto::ListKeysResponse::default()))
+    }
+}
+
+/// `bench-server`: serves one mode on a single-threaded runtime and prints `READY <addr>`.
+pub fn run_server(args: BenchServerArgs) -> CliResult {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match args.mode {
+            ServerMode::Keybroker => {
+                let tmp = tempdir()?;
+                let mut config = match &args.config {
+                    Some(p) => crate::config::Config::load(p)?,
+                    None => {
+                        let mut c = crate::config::Config::embedded_default();
+                        if let Some(k) = c.keys.get_mut(crate::config::DEFAULT_KEY) {
+                            k.backend = crate::config::BackendConfig::Local {
+                                keyring: tmp.join("keyring"),
+                                key_id: crate::config::DEFAULT_KEY.into(),
+                                create: true,
+                            };
+                        }
+                        c
+                    }
+                };
+                config.server.listen = vec![crate::config::ListenAddr::parse(&args.listen)?];
+                let running = crate::server::start(&config).await?;
+                println!("READY {}", running.addrs[0]);
+                std::future::pending::<()>().await;
+            }
+            ServerMode::Echo => {
+                let addr = crate::config::ListenAddr::parse(&args.listen)?;
+                let router =
+                    tonic::transport::Server::builder().add_service(KeyBrokerServer::new(Echo));
+                match addr {
+                    crate::config::ListenAddr::Tcp(a) => {
+                        let l = tokio::net::TcpListener::bind(a).await?;
+                        println!("READY {}", l.local_addr()?);
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                        router.serve_with_incoming(incoming).await?;
+                    }
+                    crate::config::ListenAddr::Unix(p) => {
+                        let _ = std::fs::remove_file(&p);
+                        let l = tokio::net::UnixListener::bind(&p)?;
+                        println!("READY unix://{}", p.display());
+                        let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                        router.serve_with_incoming(incoming).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn tempdir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("keybroker-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A child server process, killed on drop.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(
+    mode: ServerMode,
+    args: &BenchArgs,
+    tag: &str,
+) -> Result<ServerProcess, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let listen = match args.transport {
+        Transport::Tcp => "127.0.0.1:0".to_owned(),
+        Transport::Unix => format!(
+            "unix://{}",
+            tempdir()?.join(format!("{tag}.sock")).display()
+        ),
+    };
+    let mut cmd = if args.server_cpu >= 0 {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(args.server_cpu.to_string()).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    cmd.arg("bench-server")
+        .arg("--mode")
+        .arg(match mode {
+            ServerMode::Echo => "echo",
+            ServerMode::Keybroker => "keybroker",
+        })
+        .arg("--listen")
+        .arg(listen);
+    if mode == ServerMode::Keybroker
+        && let Some(c) = &args.server_config
+    {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.env("KEYBROKER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .strip_prefix("READY ")
+        .ok_or_else(|| format!("{tag} server did not start: {line:?}"))?
+        .trim()
+        .to_owned();
+    Ok(ServerProcess { child, addr })
+}
+
+/// One measured window.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+async fn clients(
+    addr: &str,
+    n: usize,
+) -> Result<Vec<KeyBrokerClient<Channel>>, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        out.push(crate::client::client(
+            crate::client::connect(addr).await?,
+            8 << 20,
+        ));
+    }
+    Ok(out)
+}
+
+/// Drives `concurrency` workers over the clients for warm-up + duration; latencies of the
+/// measuring window only.
+async fn measure(
+    clients: &[KeyBrokerClient<Channel>],
+    op: BenchOp,
+    payload: Arc<bytes::Bytes>,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Sample {
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = clients[i % clients.len()].clone();
+        let payload = Arc::clone(&payload);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let ok = match op {
+                    BenchOp::Encrypt => client
+                        .encrypt(proto::EncryptRequest {
+                            key: "default".into(),
+                            plaintext: (*payload).clone(),
+                            context: BTreeMap::new(),
+                        })
+                        .await
+                        .is_ok(),
+                    BenchOp::Decrypt => client
+                        .decrypt(proto::DecryptRequest {
+                            ciphertext: (*payload).clone(),
+                            context: BTreeMap::new(),
+                        })
+                        .await
+                        .is_ok(),
+                };
+                let t1 = Instant::now();
+                if t0 >= measure_from {
+                    if ok {
+                        lat.push((t1 - t0).as_nanos() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i] as f64 / 1000.0
+    };
+    Sample {
+        rps: all.len() as f64 / duration.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        errors,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+async fn backend_calls(client: &mut KeyBrokerClient<Channel>) -> u64 {
+    match client.list_keys(proto::ListKeysRequest {}).await {
+        Ok(r) => r
+            .into_inner()
+            .keys
+            .iter()
+            .flat_map(|k| k.stats.iter())
+            .map(|s| s.backend_calls)
+            .sum(),
+        Err(_) => 0,
+    }
+}
+
+pub fn run(args: BenchArgs) -> CliResult {
+    if args.client_cpu >= 0 {
+        // Pin this process (all threads) to the load-generator core before starting any.
+        let _ = Command::new("taskset")
+            .args([
+                "-a",
+                "-p",
+                "-c",
+                &args.client_cpu.to_string(),
+                &std::process::id().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .status();
+    }
+    let echo = spawn_server(ServerMode::Echo, &args, "echo")?;
+    let kb = spawn_server(ServerMode::Keybroker, &args, "keybroker")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let echo_clients = clients(&echo.addr, args.connections).await?;
+        let kb_clients = clients(&kb.addr, args.connections).await?;
+        let plaintext = bytes::Bytes::from(vec![0x5a; args.payload]);
+        let mut kb0 = kb_clients[0].clone();
+        let ciphertext = kb0
+            .encrypt(proto::EncryptRequest {
+                key: "default".into(),
+                plaintext: plaintext.clone(),
+                context: BTreeMap::new(),
+            })
+            .await?
+            .into_inner()
+            .ciphertext;
+        println!(
+            "# keybroker bench: {} B payload, {} connections, {:?} transport, {} run(s) x {:?} (+{:?} warm-up), server cpu {}, client cpu {}",
+            args.payload, args.connections, args.transport, args.runs, args.duration, args.warmup, args.server_cpu, args.client_cpu
+        );
+        println!();
+        println!("| op | in flight | echo req/s | keybroker req/s | ratio | echo p50/p99 µs | keybroker p50/p99 µs | added p99 µs | backend calls per 1M ops | errors |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &op in &args.ops {
+            let kb_payload = Arc::new(match op {
+                BenchOp::Encrypt => plaintext.clone(),
+                BenchOp::Decrypt => ciphertext.clone(),
+            });
+            let echo_payload = Arc::clone(&kb_payload);
+            for &c in &args.concurrency {
+                let mut e = Vec::new();
+                let mut k = Vec::new();
+                let calls_before = backend_calls(&mut kb0).await;
+                let mut kb_ops = 0f64;
+                for _ in 0..args.runs {
+                    e.push(measure(&echo_clients, op, Arc::clone(&echo_payload), c, args.warmup, args.duration).await);
+                    let s = measure(&kb_clients, op, Arc::clone(&kb_payload), c, args.warmup, args.duration).await;
+                    kb_ops += s.rps * (args.duration + args.warmup).as_secs_f64();
+                    k.push(s);
+                }
+                let calls = backend_calls(&mut kb0).await.saturating_sub(calls_before);
+                let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+                let (er, kr) = (m(&e, |s| s.rps), m(&k, |s| s.rps));
+                let (e50, e99) = (m(&e, |s| s.p50_us), m(&e, |s| s.p99_us));
+                let (k50, k99) = (m(&k, |s| s.p50_us), m(&k, |s| s.p99_us));
+                let errors: u64 = e.iter().chain(k.iter()).map(|s| s.errors).sum();
+                println!(
+                    "| {} | {c} | {er:.0} | {kr:.0} | {:.2} | {e50:.0} / {e99:.0} | {k50:.0} / {k99:.0} | {:.0} | {:.1} | {errors} |",
+                    match op { BenchOp::Encrypt => "Encrypt", BenchOp::Decrypt => "Decrypt" },
+                    if er > 0.0 { kr / er } else { 0.0 },
+                    k99 - e99,
+                    if kb_ops > 0.0 { calls as f64 * 1e6 / kb_ops } else { 0.0 },
+                );
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    drop(echo);
+    drop(kb);
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! The operations themselves (Encrypt, Decrypt, GenerateDataKey, ReEncrypt, ListKeys),
+//! independent of gRPC: validate, route the key name, check policy and key state, get a data
+//! key from the cache (or backend), seal or open the envelope.
+//!
+//! Order matters and is the same everywhere: input limits, then the key's configuration entry,
+//! then the caller's permission, then the key's state, and only then the cache, so that neither a
+//! cached data key nor a cache hit can get around the policy or a disabled key.
+//! Each operation fills a [`Facts`] as it learns things, so the audit record and the metrics of a
+//! failed request still say which key, backend and version were involved.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::backend::{BackendContext, BackendKind};
+use crate::cache::{CacheResult, DataKeyCache, Purpose};
+use crate::envelope::{self, Envelope, Kind, WrappedCopy};
+use crate::error::Error;
+use crate::identity::Caller;
+use crate::operation::Operation;
+use crate::registry::{KeyEntry, Registry};
+use crate::stats::{OpSnapshot, bump};
+
+/// Envelope overhead allowance on top of the plaintext limit when accepting ciphertexts: the
+/// largest header the format allows (8 copies of the longest ids and wrapped keys) plus the tag.
+pub const CIPHERTEXT_OVERHEAD: u64 = 128 << 10;
+
+/// What a request touched, filled in as the operation proceeds (also on failure).
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    pub key: Option<Arc<str>>,
+    pub backend: Option<BackendKind>,
+    pub backend_key_id: Option<String>,
+    pub key_version: Option<String>,
+    pub cache: Option<CacheResult>,
+    /// Payload bytes (plaintext in or out).
+    pub bytes: u64,
+    /// For ReEncrypt: the source side.
+    pub source_key: Option<Arc<str>>,
+    pub source_key_version: Option<String>,
+}
+
+impl Facts {
+    fn entry(&mut self, entry: &KeyEntry) {
+        self.key = Some(Arc::clone(&entry.name));
+        self.backend = Some(entry.backend.kind());
+        self.backend_key_id = Some(entry.backend.key_id().to_owned());
+    }
+}
+
+pub struct EncryptOutput {
+    pub ciphertext: Vec<u8>,
+    pub key: Arc<str>,
+    pub key_version: String,
+}
+
+pub struct DecryptOutput {
+    pub plaintext: Vec<u8>,
+    pub key: Arc<str>,
+    pub key_version: String,
+}
+
+pub struct DataKeyOutput {
+    pub plaintext_key: Vec<u8>,
+    pub wrapped_key: Vec<u8>,
+    pub key: Arc<str>,
+    pub key_version: String,
+}
+
+pub struct ReEncryptOutput {
+    pub ciphertext: Vec<u8>,
+    pub key: Arc<str>,
+    pub key_version: String,
+    pub source_key: Arc<str>,
+    pub source_key_version: String,
+}
+
+/// One key as ListKeys shows it.
+#[derive(Debug, Clone)]
+pub struct KeyListing {
+    pub name: Arc<str>,
+    pub description: String,
+    pub backend: BackendKind,
+    pub backend_key_id: String,
+    pub enabled: bool,
+    pub cache: crate::config::CacheLimits,
+    pub stats: Vec<(Operation, OpSnapshot)>,
+}
+
+/// Data key lengths GenerateDataKey offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKeySpec {
+    Aes256,
+    Aes128,
+}
+
+impl DataKeySpec {
+    pub fn key_len(self) -> usize {
+        match self {
+            Self::Aes256 => 32,
+            Self::Aes128 => 16,
+        }
+    }
+}
+
+pub struct Broker {
+    registry: ArcSwap<Registry>,
+    cache: DataKeyCache,
+    max_plaintext: u64,
+}
+
+impl Broker {
+    pub fn new(registry: Registry, cache_capacity: u64, max_plaintext: u64) -> Self {
+        Self {
+            registry: ArcSwap::from_pointee(registry),
+            cache: DataKeyCache::new(cache_capacity),
+            max_plaintext,
+        }
+    }
+
+    /// Swaps in a new registry (configuration reload). Requests in flight finish on the old one.
+    pub fn replace_registry(&self, registry: Registry) {
+        self.registry.store(Arc::new(registry));
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.load_full()
+    }
+
+    pub fn cache(&self) -> &DataKeyCache {
+        &self.cache
+    }
+
+    pub fn max_plaintext(&self) -> u64 {
+        self.max_plaintext
+    }
+
+    pub async fn encrypt(
+        &self,
+        caller: &Caller,
+        key: &str,
+        plaintext: &[u8],
+        context: &BTreeMap<String, String>,
+        facts: &mut Facts,
+    ) -> Result<EncryptOutput, Error> {
+        facts.bytes = plaintext.len() as u64;
+        self.check_size("plaintext", plaintext.len(), self.max_plaintext)?;
+        check_context(context, "context")?;
+        let registry = self.registry.load();
+        let entry = self.usable_key(&registry, caller, key, Operation::Encrypt, facts)?;
+        let (active, result) = self
+            .cache
+            .active_key(
+                entry,
+                &caller.name,
+                Purpose::Messages,
+                plaintext.len() as u64,
+            )
+            .await?;
+        facts.cache = Some(result);
+        facts.key_version = Some(active.wrapped.key_version.clone());
+        let ciphertext = envelope::seal(
+            Kind::Message,
+            &entry.name,
+            &caller.name,
+            &[active.copy()],
+            active.data_key(),
+            context,
+            plaintext,
+        )
+        .map_err(seal_error)?;
+        Ok(EncryptOutput {
+            ciphertext,
+            key: Arc::clone(&entry.name),
+            key_version: active.wrapped.key_version.clone(),
+        })
+    }
+
+    pub async fn decrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        context: &BTreeMap<String, String>,
+        facts: &mut Facts,
+    ) -> Result<DecryptOutput, Error> {
+        self.check_size(
+            "ciphertext",
+            ciphertext.len(),
+            self.max_plaintext + CIPHERTEXT_OVERHEAD,
+        )?;
+        check_context(context, "context")?;
+        let env = envelope::parse(ciphertext)?;
+        facts.bytes = env.payload_len() as u64;
+        let registry = self.registry.load();
+        let entry = self.usable_key(&registry, caller, env.key_name, Operation::Decrypt, facts)?;
+        let (plaintext, version) = self
+            .open(entry, &env, context, Operation::Decrypt, facts)
+            .await?;
+        Ok(DecryptOutput {
+            plaintext,
+            key: Arc::clone(&entry.name),
+            key_version: version,
+        })
+    }
+
+    pub async fn generate_data_key(
+        &self,
+        caller: &Caller,
+        key: &str,
+        spec: DataKeySpec,
+        context: &BTreeMap<String, String>,
+        facts: &mut Facts,
+    ) -> Result<DataKeyOutput, Error> {
+        check_context(context, "context")?;
+        let registry = self.registry.load();
+        let entry = self.usable_key(&registry, caller, key, Operation::GenerateDataKey, facts)?;
+        let (active, result) = self
+            .cache
+            .active_key(
+                entry,
+                &caller.name,
+                Purpose::DataKey {
+                    len: spec.key_len(),
+                },
+                0,
+            )
+            .await?;
+        facts.cache = Some(result);
+        facts.key_version = Some(active.wrapped.key_version.clone());
+        facts.bytes = spec.key_len() as u64;
+        let wrapped_key = envelope::seal(
+            Kind::DataKey,
+            &entry.name,
+            &caller.name,
+            &[active.copy()],
+            active.data_key(),
+            context,
+            b"",
+        )
+        .map_err(seal_error)?;
+        Ok(DataKeyOutput {
+            plaintext_key: active.data_key().as_ref().to_vec(),
+            wrapped_key,
+            key: Arc::clone(&entry.name),
+            key_version: active.wrapped.key_version.clone(),
+        })
+    }
+
+    /// Opens the source ciphertext with its data key, re-wraps that data key under the
+    /// destination key (by the provider's own re-encrypt where it has one, so the data key is
+    /// not handled in the clear for that step) and re-seals the payload with a fresh salt, the
+    /// destination key's header and the destination context.
+    pub async fn re_encrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        source_context: &BTreeMap<String, String>,
+        destination_key: &str,
+        destination_context: &BTreeMap<String, String>,
+        facts: &mut Facts,
+    ) -> Result<ReEncryptOutput, Error> {
+        self.check_size(
+            "ciphertext",
+            ciphertext.len(),
+            self.max_plaintext + CIPHERTEXT_OVERHEAD,
+        )?;
+        check_context(source_context, "source_context")?;
+        check_context(destination_context, "destination_context")?;
+        let env = envelope::parse(ciphertext)?;
+        facts.bytes = env.payload_len() as u64;
+        let registry = self.registry.load();
+        let source =
+            self.usable_key(&registry, caller, env.key_name, Operation::ReEncrypt, facts)?;
+        facts.source_key = Some(Arc::clone(&source.name));
+        let dest_name = if destination_key.is_empty() {
+            env.key_name
+        } else {
+            destination_key
+        };
+        // Both keys are resolved and checked before any backend work.
+        let dest = self.usable_key(&registry, caller, dest_name, Operation::ReEncrypt, facts)?;
+
+        let (copy, data_key, _) = self
+            .unwrap_any(source, &env, Operation::ReEncrypt, facts)
+            .await?;
+        facts.source_key_version = Some(copy.key_version.to_owned());
+        let payload = env
+            .open(data_key.data_key(), source_context)
+            .map_err(|_| Error::DecryptionFailed)?;
+
+        let source_ctx = BackendContext {
+            key_name: env.key_name,
+            caller: env.caller,
+        };
+        let dest_ctx = BackendContext {
+            key_name: &dest.name,
+            caller: &caller.name,
+        };
+        facts.entry(dest);
+        bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
+        let rewrapped = match dest
+            .backend
+            .rewrap_from(source.backend.as_ref(), &copy, &source_ctx, &dest_ctx)
+            .await
+        {
+            Some(result) => result,
+            None => dest.backend.wrap(data_key.data_key(), &dest_ctx).await,
+        }
+        .map_err(|e| Error::backend(&dest.name, e))?;
+        let new_copy = rewrapped.as_copy(dest.backend.kind());
+        facts.key_version = Some(rewrapped.key_version.clone());
+        let out = envelope::seal(
+            env.kind,
+            &dest.name,
+            &caller.name,
+            &[new_copy],
+            data_key.data_key(),
+            destination_context,
+            &payload,
+        )
+        .map_err(seal_error)?;
+        self.cache
+            .remember_unwrapped(dest, &new_copy, &dest_ctx, data_key.data_key())
+            .await;
+        Ok(ReEncryptOutput {
+            ciphertext: out,
+            key: Arc::clone(&dest.name),
+            key_version: rewrapped.key_version.clone(),
+            source_key: Arc::clone(&source.name),
+            source_key_version: copy.key_version.to_owned(),
+        })
+    }
+
+    /// Every configured key with its limits and counters (no secrets).
+    pub fn list_keys(&self) -> Vec<KeyListing> {
+        self.registry
+            .load()
+            .iter()
+            .map(|e| KeyListing {
+                name: Arc::clone(&e.name),
+                description: e.description.clone(),
+                backend: e.backend.kind(),
+                backend_key_id: e.backend.key_id().to_owned(),
+                enabled: e.enabled && !e.backend.hint().disabled,
+                cache: e.cache,
+                stats: [
+                    Operation::Encrypt,
+                    Operation::Decrypt,
+                    Operation::GenerateDataKey,
+                    Operation::ReEncrypt,
+                ]
+                .into_iter()
+                .map(|op| (op, e.stats.op(op).snapshot()))
+                .collect(),
+            })
+            .collect()
+    }
+
+    /// Looks up a key, counts the request, checks permission and state.
+    fn usable_key<'r>(
+        &self,
+        registry: &'r Registry,
+        _caller: &Caller,
+        name: &str,
+        op: Operation,
+        facts: &mut Facts,
+    ) -> Result<&'r Arc<KeyEntry>, Error> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "key: a key name is required".to_owned(),
+            ));
+        }
+        let entry = registry.get(name).ok_or_else(|| Error::KeyNotFound {
+            key: name.to_owned(),
+        })?;
+        facts.entry(entry);
+        bump(&entry.stats.op(op).requests);
+        if !entry.enabled || entry.backend.hint().disabled {
+            return Err(Error::KeyDisabled {
+                key: name.to_owned(),
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Gets the data key for an envelope (trying each copy this key's backend can unwrap) and
+    /// opens it. For a data-key envelope the "plaintext" is the data key itself.
+    async fn open(
+        &self,
+        entry: &KeyEntry,
+        env: &Envelope<'_>,
+        context: &BTreeMap<String, String>,
+        op: Operation,
+        facts: &mut Facts,
+    ) -> Result<(Vec<u8>, String), Error> {
+        let (copy, data_key, _) = self.unwrap_any(entry, env, op, facts).await?;
+        let payload = env
+            .open(data_key.data_key(), context)
+            .map_err(|_| Error::DecryptionFailed)?;
+        let plaintext = match env.kind {
+            Kind::Message => payload,
+            Kind::DataKey => data_key.data_key().as_ref().to_vec(),
+        };
+        Ok((plaintext, copy.key_version.to_owned()))
+    }
+
+    async fn unwrap_any<'e>(
+        &self,
+        entry: &KeyEntry,
+        env: &Envelope<'e>,
+        op: Operation,
+        facts: &mut Facts,
+    ) -> Result<
+        (
+            WrappedCopy<'e>,
+            Arc<crate::cache::UnwrappedKey>,
+            CacheResult,
+        ),
+        Error,
+    > {
+        let ctx = BackendContext {
+            key_name: env.key_name,
+            caller: env.caller,
+        };
+        let kind = entry.backend.kind();
+        let mut last = Error::DecryptionFailed;
+        for copy in env.copies.iter().filter(|c| c.backend == kind) {
+            facts.key_version = Some(copy.key_version.to_owned());
+            match self.cache.unwrapped_key(entry, copy, &ctx, op).await {
+                Ok((key, result)) => {
+                    facts.cache = Some(result);
+                    return Ok((*copy, key, result));
+                }
+                // Fail over to the next copy only when this one could not be unwrapped.
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn check_size(&self, what: &'static str, size: usize, limit: u64) -> Result<(), Error> {
+        if size as u64 > limit {
+            return Err(Error::RequestTooLarge {
+                what,
+                size: size as u64,
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_context(context: &BTreeMap<String, String>, field: &str) -> Result<(), Error> {
+    envelope::check_context(context).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
+}
+
+fn seal_error(e: envelope::SealError) -> Error {
+    tracing::error!(error = %e, "sealing an envelope failed");
+    Error::Internal("sealing the ciphertext failed")
+}

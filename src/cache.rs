@@ -1,0 +1,450 @@
+//! The data-key caches: the lever that keeps most requests away from the (paid, rate-limited,
+//! milliseconds-away) backend. docs/caching.md explains the limits and their defaults.
+//!
+//! - Encrypt side: per (key, caller, purpose) one active data key, made by ONE backend call and
+//!   reused until the first of TTL, max messages, max bytes, a change of the key's generation
+//!   (rotation, disable). Concurrent misses share one backend call (moka's single flight); a
+//!   failed call is not cached and every waiter gets its error.
+//! - Decrypt side: unwrapped data keys by a digest of (backend, key id, version, wrapped key,
+//!   backend context), so N decrypts of messages under one data key cost one backend call. A hit
+//!   only ever happens after the envelope header named the key (and the policy was checked by
+//!   the caller of this module), and the message is still authenticated with the cached key.
+//!
+//! Limits are hard: an entry past its TTL or usage limits is never used again, even when the
+//! backend is down (the request then fails with the backend's UNAVAILABLE). Key material lives in
+//! [`SecretKey`]s inside `Arc`s; the last `Arc` dropping (after eviction and after in-flight
+//! requests finish) zeroizes it. Nothing here logs or formats key bytes.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::digest;
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+
+use crate::backend::{BackendContext, BackendKind, Wrapped};
+use crate::config::CacheLimits;
+use crate::envelope::WrappedCopy;
+use crate::error::Error;
+use crate::operation::Operation;
+use crate::registry::KeyEntry;
+use crate::secret::SecretKey;
+use crate::stats::{KeyStats, bump};
+
+/// How a request's data key was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// From the cache (including requests that waited for another request's backend call).
+    Hit,
+    /// This request made the backend call.
+    Miss,
+    /// Caching is off for the key: the request made its own backend call.
+    Bypass,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// What an encrypt-side data key is used for. Data keys handed out by GenerateDataKey are kept
+/// apart from those that seal Encrypt messages: a caller allowed to generate data keys must not
+/// receive the key that protects its Encrypt ciphertexts (that would be decryption without the
+/// decrypt permission and without an audit record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    Messages,
+    DataKey { len: usize },
+}
+
+impl Purpose {
+    fn key_len(self) -> usize {
+        match self {
+            Self::Messages => 32,
+            Self::DataKey { len } => len,
+        }
+    }
+
+    fn operation(self) -> Operation {
+        match self {
+            Self::Messages => Operation::Encrypt,
+            Self::DataKey { .. } => Operation::GenerateDataKey,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Slot {
+    key: Arc<str>,
+    caller: Arc<str>,
+    purpose: Purpose,
+}
+
+/// An encrypt-side data key with its wrapped copy and its usage so far.
+pub struct ActiveKey {
+    data_key: SecretKey,
+    backend: BackendKind,
+    pub wrapped: Wrapped,
+    generation: u64,
+    expires: Instant,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    limits: CacheLimits,
+    stats: Arc<KeyStats>,
+    purpose: Purpose,
+}
+
+impl ActiveKey {
+    pub fn data_key(&self) -> &SecretKey {
+        &self.data_key
+    }
+
+    pub fn copy(&self) -> WrappedCopy<'_> {
+        self.wrapped.as_copy(self.backend)
+    }
+
+    fn fresh(&self, now: Instant, generation: u64) -> bool {
+        now < self.expires && generation == self.generation
+    }
+
+    /// Counts one message of `bytes` against the limits; false once either limit would be passed.
+    fn reserve(&self, bytes: u64) -> bool {
+        let m = self.messages.fetch_add(1, Ordering::AcqRel) + 1;
+        if m > self.limits.max_messages {
+            return false;
+        }
+        let b = self
+            .bytes
+            .fetch_add(bytes, Ordering::AcqRel)
+            .saturating_add(bytes);
+        b <= self.limits.max_bytes
+    }
+}
+
+impl fmt::Debug for ActiveKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActiveKey")
+            .field("data_key", &"<redacted>")
+            .field("backend", &self.backend)
+            .field("key_id", &self.wrapped.key_id)
+            .field("key_version", &self.wrapped.key_version)
+            .field("messages", &self.messages.load(Ordering::Relaxed))
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A decrypt-side data key.
+pub struct UnwrappedKey {
+    data_key: SecretKey,
+    expires: Instant,
+    stats: Arc<KeyStats>,
+}
+
+impl UnwrappedKey {
+    pub fn data_key(&self) -> &SecretKey {
+        &self.data_key
+    }
+}
+
+impl fmt::Debug for UnwrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnwrappedKey")
+            .field("data_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Per-entry expiry from each key's own TTL.
+struct TtlExpiry;
+
+impl moka::Expiry<Slot, Arc<ActiveKey>> for TtlExpiry {
+    fn expire_after_create(&self, _: &Slot, v: &Arc<ActiveKey>, _: Instant) -> Option<Duration> {
+        Some(v.limits.ttl)
+    }
+}
+
+impl moka::Expiry<[u8; 32], Arc<UnwrappedKey>> for TtlExpiry {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        v: &Arc<UnwrappedKey>,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
+    }
+}
+
+pub struct DataKeyCache {
+    encrypt: Cache<Slot, Arc<ActiveKey>>,
+    decrypt: Cache<[u8; 32], Arc<UnwrappedKey>>,
+}
+
+impl fmt::Debug for DataKeyCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataKeyCache")
+            .field("encrypt_entries", &self.encrypt.entry_count())
+            .field("decrypt_entries", &self.decrypt.entry_count())
+            .finish()
+    }
+}
+
+impl DataKeyCache {
+    /// `capacity` entries per side.
+    pub fn new(capacity: u64) -> Self {
+        let encrypt = Cache::builder()
+            .name("keybroker-encrypt-keys")
+            .max_capacity(capacity)
+            .expire_after(TtlExpiry)
+            .support_invalidation_closures()
+            .eviction_listener(|_k: Arc<Slot>, v: Arc<ActiveKey>, cause| {
+                if cause != RemovalCause::Replaced {
+                    bump(&v.stats.op(v.purpose.operation()).evictions);
+                }
+            })
+            .build();
+        let decrypt = Cache::builder()
+            .name("keybroker-decrypt-keys")
+            .max_capacity(capacity)
+            .expire_after(TtlExpiry)
+            .eviction_listener(|_k, v: Arc<UnwrappedKey>, cause| {
+                if cause != RemovalCause::Replaced {
+                    bump(&v.stats.op(Operation::Decrypt).evictions);
+                }
+            })
+            .build();
+        Self { encrypt, decrypt }
+    }
+
+    /// The data key for one encrypt-side use of `bytes` bytes by `caller` with `entry`'s key.
+    pub async fn active_key(
+        &self,
+        entry: &KeyEntry,
+        caller: &Arc<str>,
+        purpose: Purpose,
+        bytes: u64,
+    ) -> Result<(Arc<ActiveKey>, CacheResult), Error> {
+        let op = purpose.operation();
+        let generation = entry.backend.hint().generation;
+        // A message larger than a whole data key's byte budget gets a data key of its own.
+        if !entry.cache.enabled || bytes > entry.cache.max_bytes {
+            let key = self
+                .fetch(entry, caller, purpose, generation, false)
+                .await?;
+            bump(&entry.stats.op(op).cache_bypasses);
+            return Ok((key, CacheResult::Bypass));
+        }
+        let slot = Slot {
+            key: Arc::clone(&entry.name),
+            caller: Arc::clone(caller),
+            purpose,
+        };
+        // Each pass either returns or retires one exhausted entry; a handful of passes only
+        // happen under extreme contention on a tiny max_messages.
+        for _ in 0..8 {
+            let got = self
+                .encrypt
+                .entry(slot.clone())
+                .or_try_insert_with(self.fetch(entry, caller, purpose, generation, true))
+                .await
+                .map_err(|e| (*e).clone())?;
+            let result = if got.is_fresh() {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            };
+            let key = got.into_value();
+            // A key this request just made is used even if a tiny TTL already ran out while the
+            // backend answered; a cached one must still be within its TTL and generation.
+            let fresh = result == CacheResult::Miss || key.fresh(Instant::now(), generation);
+            if fresh && key.reserve(bytes) {
+                let counter = match result {
+                    CacheResult::Miss => &entry.stats.op(op).cache_misses,
+                    _ => &entry.stats.op(op).cache_hits,
+                };
+                bump(counter);
+                return Ok((key, result));
+            }
+            self.retire(&slot, &key).await;
+        }
+        Err(Error::Internal("data key cache contention"))
+    }
+
+    /// Removes `slot` only if it still holds `old` (another request may have replaced it).
+    async fn retire(&self, slot: &Slot, old: &Arc<ActiveKey>) {
+        let old = Arc::clone(old);
+        self.encrypt
+            .entry(slot.clone())
+            .and_compute_with(|current| async move {
+                match current {
+                    Some(e) if Arc::ptr_eq(e.value(), &old) => Op::Remove,
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+    }
+
+    /// One backend call for a new data key. The unwrapped form is also placed in the decrypt
+    /// cache, so reading back what was just written costs no second call.
+    async fn fetch(
+        &self,
+        entry: &KeyEntry,
+        caller: &Arc<str>,
+        purpose: Purpose,
+        generation: u64,
+        seed_decrypt: bool,
+    ) -> Result<Arc<ActiveKey>, Error> {
+        let ctx = BackendContext {
+            key_name: &entry.name,
+            caller,
+        };
+        bump(&entry.stats.op(purpose.operation()).backend_calls);
+        let (data_key, wrapped) = entry
+            .backend
+            .generate_data_key(purpose.key_len(), &ctx)
+            .await
+            .map_err(|e| Error::backend(&entry.name, e))?;
+        let now = Instant::now();
+        let backend = entry.backend.kind();
+        if seed_decrypt {
+            let digest = copy_digest(&wrapped.as_copy(backend), &ctx);
+            let unwrapped = UnwrappedKey {
+                data_key: data_key.duplicate(),
+                expires: now + entry.cache.ttl,
+                stats: Arc::clone(&entry.stats),
+            };
+            self.decrypt.insert(digest, Arc::new(unwrapped)).await;
+        }
+        Ok(Arc::new(ActiveKey {
+            data_key,
+            backend,
+            wrapped,
+            generation,
+            expires: now + entry.cache.ttl,
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            limits: entry.cache,
+            stats: Arc::clone(&entry.stats),
+            purpose,
+        }))
+    }
+
+    /// The unwrapped data key of an envelope's wrapped copy. `op` is the request's operation
+    /// (Decrypt or ReEncrypt), for the counters.
+    pub async fn unwrapped_key(
+        &self,
+        entry: &KeyEntry,
+        copy: &WrappedCopy<'_>,
+        ctx: &BackendContext<'_>,
+        op: Operation,
+    ) -> Result<(Arc<UnwrappedKey>, CacheResult), Error> {
+        let unwrap = async {
+            bump(&entry.stats.op(op).backend_calls);
+            let data_key = entry
+                .backend
+                .unwrap(copy, ctx)
+                .await
+                .map_err(|e| Error::backend(&entry.name, e))?;
+            Ok::<_, Error>(Arc::new(UnwrappedKey {
+                data_key,
+                expires: Instant::now() + entry.cache.ttl,
+                stats: Arc::clone(&entry.stats),
+            }))
+        };
+        if !entry.cache.enabled {
+            let key = unwrap.await?;
+            bump(&entry.stats.op(op).cache_bypasses);
+            return Ok((key, CacheResult::Bypass));
+        }
+        let digest = copy_digest(copy, ctx);
+        let got = self
+            .decrypt
+            .entry(digest)
+            .or_try_insert_with(unwrap)
+            .await
+            .map_err(|e| (*e).clone())?;
+        let result = if got.is_fresh() {
+            CacheResult::Miss
+        } else {
+            CacheResult::Hit
+        };
+        let key = got.into_value();
+        if result == CacheResult::Hit && Instant::now() >= key.expires {
+            // Past its TTL but not yet swept: never use it; fetch anew.
+            self.decrypt.invalidate(&digest).await;
+            return Box::pin(self.unwrapped_key(entry, copy, ctx, op)).await;
+        }
+        let counter = match result {
+            CacheResult::Miss => &entry.stats.op(op).cache_misses,
+            _ => &entry.stats.op(op).cache_hits,
+        };
+        bump(counter);
+        Ok((key, result))
+    }
+
+    /// Seeds the decrypt side with a data key this process holds (ReEncrypt's new copy).
+    pub async fn remember_unwrapped(
+        &self,
+        entry: &KeyEntry,
+        copy: &WrappedCopy<'_>,
+        ctx: &BackendContext<'_>,
+        data_key: &SecretKey,
+    ) {
+        if !entry.cache.enabled {
+            return;
+        }
+        let unwrapped = UnwrappedKey {
+            data_key: data_key.duplicate(),
+            expires: Instant::now() + entry.cache.ttl,
+            stats: Arc::clone(&entry.stats),
+        };
+        self.decrypt
+            .insert(copy_digest(copy, ctx), Arc::new(unwrapped))
+            .await;
+    }
+
+    /// Drops every cached data key of `key` (both sides), e.g. when it is disabled.
+    pub fn forget_key(&self, key: &str) {
+        let name: Arc<str> = Arc::from(key);
+        let _ = self
+            .encrypt
+            .invalidate_entries_if(move |slot, _| slot.key == name);
+        // Decrypt-side entries are keyed by digest; they expire by TTL and are unusable while
+        // the key is disabled (the state is checked before the cache).
+    }
+
+    /// Entry counts (encrypt side, decrypt side), after pending maintenance.
+    pub async fn entry_counts(&self) -> (u64, u64) {
+        self.encrypt.run_pending_tasks().await;
+        self.decrypt.run_pending_tasks().await;
+        (self.encrypt.entry_count(), self.decrypt.entry_count())
+    }
+}
+
+/// SHA-256 over the length-prefixed identity of a wrapped copy and its backend context.
+fn copy_digest(copy: &WrappedCopy<'_>, ctx: &BackendContext<'_>) -> [u8; 32] {
+    let mut h = digest::Context::new(&digest::SHA256);
+    h.update(b"keybroker decrypt cache v1");
+    h.update(&[copy.backend.code()]);
+    for part in [
+        copy.key_id.as_bytes(),
+        copy.key_version.as_bytes(),
+        copy.wrapped,
+        &ctx.to_aad(),
+    ] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
+}

@@ -1,0 +1,467 @@
+//! Command-line interface. Startup code: errors are reported to stderr with a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Parser, Subcommand};
+use tonic_types::StatusExt;
+
+use crate::config::{self, BackendConfig, Config, LogFormat};
+use crate::keyring::{self, Keyring};
+use crate::proto;
+
+#[derive(Debug, Parser)]
+#[command(name = "keybroker", version, about = "A multi-cloud key-broker sidecar", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the sidecar (with no configuration: the embedded local-keyring default).
+    Serve(ServeArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Administer a local keyring (the gRPC API never changes keys).
+    Keys(KeysArgs),
+    /// Encrypt stdin to stdout.
+    Encrypt(ClientArgs),
+    /// Decrypt stdin to stdout.
+    Decrypt(DecryptArgs),
+    /// Print a new data key (JSON, base64 fields).
+    Datakey(DatakeyArgs),
+    /// Run the benchmark harness (see docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
+    /// A benchmark server process (started by `bench`).
+    #[command(hide = true)]
+    BenchServer(crate::bench::BenchServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file [env: KEYBROKER_CONFIG]; without one, the embedded default is used.
+    #[arg(long, env = config::ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+    /// Listen address(es), replacing the configured ones: 127.0.0.1:50051 or unix:///path.
+    #[arg(long)]
+    pub listen: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate a configuration file and report every problem.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Keyring file (default: the configuration's [local] keyring, else .keybroker/keyring).
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
+    /// Take the keyring path from this configuration file.
+    #[arg(long, env = config::ENV_CONFIG)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: KeysCmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// List keys (no key material).
+    List,
+    /// Create a key with one version.
+    Create { name: String },
+    /// Add a version and make it primary; older versions still decrypt.
+    Rotate { name: String },
+    /// Disable a key: encrypt and decrypt fail with FAILED_PRECONDITION.
+    Disable { name: String },
+    /// Enable a disabled key.
+    Enable { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ConnArgs {
+    /// Server address [env: KEYBROKER_ADDR; default 127.0.0.1:50051]; unix:///path for a socket.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Encryption context pair (repeatable).
+    #[arg(long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Configured key name.
+    #[arg(long, default_value = config::DEFAULT_KEY)]
+    pub key: String,
+    /// Write the ciphertext as base64 text instead of raw bytes.
+    #[arg(long)]
+    pub base64: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Read the ciphertext as base64 text instead of raw bytes.
+    #[arg(long)]
+    pub base64: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DatakeyArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[arg(long, default_value = config::DEFAULT_KEY)]
+    pub key: String,
+    /// Data key spec.
+    #[arg(long, default_value = "AES_256", value_parser = ["AES_256", "AES_128"])]
+    pub spec: String,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not key=value"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.cmd {
+        Cmd::Serve(args) => serve(args),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => return config_check(&file),
+        Cmd::Keys(args) => keys(args),
+        Cmd::Encrypt(args) => client_cmd(|| encrypt(args)),
+        Cmd::Decrypt(args) => client_cmd(|| decrypt(args)),
+        Cmd::Datakey(args) => client_cmd(|| datakey(args)),
+        Cmd::Bench(args) => crate::bench::run(args),
+        Cmd::BenchServer(args) => crate::bench::run_server(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keybroker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Sets up `tracing` on stderr (stdout is for command output).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Loads the configuration a command should use: the file, else the embedded default; then the
+/// environment overrides.
+pub fn load_config(path: Option<&Path>) -> Result<Config, config::ConfigError> {
+    let mut config = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded_default(),
+    };
+    config.apply_env()?;
+    Ok(config)
+}
+
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 1 {
+            b.worker_threads(worker_threads);
+        }
+        b
+    };
+    b.enable_all().build()
+}
+
+fn serve(args: ServeArgs) -> CliResult {
+    let mut config = load_config(args.config.as_deref())?;
+    if !args.listen.is_empty() {
+        config.server.listen = args
+            .listen
+            .iter()
+            .map(|s| config::ListenAddr::parse(s))
+            .collect::<Result<_, _>>()?;
+    }
+    init_logging(config.log.format, &config.log.level);
+    runtime(config.server.worker_threads)?.block_on(async move {
+        let running = crate::server::start(&config).await?;
+        print_banner(&config, &running.addrs);
+        wait_for_signal().await?;
+        tracing::info!("shutdown signal received; draining");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn print_banner(config: &Config, addrs: &[config::ListenAddr]) {
+    let key = config
+        .keys
+        .keys()
+        .next()
+        .map(String::as_str)
+        .unwrap_or(config::DEFAULT_KEY);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "keybroker {} serving {} key(s) from {}",
+        env!("CARGO_PKG_VERSION"),
+        config.keys.len(),
+        config.source_name
+    );
+    for a in addrs {
+        let _ = writeln!(out, "  listening on {a}");
+    }
+    let body = format!(r#"{{"key":"{key}","plaintext":"aGVsbG8="}}"#);
+    if let Some(a) = addrs.first() {
+        let target = match a {
+            config::ListenAddr::Tcp(t) => t.to_string(),
+            config::ListenAddr::Unix(p) => format!("-unix {}", p.display()),
+        };
+        let _ = writeln!(
+            out,
+            "  try:  grpcurl -plaintext -d '{body}' {target} keybroker.v1.KeyBroker/Encrypt"
+        );
+    }
+    let _ = out.flush();
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn config_check(file: &Path) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Local keyrings are files: check them too (without creating anything).
+    let mut problems = Vec::new();
+    for k in config.keys.values() {
+        let BackendConfig::Local {
+            keyring,
+            key_id,
+            create,
+        } = &k.backend;
+        if *create {
+            continue;
+        }
+        match Keyring::load(keyring) {
+            Ok(r) if r.keys.contains_key(key_id.as_str()) => {}
+            Ok(_) => problems.push(format!(
+                "keys.{}.key_id: key {key_id:?} is not in keyring {}",
+                k.name,
+                keyring.display()
+            )),
+            Err(e) => problems.push(format!("keys.{}.keyring: {e}", k.name)),
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "{}: ok ({} key(s): {})",
+            file.display(),
+            config.keys.len(),
+            config.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} has {} problem(s):", file.display(), problems.len());
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn keys(args: KeysArgs) -> CliResult {
+    let path = match (&args.keyring, &args.config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => Config::load(c)?.local.keyring,
+        (None, None) => PathBuf::from(config::DEFAULT_KEYRING),
+    };
+    match args.cmd {
+        KeysCmd::List => {
+            let ring = Keyring::load(&path)?;
+            println!(
+                "{:<32} {:<8} {:>7} {:>8}  CREATED",
+                "NAME", "ENABLED", "PRIMARY", "VERSIONS"
+            );
+            for (name, k) in &ring.keys {
+                let created = k
+                    .versions
+                    .get(&k.primary)
+                    .map(|v| v.created.as_str())
+                    .unwrap_or("");
+                println!(
+                    "{name:<32} {:<8} {:>7} {:>8}  {created}",
+                    k.enabled,
+                    k.primary,
+                    k.versions.len()
+                );
+            }
+        }
+        KeysCmd::Create { name } => {
+            keyring::edit(&path, true, |r| r.create_key(&name))?;
+            println!("created key {name:?} (version 1) in {}", path.display());
+        }
+        KeysCmd::Rotate { name } => {
+            let v = keyring::edit(&path, false, |r| r.rotate_key(&name))?;
+            println!("rotated key {name:?}: version {v} is now primary");
+        }
+        KeysCmd::Disable { name } => {
+            keyring::edit(&path, false, |r| r.set_enabled(&name, false))?;
+            println!("disabled key {name:?}");
+        }
+        KeysCmd::Enable { name } => {
+            keyring::edit(&path, false, |r| r.set_enabled(&name, true))?;
+            println!("enabled key {name:?}");
+        }
+    }
+    Ok(())
+}
+
+fn client_cmd<F, Fut>(f: F) -> CliResult
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = CliResult>,
+{
+    runtime(1)?.block_on(f())
+}
+
+fn read_stdin() -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+async fn connect(
+    conn: &ConnArgs,
+) -> Result<crate::client::KeyBrokerClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
+    let addr = conn
+        .addr
+        .clone()
+        .unwrap_or_else(crate::client::default_addr);
+    let channel = crate::client::connect(&addr)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    Ok(crate::client::client(channel, 64 << 20))
+}
+
+fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
+    conn.context.iter().cloned().collect()
+}
+
+/// A status as one readable line: code, reason, message.
+fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
+    let reason = s
+        .get_details_error_info()
+        .map(|i| format!(" [{}]", i.reason))
+        .unwrap_or_default();
+    format!("{:?}{reason}: {}", s.code(), s.message()).into()
+}
+
+async fn encrypt(args: ClientArgs) -> CliResult {
+    let plaintext = read_stdin()?;
+    let mut client = connect(&args.conn).await?;
+    let resp = client
+        .encrypt(proto::EncryptRequest {
+            key: args.key,
+            plaintext: plaintext.into(),
+            context: context(&args.conn),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.base64 {
+        write_stdout(format!("{}\n", B64.encode(&resp.ciphertext)).as_bytes())?;
+    } else {
+        write_stdout(&resp.ciphertext)?;
+    }
+    Ok(())
+}
+
+async fn decrypt(args: DecryptArgs) -> CliResult {
+    let input = read_stdin()?;
+    let ciphertext = if args.base64 {
+        B64.decode(input.trim_ascii())
+            .map_err(|e| format!("stdin is not base64: {e}"))?
+    } else {
+        input
+    };
+    let mut client = connect(&args.conn).await?;
+    let resp = client
+        .decrypt(proto::DecryptRequest {
+            ciphertext: ciphertext.into(),
+            context: context(&args.conn),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    write_stdout(&resp.plaintext)?;
+    Ok(())
+}
+
+async fn datakey(args: DatakeyArgs) -> CliResult {
+    let spec = match args.spec.as_str() {
+        "AES_128" => proto::DataKeySpec::Aes128,
+        _ => proto::DataKeySpec::Aes256,
+    };
+    let mut client = connect(&args.conn).await?;
+    let resp = client
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            key: args.key,
+            spec: spec as i32,
+            context: context(&args.conn),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let json = serde_json::json!({
+        "plaintext_key": B64.encode(&resp.plaintext_key),
+        "wrapped_key": B64.encode(&resp.wrapped_key),
+        "key": resp.key,
+        "key_version": resp.key_version,
+    });
+    write_stdout(format!("{json}\n").as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,919 @@
+//! Configuration: one TOML file (see docs/config.md) or, with none, the embedded default.
+//!
+//! Validation walks the whole document and collects *every* problem with its location
+//! (`keys.prod.cache.ttl: ...`) instead of stopping at the first, so `keybroker config check`
+//! can report a broken file in one pass. Unknown fields are problems too (a typo in a limit
+//! must not silently fall back to a default).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::util::{check_name, format_duration, parse_duration, parse_size};
+
+pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
+pub const ENV_LISTEN: &str = "KEYBROKER_LISTEN";
+pub const ENV_LOG: &str = "KEYBROKER_LOG";
+pub const ENV_LOG_FORMAT: &str = "KEYBROKER_LOG_FORMAT";
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_KEYRING: &str = ".keybroker/keyring";
+pub const DEFAULT_KEY: &str = "default";
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 << 20;
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Cache defaults (docs/caching.md argues each number).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_MESSAGES: u64 = 1_000_000;
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
+/// Hard ceilings no configuration may exceed.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_MAX_MESSAGES: u64 = 1 << 32;
+pub const MAX_MAX_BYTES: u64 = 1 << 40;
+
+/// One configuration problem and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub at: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.at.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.at, self.message)
+        }
+    }
+}
+
+/// All problems found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} has {} problem(s):",
+            self.source_name,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if path.is_empty() {
+                return Err(format!("{s:?} has no socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+        let hostport = match hostport.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => hostport.to_owned(),
+        };
+        hostport.parse().map(Self::Tcp).map_err(|_| {
+            format!("{s:?} is not an address like 127.0.0.1:50051 or unix:///run/keybroker.sock")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<ListenAddr>,
+    pub unix_socket_mode: u32,
+    /// Largest plaintext (Encrypt) accepted; ciphertexts may exceed it by the envelope overhead.
+    pub max_request_bytes: u64,
+    pub shutdown_grace: Duration,
+    /// 0: one worker per core; 1: a single-threaded runtime (cheapest for a sidecar).
+    pub worker_threads: usize,
+}
+
+/// Data-key cache limits for one key (or the global defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_messages: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: DEFAULT_CACHE_TTL,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub defaults: CacheLimits,
+    /// Entries across both caches (encrypt side and decrypt side each get this many).
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub keyring: PathBuf,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info` or `keybroker=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    Local {
+        keyring: PathBuf,
+        /// The key's name inside the keyring.
+        key_id: String,
+        /// Create the keyring and the key if missing (the embedded default does).
+        create: bool,
+    },
+}
+
+impl BackendConfig {
+    pub fn kind(&self) -> crate::backend::BackendKind {
+        match self {
+            Self::Local { .. } => crate::backend::BackendKind::Local,
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        match self {
+            Self::Local { key_id, .. } => key_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    pub backend: BackendConfig,
+    pub cache: CacheLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where this configuration came from ("embedded default" or a path), for messages.
+    pub source_name: String,
+    pub embedded: bool,
+    pub server: ServerConfig,
+    pub cache: CacheConfig,
+    pub local: LocalConfig,
+    pub log: LogConfig,
+    pub keys: BTreeMap<String, KeyConfig>,
+}
+
+impl Config {
+    /// The configuration used when none is given: the local backend with a keyring at
+    /// `./.keybroker/keyring` (created on first start) holding one key, `default`.
+    pub fn embedded_default() -> Self {
+        let keyring = PathBuf::from(DEFAULT_KEYRING);
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            DEFAULT_KEY.to_owned(),
+            KeyConfig {
+                name: DEFAULT_KEY.to_owned(),
+                description: "embedded default key (local keyring, development use)".to_owned(),
+                enabled: true,
+                backend: BackendConfig::Local {
+                    keyring: keyring.clone(),
+                    key_id: DEFAULT_KEY.to_owned(),
+                    create: true,
+                },
+                cache: CacheLimits::default(),
+            },
+        );
+        Self {
+            source_name: "embedded default".to_owned(),
+            embedded: true,
+            server: ServerConfig {
+                listen: vec![ListenAddr::Tcp(
+                    DEFAULT_LISTEN
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 50051))),
+                )],
+                unix_socket_mode: DEFAULT_SOCKET_MODE,
+                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+                shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+                worker_threads: 0,
+            },
+            cache: CacheConfig {
+                defaults: CacheLimits::default(),
+                capacity: DEFAULT_CACHE_CAPACITY,
+            },
+            local: LocalConfig {
+                keyring,
+                poll_interval: Duration::from_secs(1),
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                level: "info".to_owned(),
+            },
+            keys,
+        }
+    }
+
+    /// Reads and validates a configuration file. Relative paths inside it are resolved against
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: path.display().to_string(),
+            problems: vec![Problem {
+                at: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses configuration text; `base` resolves relative paths.
+    pub fn parse(text: &str, source_name: &str, base: &Path) -> Result<Self, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_owned(),
+            problems,
+        };
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            fail(vec![Problem {
+                at: String::new(),
+                message: format!("not valid TOML: {}", e.message()),
+            }])
+        })?;
+        let mut p = Problems::default();
+        let root = Section::new(Some(&table), "");
+        let config = Self::from_root(&root, source_name, base, &mut p);
+        root.finish(&mut p);
+        match config {
+            Some(c) if p.0.is_empty() => Ok(c),
+            _ => Err(fail(p.0)),
+        }
+    }
+
+    fn from_root(
+        root: &Section<'_>,
+        source_name: &str,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Self> {
+        let mut config = Self::embedded_default();
+        config.source_name = source_name.to_owned();
+        config.embedded = false;
+        config.keys.clear();
+        config.local.keyring = resolve(base, DEFAULT_KEYRING);
+
+        let server = root.section("server", p);
+        if let Some(list) = server.str_list("listen", p) {
+            let mut listen = Vec::new();
+            for s in list {
+                match ListenAddr::parse(s) {
+                    Ok(a) => listen.push(a),
+                    Err(e) => p.push(server.at("listen"), e),
+                }
+            }
+            if listen.is_empty() {
+                p.push(server.at("listen"), "needs at least one address");
+            }
+            config.server.listen = listen;
+        }
+        if let Some(mode) = server.file_mode("unix_socket_mode", p) {
+            config.server.unix_socket_mode = mode;
+        }
+        if let Some(n) = server.size("max_request_bytes", p) {
+            if n == 0 || n > 64 << 20 {
+                p.push(server.at("max_request_bytes"), "must be 1 byte to 64MiB");
+            }
+            config.server.max_request_bytes = n;
+        }
+        if let Some(d) = server.duration("shutdown_grace", p) {
+            config.server.shutdown_grace = d;
+        }
+        if let Some(n) = server.u64("worker_threads", p) {
+            if n > 256 {
+                p.push(
+                    server.at("worker_threads"),
+                    "must be 0 (one per core) to 256",
+                );
+            }
+            config.server.worker_threads = n as usize;
+        }
+        server.finish(p);
+
+        let cache = root.section("cache", p);
+        config.cache.defaults = cache_limits(&cache, CacheLimits::default(), p);
+        if let Some(n) = cache.u64("capacity", p) {
+            if n == 0 {
+                p.push(cache.at("capacity"), "must be at least 1");
+            }
+            config.cache.capacity = n;
+        }
+        cache.finish(p);
+
+        let local = root.section("local", p);
+        if let Some(s) = local.str("keyring", p) {
+            config.local.keyring = resolve(base, s);
+        }
+        if let Some(d) = local.duration("poll_interval", p) {
+            if d < Duration::from_millis(100) {
+                p.push(local.at("poll_interval"), "must be at least 100ms");
+            }
+            config.local.poll_interval = d;
+        }
+        local.finish(p);
+
+        let log = root.section("log", p);
+        if let Some(s) = log.str("format", p) {
+            match s {
+                "text" => config.log.format = LogFormat::Text,
+                "json" => config.log.format = LogFormat::Json,
+                _ => p.push(log.at("format"), "must be \"text\" or \"json\""),
+            }
+        }
+        if let Some(s) = log.str("level", p) {
+            config.log.level = s.to_owned();
+        }
+        log.finish(p);
+
+        let keys = root.section("keys", p);
+        if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
+            p.push("keys", "at least one key must be configured");
+        }
+        for (name, section) in keys.subsections(p) {
+            if let Err(e) = check_name(name) {
+                p.push(section.path.clone(), format!("key name {e}"));
+            }
+            if let Some(k) = key_config(name, &section, &config, base, p) {
+                config.keys.insert(name.to_owned(), k);
+            }
+            section.finish(p);
+        }
+        Some(config)
+    }
+
+    /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_LOG`,
+    /// `KEYBROKER_LOG_FORMAT`); problems are reported like file problems.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Ok(v) = std::env::var(ENV_LISTEN) {
+            let mut listen = Vec::new();
+            for s in v.split(',').filter(|s| !s.trim().is_empty()) {
+                match ListenAddr::parse(s) {
+                    Ok(a) => listen.push(a),
+                    Err(message) => problems.push(Problem {
+                        at: ENV_LISTEN.to_owned(),
+                        message,
+                    }),
+                }
+            }
+            if !listen.is_empty() {
+                self.server.listen = listen;
+            }
+        }
+        if let Ok(v) = std::env::var(ENV_LOG) {
+            self.log.level = v;
+        }
+        if let Ok(v) = std::env::var(ENV_LOG_FORMAT) {
+            match v.as_str() {
+                "text" => self.log.format = LogFormat::Text,
+                "json" => self.log.format = LogFormat::Json,
+                _ => problems.push(Problem {
+                    at: ENV_LOG_FORMAT.to_owned(),
+                    message: "must be \"text\" or \"json\"".to_owned(),
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                source_name: "environment".to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// A one-line summary of a key's cache limits, for logs.
+    pub fn describe_limits(l: &CacheLimits) -> String {
+        if !l.enabled {
+            return "caching off".to_owned();
+        }
+        format!(
+            "ttl {}, max {} messages, max {} bytes",
+            format_duration(l.ttl),
+            l.max_messages,
+            l.max_bytes
+        )
+    }
+}
+
+fn key_config(
+    name: &str,
+    s: &Section<'_>,
+    config: &Config,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<KeyConfig> {
+    let description = s.str("description", p).unwrap_or_default().to_owned();
+    let enabled = s.bool("enabled", p).unwrap_or(true);
+    let backend_name = s.req_str("backend", p);
+    let key_id = s.req_str("key_id", p);
+    let cache_section = s.section("cache", p);
+    let cache = cache_limits(&cache_section, config.cache.defaults, p);
+    cache_section.finish(p);
+    let backend = match backend_name? {
+        "local" => {
+            let keyring = s
+                .str("keyring", p)
+                .map(|k| resolve(base, k))
+                .unwrap_or_else(|| config.local.keyring.clone());
+            let create = s.bool("create", p).unwrap_or(false);
+            let key_id = key_id?;
+            if let Err(e) = check_name(key_id) {
+                p.push(s.at("key_id"), format!("keyring key name {e}"));
+            }
+            BackendConfig::Local {
+                keyring,
+                key_id: key_id.to_owned(),
+                create,
+            }
+        }
+        other => {
+            p.push(
+                s.at("backend"),
+                format!("unknown backend {other:?} (expected local, aws, gcp or azure)"),
+            );
+            return None;
+        }
+    };
+    Some(KeyConfig {
+        name: name.to_owned(),
+        description,
+        enabled,
+        backend,
+        cache,
+    })
+}
+
+fn cache_limits(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> CacheLimits {
+    let mut l = base;
+    if let Some(b) = s.bool("enabled", p) {
+        l.enabled = b;
+    }
+    if let Some(d) = s.duration("ttl", p) {
+        if d.is_zero() || d > MAX_CACHE_TTL {
+            p.push(
+                s.at("ttl"),
+                format!(
+                    "must be above 0 and at most {}",
+                    format_duration(MAX_CACHE_TTL)
+                ),
+            );
+        }
+        l.ttl = d;
+    }
+    if let Some(n) = s.u64("max_messages", p) {
+        if n == 0 || n > MAX_MAX_MESSAGES {
+            p.push(
+                s.at("max_messages"),
+                format!("must be 1 to {MAX_MAX_MESSAGES} (2^32)"),
+            );
+        }
+        l.max_messages = n;
+    }
+    if let Some(n) = s.size("max_bytes", p) {
+        if n == 0 || n > MAX_MAX_BYTES {
+            p.push(s.at("max_bytes"), "must be 1 byte to 1TiB");
+        }
+        l.max_bytes = n;
+    }
+    l
+}
+
+fn resolve(base: &Path, s: &str) -> PathBuf {
+    let path = PathBuf::from(s);
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+/// Collected problems.
+#[derive(Debug, Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    pub fn push(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            at: at.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A view of one TOML table that remembers which fields were read, so `finish` can report the
+/// unknown ones. Wrong types are reported at the field's path and read as absent.
+pub struct Section<'a> {
+    pub table: Option<&'a Table>,
+    pub path: String,
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl<'a> Section<'a> {
+    pub fn new(table: Option<&'a Table>, path: &str) -> Self {
+        Self {
+            table,
+            path: path.to_owned(),
+            seen: Default::default(),
+        }
+    }
+
+    pub fn at(&self, field: &str) -> String {
+        if self.path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{}.{field}", self.path)
+        }
+    }
+
+    fn get(&self, field: &str) -> Option<&'a Value> {
+        self.seen.borrow_mut().push(field.to_owned());
+        self.table?.get(field)
+    }
+
+    pub fn str(&self, field: &str, p: &mut Problems) -> Option<&'a str> {
+        match self.get(field)? {
+            Value::String(s) => Some(s),
+            other => {
+                p.push(
+                    self.at(field),
+                    format!("must be a string, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn req_str(&self, field: &str, p: &mut Problems) -> Option<&'a str> {
+        let v = self.str(field, p);
+        if v.is_none() && self.table.is_some_and(|t| !t.contains_key(field)) {
+            p.push(self.at(field), "is required");
+        }
+        v
+    }
+
+    pub fn bool(&self, field: &str, p: &mut Problems) -> Option<bool> {
+        match self.get(field)? {
+            Value::Boolean(b) => Some(*b),
+            other => {
+                p.push(
+                    self.at(field),
+                    format!("must be true or false, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn u64(&self, field: &str, p: &mut Problems) -> Option<u64> {
+        match self.get(field)? {
+            Value::Integer(i) if *i >= 0 => Some(*i as u64),
+            Value::Integer(_) => {
+                p.push(self.at(field), "must not be negative");
+                None
+            }
+            other => {
+                p.push(
+                    self.at(field),
+                    format!("must be an integer, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn size(&self, field: &str, p: &mut Problems) -> Option<u64> {
+        match self.get(field)? {
+            Value::Integer(i) if *i >= 0 => Some(*i as u64),
+            Value::String(s) => match parse_size(s) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    p.push(self.at(field), e);
+                    None
+                }
+            },
+            _ => {
+                p.push(
+                    self.at(field),
+                    "must be a size: bytes, or a string like \"4MiB\"",
+                );
+                None
+            }
+        }
+    }
+
+    pub fn duration(&self, field: &str, p: &mut Problems) -> Option<Duration> {
+        match self.get(field)? {
+            Value::String(s) => match parse_duration(s) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    p.push(self.at(field), e);
+                    None
+                }
+            },
+            other => {
+                p.push(
+                    self.at(field),
+                    format!(
+                        "must be a duration string like \"30s\", not {}",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A Unix file mode: an integer (`0o660`) or an octal string (`"0660"`).
+    pub fn file_mode(&self, field: &str, p: &mut Problems) -> Option<u32> {
+        let mode = match self.get(field)? {
+            Value::Integer(i) => u32::try_from(*i).ok(),
+            Value::String(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
+            _ => None,
+        };
+        match mode {
+            Some(m) if m <= 0o777 => Some(m),
+            _ => {
+                p.push(self.at(field), "must be a file mode like \"0660\"");
+                None
+            }
+        }
+    }
+
+    /// A string or an array of strings.
+    pub fn str_list(&self, field: &str, p: &mut Problems) -> Option<Vec<&'a str>> {
+        match self.get(field)? {
+            Value::String(s) => Some(vec![s.as_str()]),
+            Value::Array(items) => {
+                let mut out = Vec::new();
+                for (i, v) in items.iter().enumerate() {
+                    match v.as_str() {
+                        Some(s) => out.push(s),
+                        None => p.push(format!("{}[{i}]", self.at(field)), "must be a string"),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                p.push(
+                    self.at(field),
+                    format!(
+                        "must be a string or a list of strings, not {}",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A sub-table (absent reads as an empty section).
+    pub fn section(&self, field: &str, p: &mut Problems) -> Section<'a> {
+        let table = match self.get(field) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(other) => {
+                p.push(
+                    self.at(field),
+                    format!("must be a table, not {}", other.type_str()),
+                );
+                None
+            }
+        };
+        Section::new(table, &self.at(field))
+    }
+
+    /// An array of tables (`[[field]]`).
+    pub fn section_list(&self, field: &str, p: &mut Problems) -> Vec<Section<'a>> {
+        match self.get(field) {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    let at = format!("{}[{i}]", self.at(field));
+                    match v {
+                        Value::Table(t) => Some(Section::new(Some(t), &at)),
+                        _ => {
+                            p.push(at, "must be a table");
+                            None
+                        }
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                p.push(
+                    self.at(field),
+                    format!("must be a list of tables, not {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Every entry of this table as a sub-section (for `[keys.NAME]`-style maps).
+    pub fn subsections(&self, p: &mut Problems) -> Vec<(&'a str, Section<'a>)> {
+        let Some(t) = self.table else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, v) in t {
+            self.seen.borrow_mut().push(name.clone());
+            match v {
+                Value::Table(sub) => {
+                    out.push((name.as_str(), Section::new(Some(sub), &self.at(name))))
+                }
+                other => p.push(
+                    self.at(name),
+                    format!("must be a table, not {}", other.type_str()),
+                ),
+            }
+        }
+        out
+    }
+
+    /// Reports fields that no reader asked for.
+    pub fn finish(&self, p: &mut Problems) {
+        let Some(t) = self.table else { return };
+        let seen = self.seen.borrow();
+        for k in t.keys() {
+            if !seen.iter().any(|s| s == k) {
+                p.push(self.at(k), "unknown field");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/kb"))
+    }
+
+    #[test]
+    fn minimal_file() {
+        let c = parse(
+            r#"
+            [keys.app]
+            backend = "local"
+            key_id = "app"
+            "#,
+        )
+        .unwrap();
+        let k = &c.keys["app"];
+        assert_eq!(
+            k.backend,
+            BackendConfig::Local {
+                keyring: PathBuf::from("/etc/kb/.keybroker/keyring"),
+                key_id: "app".into(),
+                create: false
+            }
+        );
+        assert_eq!(k.cache, CacheLimits::default());
+        assert_eq!(
+            c.server.listen,
+            vec![ListenAddr::parse(DEFAULT_LISTEN).unwrap()]
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_place() {
+        let err = parse(
+            r#"
+            [server]
+            listen = ["nonsense", "unix:///tmp/x.sock"]
+            max_request_bytes = "4MB"
+            colour = "blue"
+            [cache]
+            ttl = 5
+            [keys.a]
+            backend = "local"
+            [keys.a.cache]
+            max_messages = 0
+            [keys.b]
+            backend = "floppy"
+            key_id = "b"
+            [keys."bad name"]
+            backend = "local"
+            key_id = "x"
+            "#,
+        )
+        .unwrap_err();
+        let text: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        let has = |s: &str| text.iter().any(|t| t.starts_with(s));
+        assert!(has("server.listen: \"nonsense\""), "{text:#?}");
+        assert!(has("server.max_request_bytes:"), "{text:#?}");
+        assert!(has("server.colour: unknown field"), "{text:#?}");
+        assert!(has("cache.ttl: must be a duration"), "{text:#?}");
+        assert!(has("keys.a.key_id: is required"), "{text:#?}");
+        assert!(has("keys.a.cache.max_messages: must be 1"), "{text:#?}");
+        assert!(has("keys.b.backend: unknown backend"), "{text:#?}");
+        assert!(has("keys.bad name: key name"), "{text:#?}");
+        assert_eq!(text.len(), 8, "{text:#?}");
+    }
+
+    #[test]
+    fn per_key_cache_overrides_inherit_globals() {
+        let c = parse(
+            r#"
+            [cache]
+            ttl = "1m"
+            max_bytes = "1MiB"
+            [keys.a]
+            backend = "local"
+            key_id = "a"
+            [keys.a.cache]
+            max_messages = 10
+            [keys.b]
+            backend = "local"
+            key_id = "b"
+            cache.enabled = false
+            "#,
+        )
+        .unwrap();
+        let a = c.keys["a"].cache;
+        assert_eq!(
+            (a.ttl, a.max_messages, a.max_bytes),
+            (Duration::from_secs(60), 10, 1 << 20)
+        );
+        assert!(!c.keys["b"].cache.enabled);
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            ListenAddr::parse("unix:///run/kb.sock").unwrap(),
+            ListenAddr::Unix("/run/kb.sock".into())
+        );
+        assert_eq!(
+            ListenAddr::parse("localhost:9").unwrap(),
+            ListenAddr::Tcp("127.0.0.1:9".parse().unwrap())
+        );
+        assert!(ListenAddr::parse("unix://").is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! The gRPC server: listeners (TCP and Unix sockets), the service stack (health, reflection,
+//! KeyBroker), and graceful shutdown.
+//!
+//! Shutdown order: health turns NOT_SERVING, the listeners close (new connections are refused),
+//! every accepted connection gets an HTTP/2 GOAWAY and its in-flight requests finish, bounded by
+//! the configured grace period; then Unix socket files we created are removed.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::broker::{Broker, CIPHERTEXT_OVERHEAD};
+use crate::config::{Config, ConfigError, ListenAddr};
+use crate::proto;
+use crate::proto::key_broker_server::KeyBrokerServer;
+use crate::registry::{Registry, StatsBook};
+use crate::service::KeyBrokerService;
+
+/// The gRPC service name, as health checks and grpcurl know it.
+pub const SERVICE_NAME: &str = "keybroker.v1.KeyBroker";
+/// Slack above the plaintext limit for a request's other fields (the context can be ~280 KiB).
+const REQUEST_FIELDS_SLACK: u64 = 512 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot build the gRPC services: {0}")]
+    Services(String),
+}
+
+/// How a connection reached us; attached to every request on it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer_addr: Option<std::net::SocketAddr>,
+    /// Peer credentials of a Unix-socket client (uid, gid, pid).
+    pub peer_cred: Option<PeerCred>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// An accepted connection from any listener.
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream, Option<PeerCred>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Tcp(s) => ConnInfo {
+                peer_addr: s.peer_addr().ok(),
+                peer_cred: None,
+            },
+            Conn::Unix(_, cred) => ConnInfo {
+                peer_addr: None,
+                peer_cred: *cred,
+            },
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s, _) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s, _) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Unix(s, _) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s, _) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Unix(s, _) => s.is_write_vectored(),
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A Unix socket file this process created, removed at shutdown if it is still ours.
+struct OwnedSocket {
+    path: PathBuf,
+    ino: u64,
+}
+
+/// Binds a Unix socket at `path`. A socket file left by a crashed process (nobody accepts on it)
+/// is replaced; one a live process is serving is not stolen.
+fn bind_unix(path: &Path, mode: u32) -> io::Result<(UnixListener, OwnedSocket)> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is serving this socket",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing stale socket file");
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let ino = std::fs::metadata(path)?.ino();
+    Ok((
+        listener,
+        OwnedSocket {
+            path: path.to_owned(),
+            ino,
+        },
+    ))
+}
+
+/// A running server.
+pub struct Running {
+    /// The addresses actually bound (port 0 resolved).
+    pub addrs: Vec<ListenAddr>,
+    pub broker: Arc<Broker>,
+    pub health: HealthReporter,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    sockets: Vec<OwnedSocket>,
+    grace: Duration,
+}
+
+/// Builds the registry and services from `config`, binds every listener, and starts serving.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    // aws-lc's first random draw takes tens of milliseconds: pay it before reporting SERVING.
+    let _ = crate::secret::SecretKey::generate(32);
+    let stats = StatsBook::default();
+    let registry = Registry::build(config, &stats).await?;
+    let broker = Arc::new(Broker::new(
+        registry,
+        config.cache.capacity,
+        config.server.max_request_bytes,
+    ));
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    let mut sockets = Vec::new();
+    for addr in &config.server.listen {
+        let listen_err = |source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).await.map_err(listen_err)?;
+                addrs.push(ListenAddr::Tcp(l.local_addr().map_err(listen_err)?));
+                listeners.push(Listener::Tcp(l));
+            }
+            ListenAddr::Unix(p) => {
+                let (l, owned) =
+                    bind_unix(p, config.server.unix_socket_mode).map_err(listen_err)?;
+                addrs.push(addr.clone());
+                sockets.push(owned);
+                listeners.push(Listener::Unix(l));
+            }
+        }
+    }
+    let (conn_tx, conn_rx) = mpsc::channel::<io::Result<Conn>>(64);
+    let accept_tasks = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(accept_loop(l, conn_tx.clone())))
+        .collect();
+    drop(conn_tx);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| StartError::Services(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| StartError::Services(e.to_string()))?;
+    let decode_limit =
+        (config.server.max_request_bytes + CIPHERTEXT_OVERHEAD + REQUEST_FIELDS_SLACK) as usize;
+    let keybroker = KeyBrokerServer::new(KeyBrokerService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(decode_limit)
+        .max_encoding_message_size(decode_limit);
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(keybroker);
+    let serve = tokio::spawn(router.serve_with_incoming_shutdown(
+        ReceiverStream::new(conn_rx),
+        async {
+            let _ = shutdown_rx.await;
+        },
+    ));
+    for a in &addrs {
+        tracing::info!(addr = %a, "listening");
+    }
+    Ok(Running {
+        addrs,
+        broker,
+        health,
+        shutdown_tx: Some(shutdown_tx),
+        serve,
+        accept_tasks,
+        sockets,
+        grace: config.server.shutdown_grace,
+    })
+}
+
+async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
+    loop {
+        let conn = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                // Unary RPCs are small writes; Nagle would add up to 40 ms.
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                let cred = s.peer_cred().ok().map(|c| PeerCred {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    pid: c.pid(),
+                });
+                Conn::Unix(s, cred)
+            }),
+        };
+        if let Err(e) = &conn {
+            tracing::warn!(error = %e, "accept failed");
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        if tx.send(conn).await.is_err() {
+            return; // the server stopped accepting
+        }
+    }
+}
+
+impl Running {
+    /// Drains and stops the server (see the module docs). Returns whether every connection
+    /// finished within the grace period.
+    pub async fn shutdown(mut self) -> bool {
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        for t in &self.accept_tasks {
+            t.abort();
+        }
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+        let drained = match tokio::time::timeout(self.grace, &mut self.serve).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "server error during shutdown");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "server task failed");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "connections still open after the grace period; closing them");
+                self.serve.abort();
+                false
+            }
+        };
+        for s in &self.sockets {
+            if std::fs::metadata(&s.path).map(|m| m.ino()).ok() == Some(s.ino) {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+        tracing::info!(drained, "stopped");
+        drained
+    }
+}

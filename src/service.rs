@@ -1,0 +1,165 @@
+//! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls
+//! and [`Error`]s to statuses (through `Error::to_status`, the one mapping). Holds no logic of
+//! its own beyond that, so the same operations can be driven without gRPC.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::broker::{Broker, DataKeySpec, Facts};
+use crate::error::Error;
+use crate::identity::Caller;
+use crate::proto;
+use crate::proto::key_broker_server::KeyBroker;
+
+pub struct KeyBrokerService {
+    broker: Arc<Broker>,
+}
+
+impl KeyBrokerService {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+/// The caller attached by the identity layer; `anonymous` when none is.
+fn caller_of<T>(req: &Request<T>) -> Caller {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(Caller::anonymous)
+}
+
+#[tonic::async_trait]
+impl KeyBroker for KeyBrokerService {
+    async fn encrypt(
+        &self,
+        request: Request<proto::EncryptRequest>,
+    ) -> Result<Response<proto::EncryptResponse>, Status> {
+        let caller = caller_of(&request);
+        let req = request.into_inner();
+        let mut facts = Facts::default();
+        let out = self
+            .broker
+            .encrypt(&caller, &req.key, &req.plaintext, &req.context, &mut facts)
+            .await?;
+        Ok(Response::new(proto::EncryptResponse {
+            ciphertext: out.ciphertext.into(),
+            key: out.key.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<proto::DecryptRequest>,
+    ) -> Result<Response<proto::DecryptResponse>, Status> {
+        let caller = caller_of(&request);
+        let req = request.into_inner();
+        let mut facts = Facts::default();
+        let out = self
+            .broker
+            .decrypt(&caller, &req.ciphertext, &req.context, &mut facts)
+            .await?;
+        Ok(Response::new(proto::DecryptResponse {
+            plaintext: out.plaintext.into(),
+            key: out.key.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<proto::GenerateDataKeyRequest>,
+    ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
+        let caller = caller_of(&request);
+        let req = request.into_inner();
+        let spec = match proto::DataKeySpec::try_from(req.spec) {
+            Ok(proto::DataKeySpec::Unspecified | proto::DataKeySpec::Aes256) => DataKeySpec::Aes256,
+            Ok(proto::DataKeySpec::Aes128) => DataKeySpec::Aes128,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "spec: unknown data key spec {}; use AES_256 or AES_128",
+                    req.spec
+                ))
+                .into());
+            }
+        };
+        let mut facts = Facts::default();
+        let out = self
+            .broker
+            .generate_data_key(&caller, &req.key, spec, &req.context, &mut facts)
+            .await?;
+        Ok(Response::new(proto::GenerateDataKeyResponse {
+            plaintext_key: out.plaintext_key.into(),
+            wrapped_key: out.wrapped_key.into(),
+            key: out.key.to_string(),
+            key_version: out.key_version,
+        }))
+    }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<proto::ReEncryptRequest>,
+    ) -> Result<Response<proto::ReEncryptResponse>, Status> {
+        let caller = caller_of(&request);
+        let req = request.into_inner();
+        let mut facts = Facts::default();
+        let out = self
+            .broker
+            .re_encrypt(
+                &caller,
+                &req.ciphertext,
+                &req.source_context,
+                &req.destination_key,
+                &req.destination_context,
+                &mut facts,
+            )
+            .await?;
+        Ok(Response::new(proto::ReEncryptResponse {
+            ciphertext: out.ciphertext.into(),
+            key: out.key.to_string(),
+            key_version: out.key_version,
+            source_key: out.source_key.to_string(),
+            source_key_version: out.source_key_version,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let keys = self
+            .broker
+            .list_keys()
+            .into_iter()
+            .map(|k| proto::KeyInfo {
+                name: k.name.to_string(),
+                backend: k.backend.as_str().to_owned(),
+                backend_key_id: k.backend_key_id,
+                enabled: k.enabled,
+                cache: Some(proto::CacheLimits {
+                    enabled: k.cache.enabled,
+                    ttl_millis: k.cache.ttl.as_millis() as u64,
+                    max_messages: k.cache.max_messages,
+                    max_bytes: k.cache.max_bytes,
+                }),
+                stats: k
+                    .stats
+                    .into_iter()
+                    .map(|(op, s)| proto::OperationStats {
+                        operation: op.as_str().to_owned(),
+                        requests: s.requests,
+                        cache_hits: s.cache_hits,
+                        cache_misses: s.cache_misses,
+                        cache_bypasses: s.cache_bypasses,
+                        backend_calls: s.backend_calls,
+                        evictions: s.evictions,
+                    })
+                    .collect(),
+                description: k.description,
+            })
+            .collect();
+        Ok(Response::new(proto::ListKeysResponse { keys }))
+    }
+}
