@@ -275,11 +275,11 @@ fn config_check(file: &Path) -> ExitCode {
         let BackendConfig::Local {
             keyring,
             key_id,
-            create,
-        } = &k.backend;
-        if *create {
+            create: false,
+        } = &k.backend
+        else {
             continue;
-        }
+        };
         match Keyring::load(keyring) {
             Ok(r) if r.keys.contains_key(key_id.as_str()) => {}
             Ok(_) => problems.push(format!(
