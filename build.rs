@@ -14,6 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".keybroker.v1")
         // Sorted maps: the encryption context must be encoded canonically (sorted keys).
         .btree_map(".keybroker.v1")
+        // Messages carrying plaintext or key bytes get a hand-written, redacting Debug
+        // (src/lib.rs): a stray `{:?}` must never print them.
+        .skip_debug([
+            "keybroker.v1.EncryptRequest",
+            "keybroker.v1.DecryptResponse",
+            "keybroker.v1.GenerateDataKeyResponse",
+        ])
         .compile_with_config(config, &["proto/keybroker/v1/keybroker.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

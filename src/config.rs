@@ -318,13 +318,13 @@ impl Config {
         let server = root.section("server", p);
         if let Some(list) = server.str_list("listen", p) {
             let mut listen = Vec::new();
-            for s in list {
+            for s in &list {
                 match ListenAddr::parse(s) {
                     Ok(a) => listen.push(a),
                     Err(e) => p.push(server.at("listen"), e),
                 }
             }
-            if listen.is_empty() {
+            if list.is_empty() {
                 p.push(server.at("listen"), "needs at least one address");
             }
             config.server.listen = listen;

@@ -35,4 +35,37 @@ pub mod proto {
     /// The encoded descriptors served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keybroker_descriptor");
+
+    use std::fmt;
+
+    impl fmt::Debug for EncryptRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("EncryptRequest")
+                .field("key", &self.key)
+                .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+                .field("context", &self.context)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for DecryptResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("DecryptResponse")
+                .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+                .field("key", &self.key)
+                .field("key_version", &self.key_version)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for GenerateDataKeyResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("GenerateDataKeyResponse")
+                .field("plaintext_key", &"<redacted>")
+                .field("wrapped_key", &format_args!("<{} bytes>", self.wrapped_key.len()))
+                .field("key", &self.key)
+                .field("key_version", &self.key_version)
+                .finish()
+        }
+    }
 }

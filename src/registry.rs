@@ -109,16 +109,29 @@ impl BackendFactory {
     }
 }
 
+/// Wraps each backend the registry builds, given the key name: a seam for instrumentation
+/// (tests count backend calls and inject failures through it, around the real backend).
+pub type BackendLayer =
+    Arc<dyn Fn(&str, Arc<dyn KeyBackend>) -> Arc<dyn KeyBackend> + Send + Sync>;
+
 impl Registry {
     /// Builds every configured key's backend. Problems are collected per key, like config
     /// problems, so a broken deployment is reported in one go.
-    pub async fn build(config: &Config, stats: &StatsBook) -> Result<Self, ConfigError> {
+    pub async fn build(
+        config: &Config,
+        stats: &StatsBook,
+        layer: Option<&BackendLayer>,
+    ) -> Result<Self, ConfigError> {
         let mut factory = BackendFactory::default();
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in &config.keys {
             match factory.build(&kc.backend).await {
                 Ok(backend) => {
+                    let backend = match layer {
+                        Some(wrap) => wrap(name, backend),
+                        None => backend,
+                    };
                     let name: Arc<str> = Arc::from(name.as_str());
                     keys.insert(
                         Arc::clone(&name),

@@ -26,7 +26,7 @@ use crate::broker::{Broker, CIPHERTEXT_OVERHEAD};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::proto;
 use crate::proto::key_broker_server::KeyBrokerServer;
-use crate::registry::{Registry, StatsBook};
+use crate::registry::{BackendLayer, Registry, StatsBook};
 use crate::service::KeyBrokerService;
 
 /// The gRPC service name, as health checks and grpcurl know it.
@@ -207,12 +207,23 @@ pub struct Running {
     grace: Duration,
 }
 
+/// Optional extras for [`start_with`].
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// Wraps every backend (instrumentation; tests count calls and inject failures).
+    pub backend_layer: Option<BackendLayer>,
+}
+
 /// Builds the registry and services from `config`, binds every listener, and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_with(config, StartOptions::default()).await
+}
+
+pub async fn start_with(config: &Config, options: StartOptions) -> Result<Running, StartError> {
     // aws-lc's first random draw takes tens of milliseconds: pay it before reporting SERVING.
     let _ = crate::secret::SecretKey::generate(32);
     let stats = StatsBook::default();
-    let registry = Registry::build(config, &stats).await?;
+    let registry = Registry::build(config, &stats, options.backend_layer.as_ref()).await?;
     let broker = Arc::new(Broker::new(
         registry,
         config.cache.capacity,

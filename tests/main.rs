@@ -5,4 +5,7 @@
 
 mod support;
 
+mod api;
 mod local_backend;
+mod process;
+mod rotation;

@@ -5,13 +5,14 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod counting;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use keybroker::client::KeyBrokerClient;
 use keybroker::config::Config;
-use keybroker::server::Running;
+use keybroker::server::{Running, StartOptions};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
@@ -33,6 +34,24 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, config_toml: &str) -> Self {
+        Self::start_opts(dir, config_toml, StartOptions::default()).await
+    }
+
+    /// A server whose backends are wrapped in a [`counting::CountingLayer`].
+    pub async fn counted(config_toml: &str) -> (Self, counting::CountingLayer) {
+        let layer = counting::CountingLayer::default();
+        let options = StartOptions {
+            backend_layer: Some(layer.layer()),
+        };
+        let server = Self::start_opts(tempfile::tempdir().unwrap(), config_toml, options).await;
+        (server, layer)
+    }
+
+    pub async fn start_opts(
+        dir: tempfile::TempDir,
+        config_toml: &str,
+        options: StartOptions,
+    ) -> Self {
         let text = config_toml.replace("{dir}", &dir.path().display().to_string());
         let path = dir.path().join("keybroker.toml");
         std::fs::write(&path, &text).unwrap();
@@ -40,11 +59,11 @@ impl TestServer {
         if !text.contains("listen") {
             config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
         }
-        Self::start_config(dir, config).await
+        Self::start_config(dir, config, options).await
     }
 
-    pub async fn start_config(dir: tempfile::TempDir, config: Config) -> Self {
-        let running = keybroker::server::start(&config)
+    pub async fn start_config(dir: tempfile::TempDir, config: Config, options: StartOptions) -> Self {
+        let running = keybroker::server::start_with(&config, options)
             .await
             .unwrap_or_else(|e| panic!("server start: {e}"));
         let addr = running.addrs[0].to_string();
@@ -58,17 +77,7 @@ impl TestServer {
 
     /// The simplest config: one local key `default` (created on start) and optional extra TOML.
     pub async fn local(extra: &str) -> Self {
-        Self::start(&format!(
-            r#"
-[keys.default]
-backend = "local"
-key_id = "default"
-keyring = "{{dir}}/keyring"
-create = true
-{extra}
-"#
-        ))
-        .await
+        Self::start(&local_config(extra)).await
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -110,4 +119,125 @@ pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// The `keybroker` binary built for these tests.
 pub fn keybroker_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_keybroker"))
+}
+
+/// Config text with one local key `default` (created on start) plus `extra` TOML.
+pub fn local_config(extra: &str) -> String {
+    format!(
+        r#"
+[keys.default]
+backend = "local"
+key_id = "default"
+keyring = "{{dir}}/keyring"
+create = true
+{extra}
+"#
+    )
+}
+
+/// A `keybroker serve` child process; killed (SIGKILL) on drop if still running.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// The first listen address the banner printed.
+    pub addr: String,
+    /// Everything the banner printed on stdout.
+    pub banner: String,
+}
+
+impl ServeProcess {
+    /// Starts `keybroker serve ARGS` in `cwd` and waits for its banner.
+    pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(keybroker_bin());
+        cmd.arg("serve")
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("KEYBROKER_CONFIG")
+            .env_remove("KEYBROKER_LISTEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut banner = String::new();
+        let mut addr = None;
+        for _ in 0..10 {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                let mut err = String::new();
+                use std::io::Read;
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("keybroker serve exited early: {banner}\n{err}");
+            }
+            banner.push_str(&line);
+            if let Some(a) = line.trim().strip_prefix("listening on ") {
+                addr.get_or_insert_with(|| a.to_owned());
+            }
+            if line.contains("try:") {
+                break;
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("no listen address in the banner"),
+            banner,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status and stderr. Async, so the
+    /// test's own clients keep running (a server drains only as fast as its clients answer).
+    pub async fn wait(mut self, limit: std::time::Duration) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit within {limit:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test venv (scripts/test-setup); panics with instructions when it is missing.
+pub fn venv() -> PathBuf {
+    let dir = std::env::var_os("KEYBROKER_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-env/venv"));
+    assert!(
+        dir.join("bin/python").exists(),
+        "the test Python venv is missing at {}: run scripts/test-setup (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A tool installed in the test venv (e.g. `grpcurl`, `moto_server`).
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = venv().join("bin").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/test-setup", p.display());
+    p
 }
