@@ -448,3 +448,108 @@ fn copy_digest(copy: &WrappedCopy<'_>, ctx: &BackendContext<'_>) -> [u8; 32] {
     out.copy_from_slice(h.finish().as_ref());
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    /// Every way the bytes of `key` could show up in formatted output.
+    fn renderings(key: &[u8]) -> Vec<String> {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let list = format!("{key:?}");
+        vec![
+            hex.clone(),
+            hex.to_uppercase(),
+            list[1..list.len() - 1].to_owned(),
+            base64::engine::general_purpose::STANDARD.encode(key),
+        ]
+    }
+
+    #[test]
+    fn debug_of_key_holding_types_shows_no_key_bytes() {
+        let bytes: Vec<u8> = (100..132).collect();
+        let stats = Arc::new(KeyStats::default());
+        let active = ActiveKey {
+            data_key: SecretKey::from_slice(&bytes),
+            backend: BackendKind::Local,
+            wrapped: Wrapped {
+                key_id: "k".into(),
+                key_version: "1".into(),
+                ciphertext: vec![1, 2, 3],
+            },
+            generation: 0,
+            expires: Instant::now(),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            limits: CacheLimits::default(),
+            stats: Arc::clone(&stats),
+            purpose: Purpose::Messages,
+        };
+        let unwrapped = UnwrappedKey {
+            data_key: SecretKey::from_slice(&bytes),
+            expires: Instant::now(),
+            stats,
+        };
+        let response = crate::proto::GenerateDataKeyResponse {
+            plaintext_key: bytes.clone().into(),
+            wrapped_key: vec![9; 4].into(),
+            key: "k".into(),
+            key_version: "1".into(),
+        };
+        let decrypted = crate::proto::DecryptResponse {
+            plaintext: bytes.clone().into(),
+            key: "k".into(),
+            key_version: "1".into(),
+        };
+        let request = crate::proto::EncryptRequest {
+            key: "k".into(),
+            plaintext: bytes.clone().into(),
+            context: Default::default(),
+        };
+        for dbg in [
+            format!("{active:?}"),
+            format!("{unwrapped:?}"),
+            format!("{:?}", Arc::new(active)),
+            format!("{response:?}"),
+            format!("{decrypted:?}"),
+            format!("{request:?}"),
+            format!("{:#?}", response),
+        ] {
+            for r in renderings(&bytes) {
+                assert!(!dbg.contains(&r), "{dbg} shows the key as {r}");
+            }
+            assert!(dbg.contains("redacted"), "{dbg}");
+        }
+    }
+
+    #[test]
+    fn reservations_stop_at_either_limit() {
+        let key = |max_messages, max_bytes| ActiveKey {
+            data_key: SecretKey::from_slice(&[0; 32]),
+            backend: BackendKind::Local,
+            wrapped: Wrapped {
+                key_id: "k".into(),
+                key_version: "1".into(),
+                ciphertext: vec![1],
+            },
+            generation: 0,
+            expires: Instant::now(),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            limits: CacheLimits {
+                max_messages,
+                max_bytes,
+                ..CacheLimits::default()
+            },
+            stats: Arc::new(KeyStats::default()),
+            purpose: Purpose::Messages,
+        };
+        let k = key(3, 1 << 20);
+        assert!(k.reserve(1) && k.reserve(1) && k.reserve(1));
+        assert!(!k.reserve(1));
+        let k = key(100, 10);
+        assert!(k.reserve(6));
+        assert!(!k.reserve(6));
+    }
+}

@@ -240,7 +240,8 @@ fn print_banner(config: &Config, addrs: &[config::ListenAddr]) {
     if let Some(a) = addrs.first() {
         let target = match a {
             config::ListenAddr::Tcp(t) => t.to_string(),
-            config::ListenAddr::Unix(p) => format!("-unix {}", p.display()),
+            // grpcurl would send the socket path as :authority, which HTTP/2 servers refuse.
+            config::ListenAddr::Unix(p) => format!("-unix -authority localhost {}", p.display()),
         };
         let _ = writeln!(
             out,

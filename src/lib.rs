@@ -42,7 +42,10 @@ pub mod proto {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("EncryptRequest")
                 .field("key", &self.key)
-                .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+                .field(
+                    "plaintext",
+                    &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                )
                 .field("context", &self.context)
                 .finish()
         }
@@ -51,7 +54,10 @@ pub mod proto {
     impl fmt::Debug for DecryptResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("DecryptResponse")
-                .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+                .field(
+                    "plaintext",
+                    &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                )
                 .field("key", &self.key)
                 .field("key_version", &self.key_version)
                 .finish()
@@ -62,7 +68,10 @@ pub mod proto {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("GenerateDataKeyResponse")
                 .field("plaintext_key", &"<redacted>")
-                .field("wrapped_key", &format_args!("<{} bytes>", self.wrapped_key.len()))
+                .field(
+                    "wrapped_key",
+                    &format_args!("<{} bytes>", self.wrapped_key.len()),
+                )
                 .field("key", &self.key)
                 .field("key_version", &self.key_version)
                 .finish()

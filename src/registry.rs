@@ -111,8 +111,7 @@ impl BackendFactory {
 
 /// Wraps each backend the registry builds, given the key name: a seam for instrumentation
 /// (tests count backend calls and inject failures through it, around the real backend).
-pub type BackendLayer =
-    Arc<dyn Fn(&str, Arc<dyn KeyBackend>) -> Arc<dyn KeyBackend> + Send + Sync>;
+pub type BackendLayer = Arc<dyn Fn(&str, Arc<dyn KeyBackend>) -> Arc<dyn KeyBackend> + Send + Sync>;
 
 impl Registry {
     /// Builds every configured key's backend. Problems are collected per key, like config

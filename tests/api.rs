@@ -67,7 +67,10 @@ async fn every_operation_round_trips_at_edge_sizes_over_tcp_and_uds() {
                 .unwrap_or_else(|s| panic!("decrypt {size} over {addr}: {s:?}"))
                 .into_inner();
             assert_eq!(dec.plaintext.as_ref(), plaintext.as_slice(), "size {size}");
-            assert_eq!((dec.key.as_str(), dec.key_version.as_str()), ("default", "1"));
+            assert_eq!(
+                (dec.key.as_str(), dec.key_version.as_str()),
+                ("default", "1")
+            );
 
             // ReEncrypt to another key and a new context; the result decrypts to the same bytes.
             let new_ctx = ctx(&[("tenant", "t2")]);
@@ -81,7 +84,10 @@ async fn every_operation_round_trips_at_edge_sizes_over_tcp_and_uds() {
                 .await
                 .unwrap_or_else(|s| panic!("re-encrypt {size}: {s:?}"))
                 .into_inner();
-            assert_eq!((re.key.as_str(), re.source_key.as_str()), ("other", "default"));
+            assert_eq!(
+                (re.key.as_str(), re.source_key.as_str()),
+                ("other", "default")
+            );
             let dec2 = c
                 .decrypt(DecryptRequest {
                     ciphertext: re.ciphertext.clone(),
@@ -102,7 +108,11 @@ async fn every_operation_round_trips_at_edge_sizes_over_tcp_and_uds() {
                 .unwrap_err();
             assert_eq!(reason(&err), "DECRYPTION_FAILED");
         }
-        for (spec, len) in [(DataKeySpec::Unspecified, 32), (DataKeySpec::Aes256, 32), (DataKeySpec::Aes128, 16)] {
+        for (spec, len) in [
+            (DataKeySpec::Unspecified, 32),
+            (DataKeySpec::Aes256, 32),
+            (DataKeySpec::Aes128, 16),
+        ] {
             let context = ctx(&[("purpose", "files")]);
             let dk = c
                 .generate_data_key(GenerateDataKeyRequest {
@@ -122,7 +132,10 @@ async fn every_operation_round_trips_at_edge_sizes_over_tcp_and_uds() {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(back.plaintext, dk.plaintext_key, "Decrypt of wrapped_key returns the data key");
+            assert_eq!(
+                back.plaintext, dk.plaintext_key,
+                "Decrypt of wrapped_key returns the data key"
+            );
             let err = c
                 .decrypt(DecryptRequest {
                     ciphertext: dk.wrapped_key,
@@ -140,16 +153,26 @@ async fn every_operation_round_trips_at_edge_sizes_over_tcp_and_uds() {
 async fn list_keys_shows_configuration_and_no_secrets() {
     let server = TestServer::start(&config("")).await;
     let mut c = server.client().await;
-    let keys = c.list_keys(ListKeysRequest {}).await.unwrap().into_inner().keys;
+    let keys = c
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
     let names: Vec<_> = keys.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(names, ["default", "other"]);
     let k = &keys[0];
-    assert_eq!((k.backend.as_str(), k.backend_key_id.as_str(), k.enabled), ("local", "default", true));
+    assert_eq!(
+        (k.backend.as_str(), k.backend_key_id.as_str(), k.enabled),
+        ("local", "default", true)
+    );
     let cache = k.cache.as_ref().unwrap();
     assert!(cache.enabled && cache.ttl_millis == 300_000 && cache.max_messages == 1_000_000);
     let ring = std::fs::read_to_string(server.path("keyring")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&ring).unwrap();
-    let material = json["keys"]["default"]["versions"][0]["material"].as_str().unwrap();
+    let material = json["keys"]["default"]["versions"][0]["material"]
+        .as_str()
+        .unwrap();
     let listing = format!("{keys:?}");
     assert!(!listing.contains(material));
 }
@@ -197,7 +220,10 @@ async fn wrong_context_and_tampering_never_yield_plaintext() {
                 })
                 .await
             {
-                Ok(r) => panic!("flip {flip:#x} at byte {i} decrypted to {} bytes", r.into_inner().plaintext.len()),
+                Ok(r) => panic!(
+                    "flip {flip:#x} at byte {i} decrypted to {} bytes",
+                    r.into_inner().plaintext.len()
+                ),
                 Err(s) => *reasons.entry(reason(&s)).or_default() += 1,
             }
         }
@@ -216,11 +242,20 @@ async fn wrong_context_and_tampering_never_yield_plaintext() {
     // Only the documented reasons appear (key-name flips may name a key that does not exist).
     for r in reasons.keys() {
         assert!(
-            ["DECRYPTION_FAILED", "INVALID_CIPHERTEXT", "KEY_NOT_FOUND", "BACKEND_KEY_NOT_FOUND"].contains(&r.as_str()),
+            [
+                "DECRYPTION_FAILED",
+                "INVALID_CIPHERTEXT",
+                "KEY_NOT_FOUND",
+                "BACKEND_KEY_NOT_FOUND"
+            ]
+            .contains(&r.as_str()),
             "unexpected reason {r}: {reasons:?}"
         );
     }
-    assert!(reasons["DECRYPTION_FAILED"] > 0 && reasons["INVALID_CIPHERTEXT"] > 0, "{reasons:?}");
+    assert!(
+        reasons["DECRYPTION_FAILED"] > 0 && reasons["INVALID_CIPHERTEXT"] > 0,
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
@@ -243,7 +278,13 @@ enabled = false
         context: BTreeMap::new(),
     };
 
-    for garbage in [vec![], b"hello world".to_vec(), vec![0u8; 64], b"KB\x01\x01".to_vec(), b"KB\x09".to_vec()] {
+    for garbage in [
+        vec![],
+        b"hello world".to_vec(),
+        vec![0u8; 64],
+        b"KB\x01\x01".to_vec(),
+        b"KB\x09".to_vec(),
+    ] {
         let err = c
             .decrypt(DecryptRequest {
                 ciphertext: garbage.clone().into(),
@@ -256,23 +297,39 @@ enabled = false
     }
 
     let err = c.encrypt(enc("nope", 1)).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::NotFound, "KEY_NOT_FOUND"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "KEY_NOT_FOUND")
+    );
     assert!(err.message().contains("nope"));
 
     let err = c.encrypt(enc("", 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let err = c.encrypt(enc("default", LIMIT + 1)).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::ResourceExhausted, "REQUEST_TOO_LARGE"));
-    assert!(err.message().contains("limit is 1048576 bytes"), "{}", err.message());
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "REQUEST_TOO_LARGE")
+    );
+    assert!(
+        err.message().contains("limit is 1048576 bytes"),
+        "{}",
+        err.message()
+    );
 
     // Far over the limit: refused by the transport's own size check, still a clear message.
     let err = c.encrypt(enc("default", 4 * LIMIT)).await.unwrap_err();
-    assert!(matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange), "{err:?}");
+    assert!(
+        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{err:?}"
+    );
     assert!(err.message().contains("too large"), "{}", err.message());
 
     let err = c.encrypt(enc("off", 1)).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::FailedPrecondition, "KEY_DISABLED"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "KEY_DISABLED")
+    );
 
     let err = c
         .generate_data_key(GenerateDataKeyRequest {
@@ -284,7 +341,8 @@ enabled = false
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let big_ctx: BTreeMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+    let big_ctx: BTreeMap<String, String> =
+        (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
     let err = c
         .encrypt(EncryptRequest {
             key: "default".into(),
@@ -337,7 +395,10 @@ async fn disabling_a_key_in_the_keyring_stops_cached_use() {
             })
             .await
         {
-            assert_eq!((e.code(), reason(&e).as_str()), (Code::FailedPrecondition, "KEY_DISABLED"));
+            assert_eq!(
+                (e.code(), reason(&e).as_str()),
+                (Code::FailedPrecondition, "KEY_DISABLED")
+            );
             disabled = true;
             break;
         }

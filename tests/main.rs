@@ -6,6 +6,9 @@
 mod support;
 
 mod api;
+mod cache;
+mod envelope_vectors;
+mod grpcurl;
 mod local_backend;
 mod process;
 mod rotation;

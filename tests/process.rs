@@ -16,9 +16,21 @@ use crate::support::{ServeProcess, TestServer, client_for, keybroker_bin, local_
 async fn embedded_default_runs_with_no_config() {
     let cwd = tempfile::tempdir().unwrap();
     let serve = ServeProcess::start(cwd.path(), &[], &[("KEYBROKER_LISTEN", "127.0.0.1:0")]);
-    assert!(serve.banner.contains("embedded default"), "{}", serve.banner);
-    assert!(serve.banner.contains("grpcurl -plaintext"), "{}", serve.banner);
-    assert!(serve.banner.contains("keybroker.v1.KeyBroker/Encrypt"), "{}", serve.banner);
+    assert!(
+        serve.banner.contains("embedded default"),
+        "{}",
+        serve.banner
+    );
+    assert!(
+        serve.banner.contains("grpcurl -plaintext"),
+        "{}",
+        serve.banner
+    );
+    assert!(
+        serve.banner.contains("keybroker.v1.KeyBroker/Encrypt"),
+        "{}",
+        serve.banner
+    );
     let ring = cwd.path().join(".keybroker/keyring");
     let mode = std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "keyring must be created 0600");
@@ -58,7 +70,11 @@ max_messages = 3
 "#,
     )
     .unwrap();
-    let out = Command::new(keybroker_bin()).args(["config", "check"]).arg(&file).output().unwrap();
+    let out = Command::new(keybroker_bin())
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for want in [
@@ -72,15 +88,39 @@ max_messages = 3
     }
 
     // A valid file whose keyring lacks the key: reported with the key's place.
-    std::fs::write(&file, local_config("").replace("create = true", "").replace("{dir}", &dir.path().display().to_string())).unwrap();
-    keybroker::keyring::edit(&dir.path().join("keyring"), true, |r| r.create_key("unrelated")).unwrap();
-    let out = Command::new(keybroker_bin()).args(["config", "check"]).arg(&file).output().unwrap();
+    std::fs::write(
+        &file,
+        local_config("")
+            .replace("create = true", "")
+            .replace("{dir}", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    keybroker::keyring::edit(&dir.path().join("keyring"), true, |r| {
+        r.create_key("unrelated")
+    })
+    .unwrap();
+    let out = Command::new(keybroker_bin())
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("keys.default.key_id"));
 
-    keybroker::keyring::edit(&dir.path().join("keyring"), false, |r| r.create_key("default")).unwrap();
-    let out = Command::new(keybroker_bin()).args(["config", "check"]).arg(&file).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    keybroker::keyring::edit(&dir.path().join("keyring"), false, |r| {
+        r.create_key("default")
+    })
+    .unwrap();
+    let out = Command::new(keybroker_bin())
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 key(s): default)"));
 }
 
@@ -104,14 +144,54 @@ async fn cli_encrypt_decrypt_datakey_round_trip() {
     let a = |s: &str| s.to_owned();
     let (addr2, p2) = (addr.clone(), payload.clone());
     let (raw, b64, dk, bad) = tokio::task::spawn_blocking(move || {
-        let enc = run(vec![a("encrypt"), a("--addr"), addr2.clone(), a("--context"), a("app=x")], p2.clone());
-        assert!(enc.status.success(), "{}", String::from_utf8_lossy(&enc.stderr));
-        let dec = run(vec![a("decrypt"), a("--addr"), addr2.clone(), a("--context"), a("app=x")], enc.stdout);
-        let enc64 = run(vec![a("encrypt"), a("--base64"), a("--addr"), addr2.clone()], p2.clone());
+        let enc = run(
+            vec![
+                a("encrypt"),
+                a("--addr"),
+                addr2.clone(),
+                a("--context"),
+                a("app=x"),
+            ],
+            p2.clone(),
+        );
+        assert!(
+            enc.status.success(),
+            "{}",
+            String::from_utf8_lossy(&enc.stderr)
+        );
+        let dec = run(
+            vec![
+                a("decrypt"),
+                a("--addr"),
+                addr2.clone(),
+                a("--context"),
+                a("app=x"),
+            ],
+            enc.stdout,
+        );
+        let enc64 = run(
+            vec![a("encrypt"), a("--base64"), a("--addr"), addr2.clone()],
+            p2.clone(),
+        );
         assert!(enc64.stdout.iter().all(|b| b.is_ascii()));
-        let dec64 = run(vec![a("decrypt"), a("--base64"), a("--addr"), addr2.clone()], enc64.stdout);
-        let dk = run(vec![a("datakey"), a("--addr"), addr2.clone(), a("--spec"), a("AES_128")], vec![]);
-        let bad = run(vec![a("decrypt"), a("--addr"), addr2], b"not a ciphertext".to_vec());
+        let dec64 = run(
+            vec![a("decrypt"), a("--base64"), a("--addr"), addr2.clone()],
+            enc64.stdout,
+        );
+        let dk = run(
+            vec![
+                a("datakey"),
+                a("--addr"),
+                addr2.clone(),
+                a("--spec"),
+                a("AES_128"),
+            ],
+            vec![],
+        );
+        let bad = run(
+            vec![a("decrypt"), a("--addr"), addr2],
+            b"not a ciphertext".to_vec(),
+        );
         (dec, dec64, dk, bad)
     })
     .await
@@ -179,7 +259,9 @@ async fn shutdown_drains_in_flight_requests_and_is_bounded() {
         "cache.enabled = false\n[server]\nshutdown_grace = \"10s\"",
     ))
     .await;
-    counting.key("default").set_delay(Duration::from_millis(500));
+    counting
+        .key("default")
+        .set_delay(Duration::from_millis(500));
     let client = server.client().await;
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -194,7 +276,11 @@ async fn shutdown_drains_in_flight_requests_and_is_bounded() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(counting.key("default").generate(), 20, "all 20 requests are in the backend");
+    assert_eq!(
+        counting.key("default").generate(),
+        20,
+        "all 20 requests are in the backend"
+    );
     let addr = server.addr.clone();
     let mut server = server;
     let running = server.running.take().unwrap();
@@ -202,7 +288,10 @@ async fn shutdown_drains_in_flight_requests_and_is_bounded() {
     let shutdown = tokio::spawn(running.shutdown());
     tokio::time::sleep(Duration::from_millis(50)).await;
     // New connections are refused while draining.
-    assert!(keybroker::client::connect(&addr).await.is_err(), "listener still accepting");
+    assert!(
+        keybroker::client::connect(&addr).await.is_err(),
+        "listener still accepting"
+    );
     for t in tasks {
         let r = t.await.unwrap();
         assert!(r.is_ok(), "an accepted request failed during drain: {r:?}");
@@ -228,8 +317,15 @@ async fn shutdown_drains_in_flight_requests_and_is_bounded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = Instant::now();
     let mut server = server;
-    assert!(!server.running.take().unwrap().shutdown().await, "reports an incomplete drain");
-    assert!(t0.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t0.elapsed());
+    assert!(
+        !server.running.take().unwrap().shutdown().await,
+        "reports an incomplete drain"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
     stuck.abort();
 }
 
@@ -263,7 +359,12 @@ async fn sigterm_during_a_burst_completes_accepted_requests() {
                     })
                     .await;
                 let failed = r.is_err();
-                results.push((started, Instant::now(), r.map(|_| ()).map_err(|s| (s.code(), s.message().to_owned()))));
+                results.push((
+                    started,
+                    Instant::now(),
+                    r.map(|_| ())
+                        .map_err(|s| (s.code(), s.message().to_owned())),
+                ));
                 if failed {
                     break;
                 }
@@ -285,7 +386,11 @@ async fn sigterm_during_a_burst_completes_accepted_requests() {
     for t in tasks {
         for (started, ended, r) in t.await.unwrap() {
             if started + margin < sig {
-                assert!(r.is_ok(), "a request sent {:?} before SIGTERM ended with {r:?}", sig - started);
+                assert!(
+                    r.is_ok(),
+                    "a request sent {:?} before SIGTERM ended with {r:?}",
+                    sig - started
+                );
             }
             match r {
                 Ok(()) if started < sig => {
@@ -301,5 +406,8 @@ async fn sigterm_during_a_burst_completes_accepted_requests() {
         }
     }
     assert!(ok > 32, "the burst did not run: {ok} ok");
-    assert!(drained > 0, "no request was in flight across the signal ({ok} ok, {unsure} other)");
+    assert!(
+        drained > 0,
+        "no request was in flight across the signal ({ok} ok, {unsure} other)"
+    );
 }

@@ -9,7 +9,10 @@ use keybroker::proto::{DecryptRequest, EncryptRequest};
 
 use crate::support::{TestServer, keybroker_bin, local_config};
 
-async fn encrypt(c: &mut keybroker::client::KeyBrokerClient<tonic::transport::Channel>, msg: &[u8]) -> (Vec<u8>, String) {
+async fn encrypt(
+    c: &mut keybroker::client::KeyBrokerClient<tonic::transport::Channel>,
+    msg: &[u8],
+) -> (Vec<u8>, String) {
     let r = c
         .encrypt(EncryptRequest {
             key: "default".into(),
@@ -36,7 +39,11 @@ async fn rotation_is_seen_without_restart_and_old_data_still_decrypts() {
         .args(["rotate", "default"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("version 2"));
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -45,10 +52,16 @@ async fn rotation_is_seen_without_restart_and_old_data_still_decrypts() {
         if v == "2" {
             break ct;
         }
-        assert!(Instant::now() < deadline, "new data still under version {v} after 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "new data still under version {v} after 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    for (ct, want, version) in [(old_ct, &b"before rotation"[..], "1"), (new_ct, &b"after rotation"[..], "2")] {
+    for (ct, want, version) in [
+        (old_ct, &b"before rotation"[..], "1"),
+        (new_ct, &b"after rotation"[..], "2"),
+    ] {
         let r = c
             .decrypt(DecryptRequest {
                 ciphertext: ct.into(),
@@ -71,7 +84,10 @@ async fn decrypt_of_a_just_rotated_version_reloads_on_demand() {
     let keyring = a.path("keyring");
     keybroker::keyring::edit(&keyring, false, |r| r.rotate_key("default")).unwrap();
     // A second server on the same keyring started after the rotation makes a version-2 ciphertext.
-    let b = TestServer::start(&local_config("").replace("{dir}/keyring", &keyring.display().to_string())).await;
+    let b = TestServer::start(
+        &local_config("").replace("{dir}/keyring", &keyring.display().to_string()),
+    )
+    .await;
     let mut cb = b.client().await;
     let (ct, v) = encrypt(&mut cb, b"v2 data").await;
     assert_eq!(v, "2");
@@ -134,13 +150,21 @@ fn sigkill_during_rotation_never_tears_or_loses_versions() {
         } else {
             killed += 1;
         }
-        let after = Keyring::load(&ring).unwrap_or_else(|e| panic!("keyring torn after kill at {delay:?}: {e}"));
+        let after = Keyring::load(&ring)
+            .unwrap_or_else(|e| panic!("keyring torn after kill at {delay:?}: {e}"));
         let after_v = versions(&after);
         for (v, material) in &before {
-            assert_eq!(after_v.get(v), Some(material), "version {v} lost or changed");
+            assert_eq!(
+                after_v.get(v),
+                Some(material),
+                "version {v} lost or changed"
+            );
         }
         assert!(after_v.len() == before.len() || after_v.len() == before.len() + 1);
         assert!(after_v.contains_key(&after.keys["k"].primary));
     }
-    assert!(killed > 10 && completed > 10, "kills landed badly: {killed} killed, {completed} completed");
+    assert!(
+        killed > 10 && completed > 10,
+        "kills landed badly: {killed} killed, {completed} completed"
+    );
 }

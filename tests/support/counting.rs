@@ -93,7 +93,11 @@ impl KeyBackend for Counting {
         // means one backend call.
         self.inner.generate_data_key(len, ctx).await
     }
-    async fn wrap(&self, key: &SecretKey, ctx: &BackendContext<'_>) -> Result<Wrapped, BackendError> {
+    async fn wrap(
+        &self,
+        key: &SecretKey,
+        ctx: &BackendContext<'_>,
+    ) -> Result<Wrapped, BackendError> {
         self.before(&self.counters.wrap).await?;
         self.inner.wrap(key, ctx).await
     }
@@ -123,13 +127,7 @@ impl CountingLayer {
     pub fn layer(&self) -> BackendLayer {
         let by_key = Arc::clone(&self.by_key);
         Arc::new(move |name: &str, inner: Arc<dyn KeyBackend>| {
-            let counters = Arc::clone(
-                by_key
-                    .lock()
-                    .unwrap()
-                    .entry(name.to_owned())
-                    .or_default(),
-            );
+            let counters = Arc::clone(by_key.lock().unwrap().entry(name.to_owned()).or_default());
             Arc::new(Counting { inner, counters }) as Arc<dyn KeyBackend>
         })
     }

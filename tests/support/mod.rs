@@ -57,12 +57,17 @@ impl TestServer {
         std::fs::write(&path, &text).unwrap();
         let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         if !text.contains("listen") {
-            config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
+            config.server.listen =
+                vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
         }
         Self::start_config(dir, config, options).await
     }
 
-    pub async fn start_config(dir: tempfile::TempDir, config: Config, options: StartOptions) -> Self {
+    pub async fn start_config(
+        dir: tempfile::TempDir,
+        config: Config,
+        options: StartOptions,
+    ) -> Self {
         let running = keybroker::server::start_with(&config, options)
             .await
             .unwrap_or_else(|e| panic!("server start: {e}"));
@@ -169,7 +174,12 @@ impl ServeProcess {
             if reader.read_line(&mut line).unwrap() == 0 {
                 let mut err = String::new();
                 use std::io::Read;
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 panic!("keybroker serve exited early: {banner}\n{err}");
             }
             banner.push_str(&line);
@@ -209,7 +219,10 @@ impl ServeProcess {
                 }
                 return (status, err);
             }
-            assert!(std::time::Instant::now() < deadline, "process did not exit within {limit:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit within {limit:?}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -238,6 +251,10 @@ pub fn venv() -> PathBuf {
 /// A tool installed in the test venv (e.g. `grpcurl`, `moto_server`).
 pub fn venv_bin(name: &str) -> PathBuf {
     let p = venv().join("bin").join(name);
-    assert!(p.exists(), "{} is missing: run scripts/test-setup", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test-setup",
+        p.display()
+    );
     p
 }
