@@ -19,6 +19,7 @@ use crate::envelope::{self, Envelope, Kind, WrappedCopy};
 use crate::error::Error;
 use crate::identity::Caller;
 use crate::operation::Operation;
+use crate::policy::Need;
 use crate::registry::{KeyEntry, Registry};
 use crate::stats::{OpSnapshot, bump};
 
@@ -148,7 +149,7 @@ impl Broker {
         self.check_size("plaintext", plaintext.len(), self.max_plaintext)?;
         check_context(context, "context")?;
         let registry = self.registry.load();
-        let entry = self.usable_key(&registry, caller, key, Operation::Encrypt, facts)?;
+        let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::Encrypt), facts)?;
         let (active, result) = self
             .cache
             .active_key(
@@ -193,7 +194,7 @@ impl Broker {
         let env = envelope::parse(ciphertext)?;
         facts.bytes = env.payload_len() as u64;
         let registry = self.registry.load();
-        let entry = self.usable_key(&registry, caller, env.key_name, Operation::Decrypt, facts)?;
+        let entry = self.usable_key(&registry, caller, env.key_name, Need::Op(Operation::Decrypt), facts)?;
         let (plaintext, version) = self
             .open(entry, &env, context, Operation::Decrypt, facts)
             .await?;
@@ -214,7 +215,7 @@ impl Broker {
     ) -> Result<DataKeyOutput, Error> {
         check_context(context, "context")?;
         let registry = self.registry.load();
-        let entry = self.usable_key(&registry, caller, key, Operation::GenerateDataKey, facts)?;
+        let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::GenerateDataKey), facts)?;
         let (active, result) = self
             .cache
             .active_key(
@@ -271,7 +272,7 @@ impl Broker {
         facts.bytes = env.payload_len() as u64;
         let registry = self.registry.load();
         let source =
-            self.usable_key(&registry, caller, env.key_name, Operation::ReEncrypt, facts)?;
+            self.usable_key(&registry, caller, env.key_name, Need::ReEncryptFrom, facts)?;
         facts.source_key = Some(Arc::clone(&source.name));
         let dest_name = if destination_key.is_empty() {
             env.key_name
@@ -279,7 +280,7 @@ impl Broker {
             destination_key
         };
         // Both keys are resolved and checked before any backend work.
-        let dest = self.usable_key(&registry, caller, dest_name, Operation::ReEncrypt, facts)?;
+        let dest = self.usable_key(&registry, caller, dest_name, Need::ReEncryptTo, facts)?;
 
         let (copy, data_key, _) = self
             .unwrap_any(source, &env, Operation::ReEncrypt, facts)
@@ -332,11 +333,12 @@ impl Broker {
         })
     }
 
-    /// Every configured key with its limits and counters (no secrets).
-    pub fn list_keys(&self) -> Vec<KeyListing> {
+    /// The keys `caller` may list, with their limits and counters (no secrets).
+    pub fn list_keys(&self, caller: &Caller) -> Vec<KeyListing> {
         self.registry
             .load()
             .iter()
+            .filter(|e| e.policy.allows(caller, Operation::List))
             .map(|e| KeyListing {
                 name: Arc::clone(&e.name),
                 description: e.description.clone(),
@@ -357,13 +359,14 @@ impl Broker {
             .collect()
     }
 
-    /// Looks up a key, counts the request, checks permission and state.
+    /// Looks up a key, counts the request, checks permission and state (in that order: the
+    /// policy is checked before anything about the key's data keys is touched).
     fn usable_key<'r>(
         &self,
         registry: &'r Registry,
-        _caller: &Caller,
+        caller: &Caller,
         name: &str,
-        op: Operation,
+        need: Need,
         facts: &mut Facts,
     ) -> Result<&'r Arc<KeyEntry>, Error> {
         if name.is_empty() {
@@ -375,7 +378,18 @@ impl Broker {
             key: name.to_owned(),
         })?;
         facts.entry(entry);
+        let op = match need {
+            Need::Op(op) => op,
+            Need::ReEncryptFrom | Need::ReEncryptTo => Operation::ReEncrypt,
+        };
         bump(&entry.stats.op(op).requests);
+        if !need.check(&entry.policy, caller) {
+            return Err(Error::PolicyDenied {
+                caller: caller.name.to_string(),
+                key: name.to_owned(),
+                operation: need.describe(),
+            });
+        }
         if !entry.enabled || entry.backend.hint().disabled {
             return Err(Error::KeyDisabled {
                 key: name.to_owned(),

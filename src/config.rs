@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::operation::Operation;
+use crate::policy::{Policy, Statement};
 use crate::util::{check_name, format_duration, parse_duration, parse_size};
 
 pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
@@ -203,6 +205,8 @@ pub struct KeyConfig {
     pub enabled: bool,
     pub backend: BackendConfig,
     pub cache: CacheLimits,
+    /// Who may do what with this key; empty denies everything.
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +239,8 @@ impl Config {
                     create: true,
                 },
                 cache: CacheLimits::default(),
+                // Development mode: anyone who can reach the sidecar may use the key.
+                policy: Policy::allow_anonymous_everything(),
             },
         );
         Self {
@@ -473,6 +479,7 @@ fn key_config(
     let cache_section = s.section("cache", p);
     let cache = cache_limits(&cache_section, config.cache.defaults, p);
     cache_section.finish(p);
+    let policy = policy(s, p);
     let backend = match backend_name? {
         "local" => {
             let keyring = s
@@ -504,7 +511,51 @@ fn key_config(
         enabled,
         backend,
         cache,
+        policy,
     })
+}
+
+/// `[[keys.NAME.policy]]` statements: `callers` (names, or `*` for any identified caller) and
+/// `operations` (names, or `*` for all).
+fn policy(key: &Section<'_>, p: &mut Problems) -> Policy {
+    let mut statements = Vec::new();
+    for st in key.section_list("policy", p) {
+        let mut callers = std::collections::BTreeSet::new();
+        match st.str_list("callers", p) {
+            Some(list) if !list.is_empty() => {
+                for c in list {
+                    if c != crate::policy::ANY_IDENTIFIED
+                        && let Err(e) = check_name(c)
+                    {
+                        p.push(st.at("callers"), format!("caller {e}"));
+                    }
+                    callers.insert(c.to_owned());
+                }
+            }
+            _ => p.push(st.at("callers"), "is required: a list of caller names (or \"*\")"),
+        }
+        let mut operations = std::collections::BTreeSet::new();
+        match st.str_list("operations", p) {
+            Some(list) if !list.is_empty() => {
+                for o in list {
+                    if o == "*" {
+                        operations.extend(Operation::ALL);
+                    } else if let Some(op) = Operation::parse(o) {
+                        operations.insert(op);
+                    } else {
+                        p.push(
+                            st.at("operations"),
+                            format!("unknown operation {o:?} (encrypt, decrypt, generate_data_key, re_encrypt, list or *)"),
+                        );
+                    }
+                }
+            }
+            _ => p.push(st.at("operations"), "is required: a list of operations (or \"*\")"),
+        }
+        st.finish(p);
+        statements.push(Statement { callers, operations });
+    }
+    Policy { statements }
 }
 
 fn cache_limits(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> CacheLimits {

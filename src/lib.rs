@@ -20,6 +20,7 @@ pub mod error;
 pub mod identity;
 pub mod keyring;
 pub mod operation;
+pub mod policy;
 pub mod registry;
 pub mod secret;
 pub mod server;

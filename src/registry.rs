@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::backend::KeyBackend;
 use crate::backend::local::{LocalBackend, LocalKeyring};
 use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
+use crate::policy::Policy;
 use crate::stats::KeyStats;
 
 /// One configured key.
@@ -21,6 +22,7 @@ pub struct KeyEntry {
     pub enabled: bool,
     pub backend: Arc<dyn KeyBackend>,
     pub cache: CacheLimits,
+    pub policy: Policy,
     pub stats: Arc<KeyStats>,
 }
 
@@ -141,6 +143,7 @@ impl Registry {
                             enabled: kc.enabled,
                             backend,
                             cache: kc.cache,
+                            policy: kc.policy.clone(),
                         }),
                     );
                 }

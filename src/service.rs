@@ -127,11 +127,12 @@ impl KeyBroker for KeyBrokerService {
 
     async fn list_keys(
         &self,
-        _request: Request<proto::ListKeysRequest>,
+        request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let caller = caller_of(&request);
         let keys = self
             .broker
-            .list_keys()
+            .list_keys(&caller)
             .into_iter()
             .map(|k| proto::KeyInfo {
                 name: k.name.to_string(),

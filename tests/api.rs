@@ -9,7 +9,7 @@ use keybroker::proto::{
 };
 use tonic::Code;
 
-use crate::support::{TestServer, client_for, ctx, reason};
+use crate::support::{TestServer, allow_anonymous, client_for, ctx, reason};
 
 const LIMIT: usize = 1 << 20;
 
@@ -32,7 +32,11 @@ key_id = "other"
 keyring = "{{dir}}/keyring"
 create = true
 {extra}
-"#
+{}
+{}
+"#,
+        allow_anonymous("default"),
+        allow_anonymous("other")
     )
 }
 
@@ -268,6 +272,9 @@ key_id = "off"
 keyring = "{dir}/keyring"
 create = true
 enabled = false
+[[keys.off.policy]]
+callers = ["anonymous"]
+operations = ["*"]
 "#,
     ))
     .await;

@@ -305,7 +305,10 @@ async fn caching_disabled_means_one_backend_call_per_operation() {
 /// Two callers (cache partitions) never share a data key, even on the same key.
 #[tokio::test]
 async fn two_callers_never_share_a_data_key() {
-    let (server, counting) = TestServer::counted(&local_config("")).await;
+    let (server, counting) = TestServer::counted(&local_config(
+        "[[keys.default.policy]]\ncallers = [\"app-a\", \"app-b\"]\noperations = [\"encrypt\", \"generate_data_key\"]",
+    ))
+    .await;
     let broker = Arc::clone(&server.running.as_ref().unwrap().broker);
     let a = Caller::new("app-a", IdentitySource::BearerToken);
     let b = Caller::new("app-b", IdentitySource::BearerToken);

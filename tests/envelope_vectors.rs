@@ -310,7 +310,10 @@ async fn a_server_with_the_vector_keyring_decrypts_the_vectors() {
     .unwrap();
     let server = crate::support::TestServer::start_in(
         dir,
-        "[keys.default]\nbackend = \"local\"\nkey_id = \"default\"\nkeyring = \"{dir}/keyring\"\n",
+        &format!(
+            "[keys.default]\nbackend = \"local\"\nkey_id = \"default\"\nkeyring = \"{{dir}}/keyring\"\n{}",
+            crate::support::allow_anonymous("default")
+        ),
     )
     .await;
     let mut c = server.client().await;

@@ -172,9 +172,10 @@ pub fn run_server(args: BenchServerArgs) -> CliResult {
                     tonic::transport::Server::builder().add_service(KeyBrokerServer::new(Echo));
                 match addr {
                     crate::config::ListenAddr::Tcp(a) => {
-                        let l = tokio::net::TcpListener::bind(a).await?;
-                        println!("READY {}", l.local_addr()?);
-                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                        // Same socket options as keybroker's own listener (TCP_NODELAY).
+                        let incoming = tonic::transport::server::TcpIncoming::bind(a)?
+                            .with_nodelay(Some(true));
+                        println!("READY {}", incoming.local_addr()?);
                         router.serve_with_incoming(incoming).await?;
                     }
                     crate::config::ListenAddr::Unix(p) => {

@@ -126,7 +126,8 @@ pub fn keybroker_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_keybroker"))
 }
 
-/// Config text with one local key `default` (created on start) plus `extra` TOML.
+/// Config text with one local key `default` (created on start, `anonymous` may do everything)
+/// plus `extra` TOML (bare fields in it land in `[keys.default]`).
 pub fn local_config(extra: &str) -> String {
     format!(
         r#"
@@ -136,8 +137,16 @@ key_id = "default"
 keyring = "{{dir}}/keyring"
 create = true
 {extra}
-"#
+
+{}
+"#,
+        allow_anonymous("default")
     )
+}
+
+/// A policy statement letting `anonymous` do everything with `key`.
+pub fn allow_anonymous(key: &str) -> String {
+    format!("[[keys.{key}.policy]]\ncallers = [\"anonymous\"]\noperations = [\"*\"]\n")
 }
 
 /// A `keybroker serve` child process; killed (SIGKILL) on drop if still running.
