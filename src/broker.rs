@@ -40,6 +40,47 @@ pub struct Facts {
     /// For ReEncrypt: the source side.
     pub source_key: Option<Arc<str>>,
     pub source_key_version: Option<String>,
+    /// Backend calls this request made (not those it waited for).
+    pub backend_calls: Vec<BackendCall>,
+}
+
+/// One call to a backend, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendCall {
+    /// Index into `metrics::BACKEND_OPS`.
+    pub op: BackendOp,
+    /// Index into `metrics::OUTCOMES`: 0 is success.
+    pub outcome: usize,
+    pub latency: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendOp {
+    GenerateDataKey = 0,
+    Wrap = 1,
+    Unwrap = 2,
+    Rewrap = 3,
+}
+
+impl BackendCall {
+    /// Times `call` and records it in `facts`.
+    pub async fn record<T>(
+        facts: &mut Facts,
+        op: BackendOp,
+        call: impl std::future::Future<Output = Result<T, crate::backend::BackendError>>,
+    ) -> Result<T, crate::backend::BackendError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        facts.backend_calls.push(BackendCall {
+            op,
+            outcome: match &result {
+                Ok(_) => 0,
+                Err(e) => e.kind.outcome_index(),
+            },
+            latency: started.elapsed(),
+        });
+        result
+    }
 }
 
 impl Facts {
@@ -157,6 +198,7 @@ impl Broker {
                 &caller.name,
                 Purpose::Messages,
                 plaintext.len() as u64,
+                facts,
             )
             .await?;
         facts.cache = Some(result);
@@ -225,6 +267,7 @@ impl Broker {
                     len: spec.key_len(),
                 },
                 0,
+                facts,
             )
             .await?;
         facts.cache = Some(result);
@@ -300,15 +343,24 @@ impl Broker {
         };
         facts.entry(dest);
         bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
-        let rewrapped = match dest
+        let started = std::time::Instant::now();
+        let (rewrapped, op) = match dest
             .backend
             .rewrap_from(source.backend.as_ref(), &copy, &source_ctx, &dest_ctx)
             .await
         {
-            Some(result) => result,
-            None => dest.backend.wrap(data_key.data_key(), &dest_ctx).await,
-        }
-        .map_err(|e| Error::backend(&dest.name, e))?;
+            Some(result) => (result, BackendOp::Rewrap),
+            None => (
+                dest.backend.wrap(data_key.data_key(), &dest_ctx).await,
+                BackendOp::Wrap,
+            ),
+        };
+        facts.backend_calls.push(BackendCall {
+            op,
+            outcome: rewrapped.as_ref().map_or_else(|e| e.kind.outcome_index(), |_| 0),
+            latency: started.elapsed(),
+        });
+        let rewrapped = rewrapped.map_err(|e| Error::backend(&dest.name, e))?;
         let new_copy = rewrapped.as_copy(dest.backend.kind());
         facts.key_version = Some(rewrapped.key_version.clone());
         let out = envelope::seal(
@@ -441,7 +493,7 @@ impl Broker {
         let mut last = Error::DecryptionFailed;
         for copy in env.copies.iter().filter(|c| c.backend == kind) {
             facts.key_version = Some(copy.key_version.to_owned());
-            match self.cache.unwrapped_key(entry, copy, &ctx, op).await {
+            match self.cache.unwrapped_key(entry, copy, &ctx, op, facts).await {
                 Ok((key, result)) => {
                     facts.cache = Some(result);
                     return Ok((*copy, key, result));

@@ -27,6 +27,7 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 
 use crate::backend::{BackendContext, BackendKind, Wrapped};
+use crate::broker::{BackendCall, BackendOp, Facts};
 use crate::config::CacheLimits;
 use crate::envelope::WrappedCopy;
 use crate::error::Error;
@@ -232,13 +233,14 @@ impl DataKeyCache {
         caller: &Arc<str>,
         purpose: Purpose,
         bytes: u64,
+        facts: &mut Facts,
     ) -> Result<(Arc<ActiveKey>, CacheResult), Error> {
         let op = purpose.operation();
         let generation = entry.backend.hint().generation;
         // A message larger than a whole data key's byte budget gets a data key of its own.
         if !entry.cache.enabled || bytes > entry.cache.max_bytes {
             let key = self
-                .fetch(entry, caller, purpose, generation, false)
+                .fetch(entry, caller, purpose, generation, false, facts)
                 .await?;
             bump(&entry.stats.op(op).cache_bypasses);
             return Ok((key, CacheResult::Bypass));
@@ -254,7 +256,7 @@ impl DataKeyCache {
             let got = self
                 .encrypt
                 .entry(slot.clone())
-                .or_try_insert_with(self.fetch(entry, caller, purpose, generation, true))
+                .or_try_insert_with(self.fetch(entry, caller, purpose, generation, true, facts))
                 .await
                 .map_err(|e| (*e).clone())?;
             let result = if got.is_fresh() {
@@ -302,17 +304,20 @@ impl DataKeyCache {
         purpose: Purpose,
         generation: u64,
         seed_decrypt: bool,
+        facts: &mut Facts,
     ) -> Result<Arc<ActiveKey>, Error> {
         let ctx = BackendContext {
             key_name: &entry.name,
             caller,
         };
         bump(&entry.stats.op(purpose.operation()).backend_calls);
-        let (data_key, wrapped) = entry
-            .backend
-            .generate_data_key(purpose.key_len(), &ctx)
-            .await
-            .map_err(|e| Error::backend(&entry.name, e))?;
+        let (data_key, wrapped) = BackendCall::record(
+            facts,
+            BackendOp::GenerateDataKey,
+            entry.backend.generate_data_key(purpose.key_len(), &ctx),
+        )
+        .await
+        .map_err(|e| Error::backend(&entry.name, e))?;
         let now = Instant::now();
         let backend = entry.backend.kind();
         if seed_decrypt {
@@ -346,14 +351,14 @@ impl DataKeyCache {
         copy: &WrappedCopy<'_>,
         ctx: &BackendContext<'_>,
         op: Operation,
+        facts: &mut Facts,
     ) -> Result<(Arc<UnwrappedKey>, CacheResult), Error> {
         let unwrap = async {
             bump(&entry.stats.op(op).backend_calls);
-            let data_key = entry
-                .backend
-                .unwrap(copy, ctx)
-                .await
-                .map_err(|e| Error::backend(&entry.name, e))?;
+            let data_key =
+                BackendCall::record(facts, BackendOp::Unwrap, entry.backend.unwrap(copy, ctx))
+                    .await
+                    .map_err(|e| Error::backend(&entry.name, e))?;
             Ok::<_, Error>(Arc::new(UnwrappedKey {
                 data_key,
                 expires: Instant::now() + entry.cache.ttl,
@@ -381,7 +386,7 @@ impl DataKeyCache {
         if result == CacheResult::Hit && Instant::now() >= key.expires {
             // Past its TTL but not yet swept: never use it; fetch anew.
             self.decrypt.invalidate(&digest).await;
-            return Box::pin(self.unwrapped_key(entry, copy, ctx, op)).await;
+            return Box::pin(self.unwrapped_key(entry, copy, ctx, op, facts)).await;
         }
         let counter = match result {
             CacheResult::Miss => &entry.stats.op(op).cache_misses,
@@ -420,6 +425,11 @@ impl DataKeyCache {
             .invalidate_entries_if(move |slot, _| slot.key == name);
         // Decrypt-side entries are keyed by digest; they expire by TTL and are unusable while
         // the key is disabled (the state is checked before the cache).
+    }
+
+    /// Approximate entry counts (encrypt side, decrypt side), without waiting.
+    pub fn entry_counts_now(&self) -> (u64, u64) {
+        (self.encrypt.entry_count(), self.decrypt.entry_count())
     }
 
     /// Entry counts (encrypt side, decrypt side), after pending maintenance.

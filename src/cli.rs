@@ -32,6 +32,11 @@ pub enum Cmd {
     },
     /// Administer a local keyring (the gRPC API never changes keys).
     Keys(KeysArgs),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Encrypt stdin to stdout.
     Encrypt(ClientArgs),
     /// Decrypt stdin to stdout.
@@ -59,6 +64,16 @@ pub struct ServeArgs {
 pub enum ConfigCmd {
     /// Validate a configuration file and report every problem.
     Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain of audit log files, given oldest first (e.g. audit.jsonl.2
+    /// audit.jsonl.1 audit.jsonl); reports the first broken link and exits non-zero.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +158,9 @@ pub fn run(cli: Cli) -> ExitCode {
             cmd: ConfigCmd::Check { file },
         } => return config_check(&file),
         Cmd::Keys(args) => keys(args),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { files },
+        } => return audit_verify(&files),
         Cmd::Encrypt(args) => client_cmd(|| encrypt(args)),
         Cmd::Decrypt(args) => client_cmd(|| decrypt(args)),
         Cmd::Datakey(args) => client_cmd(|| datakey(args)),
@@ -209,8 +227,12 @@ fn serve(args: ServeArgs) -> CliResult {
     }
     init_logging(config.log.format, &config.log.level);
     runtime(config.server.worker_threads)?.block_on(async move {
-        let running = crate::server::start(&config).await?;
-        print_banner(&config, &running.addrs);
+        let options = crate::server::StartOptions {
+            config_path: args.config.clone(),
+            ..Default::default()
+        };
+        let running = crate::server::start_with(&config, options).await?;
+        print_banner(&config, &running.addrs, running.admin_addr);
         wait_for_signal().await?;
         tracing::info!("shutdown signal received; draining");
         running.shutdown().await;
@@ -218,7 +240,7 @@ fn serve(args: ServeArgs) -> CliResult {
     })
 }
 
-fn print_banner(config: &Config, addrs: &[config::ListenAddr]) {
+fn print_banner(config: &Config, addrs: &[config::ListenAddr], admin: Option<std::net::SocketAddr>) {
     let key = config
         .keys
         .keys()
@@ -235,6 +257,20 @@ fn print_banner(config: &Config, addrs: &[config::ListenAddr]) {
     );
     for a in addrs {
         let _ = writeln!(out, "  listening on {a}");
+    }
+    if let Some(a) = admin {
+        let _ = writeln!(out, "  admin on http://{a} (/metrics, /healthz, /readyz)");
+    }
+    if let crate::audit::AuditSink::File(p) = &config.audit.sink
+        && config.audit.enabled
+    {
+        let _ = writeln!(out, "  audit log {}", p.display());
+    }
+    if config.embedded {
+        let _ = writeln!(
+            out,
+            "  DEV MODE: any local process may use key `default` (embedded default policy)"
+        );
     }
     let body = format!(r#"{{"key":"{key}","plaintext":"aGVsbG8="}}"#);
     if let Some(a) = addrs.first() {
@@ -305,6 +341,36 @@ fn config_check(file: &Path) -> ExitCode {
             eprintln!("  - {p}");
         }
         ExitCode::FAILURE
+    }
+}
+
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match crate::audit::verify(files) {
+        Ok(r) => {
+            println!(
+                "ok: {} record(s), seq {}..{}, chain head {}{}",
+                r.records,
+                r.first_seq.unwrap_or(0),
+                r.last_seq.unwrap_or(0),
+                r.last_hash,
+                if r.starts_mid_chain {
+                    " (the first record continues an older file not given here)"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(b) => {
+            eprintln!(
+                "BROKEN at {}:{}{}: {}",
+                b.file.display(),
+                b.line,
+                b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
+                b.problem
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

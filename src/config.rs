@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::audit::{AuditConfig, AuditMode, AuditSink};
+use crate::identity::{IdentityConfig, MtlsRule, PeerRule, TokenRule};
+use crate::metrics::PriceTable;
 use crate::operation::Operation;
 use crate::policy::{Policy, Statement};
 use crate::util::{check_name, format_duration, parse_duration, parse_size};
@@ -21,10 +24,14 @@ pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
 pub const ENV_LISTEN: &str = "KEYBROKER_LISTEN";
 pub const ENV_LOG: &str = "KEYBROKER_LOG";
 pub const ENV_LOG_FORMAT: &str = "KEYBROKER_LOG_FORMAT";
+pub const ENV_ADMIN_LISTEN: &str = "KEYBROKER_ADMIN_LISTEN";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_KEYRING: &str = ".keybroker/keyring";
 pub const DEFAULT_KEY: &str = "default";
+/// The embedded default's audit log (a configuration file's default is stdout).
+pub const DEFAULT_AUDIT_LOG: &str = ".keybroker/audit.jsonl";
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 << 20;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -218,7 +225,27 @@ pub struct Config {
     pub cache: CacheConfig,
     pub local: LocalConfig,
     pub log: LogConfig,
+    pub identity: IdentityConfig,
+    pub audit: AuditConfig,
+    /// The admin HTTP listener (/metrics, /healthz, /readyz); None switches it off.
+    pub admin_listen: Option<SocketAddr>,
+    pub metrics: MetricsConfig,
     pub keys: BTreeMap<String, KeyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub prices: PriceTable,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            prices: PriceTable::default(),
+        }
+    }
 }
 
 impl Config {
@@ -269,6 +296,13 @@ impl Config {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
             },
+            identity: IdentityConfig::default(),
+            audit: AuditConfig {
+                sink: AuditSink::File(PathBuf::from(DEFAULT_AUDIT_LOG)),
+                ..AuditConfig::default()
+            },
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            metrics: MetricsConfig::default(),
             keys,
         }
     }
@@ -393,6 +427,45 @@ impl Config {
         }
         log.finish(p);
 
+        config.identity = identity(&root.section("identity", p), base, p);
+        config.audit = audit(&root.section("audit", p), base, p);
+
+        let admin = root.section("admin", p);
+        if let Some(a) = admin.str("listen", p) {
+            match parse_admin_listen(a) {
+                Ok(v) => config.admin_listen = v,
+                Err(e) => p.push(admin.at("listen"), e),
+            }
+        }
+        admin.finish(p);
+
+        let metrics = root.section("metrics", p);
+        if let Some(b) = metrics.bool("enabled", p) {
+            config.metrics.enabled = b;
+        }
+        metrics.finish(p);
+
+        let pricing = root.section("pricing", p);
+        for (name, section) in pricing.subsections(p) {
+            let Some(kind) = crate::backend::BackendKind::parse(name) else {
+                p.push(section.path.clone(), "unknown backend (local, aws, gcp or azure)");
+                continue;
+            };
+            let price = config.metrics.prices.get_mut(kind);
+            for (field, slot) in [
+                ("per_10k_requests", &mut price.per_10k_requests),
+                ("key_month", &mut price.key_month),
+            ] {
+                if let Some(v) = section.float(field, p) {
+                    if !(0.0..=1e6).contains(&v) {
+                        p.push(section.at(field), "must be a non-negative price in USD");
+                    }
+                    *slot = v;
+                }
+            }
+            section.finish(p);
+        }
+
         let keys = root.section("keys", p);
         if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
             p.push("keys", "at least one key must be configured");
@@ -409,10 +482,19 @@ impl Config {
         Some(config)
     }
 
-    /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_LOG`,
-    /// `KEYBROKER_LOG_FORMAT`); problems are reported like file problems.
+    /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_ADMIN_LISTEN`,
+    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`); problems are reported like file problems.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
+        if let Ok(v) = std::env::var(ENV_ADMIN_LISTEN) {
+            match parse_admin_listen(&v) {
+                Ok(a) => self.admin_listen = a,
+                Err(message) => problems.push(Problem {
+                    at: ENV_ADMIN_LISTEN.to_owned(),
+                    message,
+                }),
+            }
+        }
         if let Ok(v) = std::env::var(ENV_LISTEN) {
             let mut listen = Vec::new();
             for s in v.split(',').filter(|s| !s.trim().is_empty()) {
@@ -449,6 +531,21 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// Caller names that may appear as metric labels: those the identity rules can produce and
+    /// those the policies name (plus `anonymous`).
+    pub fn known_callers(&self) -> std::collections::BTreeSet<String> {
+        let mut names = self.identity.caller_names();
+        for k in self.keys.values() {
+            names.extend(
+                k.policy
+                    .callers()
+                    .filter(|c| *c != crate::policy::ANY_IDENTIFIED)
+                    .map(str::to_owned),
+            );
+        }
+        names
     }
 
     /// A one-line summary of a key's cache limits, for logs.
@@ -558,6 +655,127 @@ fn policy(key: &Section<'_>, p: &mut Problems) -> Policy {
     Policy { statements }
 }
 
+/// `[audit]`: the audit log (see `audit.rs`).
+fn audit(s: &Section<'_>, base: &Path, p: &mut Problems) -> AuditConfig {
+    let mut a = AuditConfig::default();
+    if let Some(b) = s.bool("enabled", p) {
+        a.enabled = b;
+    }
+    if let Some(path) = s.str("path", p) {
+        a.sink = match path {
+            "-" | "stdout" => AuditSink::Stdout,
+            "" => {
+                p.push(s.at("path"), "must be a file path or \"-\" for stdout");
+                AuditSink::Stdout
+            }
+            other => AuditSink::File(resolve(base, other)),
+        };
+    }
+    if let Some(n) = s.size("max_file_size", p) {
+        if n < 4096 {
+            p.push(s.at("max_file_size"), "must be at least 4KiB");
+        }
+        a.max_file_bytes = n;
+    }
+    if let Some(n) = s.u64("max_files", p) {
+        if n > 1000 {
+            p.push(s.at("max_files"), "must be 0 to 1000");
+        }
+        a.max_files = n as u32;
+    }
+    if let Some(n) = s.u64("queue", p) {
+        if n == 0 || n > 1 << 20 {
+            p.push(s.at("queue"), "must be 1 to 1048576");
+        }
+        a.queue = n as usize;
+    }
+    if let Some(d) = s.duration("block_timeout", p) {
+        if d > Duration::from_secs(10) {
+            p.push(s.at("block_timeout"), "must be at most 10s");
+        }
+        a.block_timeout = d;
+    }
+    if let Some(m) = s.str("mode", p) {
+        a.mode = match m {
+            "required" => AuditMode::Required,
+            "best_effort" => AuditMode::BestEffort,
+            _ => {
+                p.push(s.at("mode"), "must be \"required\" or \"best_effort\"");
+                AuditMode::Required
+            }
+        };
+    }
+    if let Some(b) = s.bool("include_context_values", p) {
+        a.include_context_values = b;
+    }
+    s.finish(p);
+    a
+}
+
+/// `[identity]`: how callers are identified (see `identity.rs`).
+fn identity(s: &Section<'_>, base: &Path, p: &mut Problems) -> IdentityConfig {
+    let mut out = IdentityConfig::default();
+    if let Some(d) = s.duration("reload_interval", p) {
+        if d < Duration::from_millis(100) {
+            p.push(s.at("reload_interval"), "must be at least 100ms");
+        }
+        out.reload_interval = d;
+    }
+    let caller = |t: &Section<'_>, p: &mut Problems| -> String {
+        let c = t.req_str("caller", p).unwrap_or_default();
+        if !c.is_empty()
+            && let Err(e) = check_name(c)
+        {
+            p.push(t.at("caller"), format!("caller {e}"));
+        }
+        if c == crate::identity::ANONYMOUS || c == crate::policy::ANY_IDENTIFIED {
+            p.push(t.at("caller"), format!("{c:?} is reserved"));
+        }
+        c.to_owned()
+    };
+    for t in s.section_list("tokens", p) {
+        let caller = caller(&t, p);
+        if let Some(f) = t.req_str("file", p) {
+            out.tokens.push(TokenRule {
+                caller,
+                file: resolve(base, f),
+            });
+        }
+        t.finish(p);
+    }
+    for t in s.section_list("peers", p) {
+        let caller = caller(&t, p);
+        let to_u32 = |field: &str, p: &mut Problems| {
+            t.u64(field, p).and_then(|n| match u32::try_from(n) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    p.push(t.at(field), "is out of range");
+                    None
+                }
+            })
+        };
+        let uid = to_u32("uid", p);
+        let gid = to_u32("gid", p);
+        if uid.is_none() && gid.is_none() {
+            p.push(t.path.clone(), "needs uid, gid or both");
+        }
+        out.peers.push(PeerRule { caller, uid, gid });
+        t.finish(p);
+    }
+    for t in s.section_list("mtls", p) {
+        let caller = caller(&t, p);
+        if let Some(id) = t.req_str("id", p) {
+            out.mtls.push(MtlsRule {
+                caller,
+                id: id.to_owned(),
+            });
+        }
+        t.finish(p);
+    }
+    s.finish(p);
+    out
+}
+
 fn cache_limits(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> CacheLimits {
     let mut l = base;
     if let Some(b) = s.bool("enabled", p) {
@@ -591,6 +809,17 @@ fn cache_limits(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> CacheLi
         l.max_bytes = n;
     }
     l
+}
+
+/// An admin listen address, or `off`/`""` for none.
+fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "" | "off" => Ok(None),
+        other => match ListenAddr::parse(other) {
+            Ok(ListenAddr::Tcp(a)) => Ok(Some(a)),
+            _ => Err(format!("{other:?} is not a TCP address like 127.0.0.1:9464 (or \"off\")")),
+        },
+    }
 }
 
 fn resolve(base: &Path, s: &str) -> PathBuf {
@@ -711,6 +940,17 @@ impl<'a> Section<'a> {
                     self.at(field),
                     "must be a size: bytes, or a string like \"4MiB\"",
                 );
+                None
+            }
+        }
+    }
+
+    pub fn float(&self, field: &str, p: &mut Problems) -> Option<f64> {
+        match self.get(field)? {
+            Value::Float(f) => Some(*f),
+            Value::Integer(i) => Some(*i as f64),
+            other => {
+                p.push(self.at(field), format!("must be a number, not {}", other.type_str()));
                 None
             }
         }

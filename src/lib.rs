@@ -8,6 +8,8 @@
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
 //! shutdown), `error` (the one error → status mapping), `secret` (key material types).
 
+pub mod audit;
+pub mod admin;
 pub mod backend;
 pub mod bench;
 pub mod broker;
@@ -19,9 +21,11 @@ pub mod envelope;
 pub mod error;
 pub mod identity;
 pub mod keyring;
+pub mod metrics;
 pub mod operation;
 pub mod policy;
 pub mod registry;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -21,6 +21,8 @@ pub struct KeyEntry {
     /// Switched off in the configuration (checked before anything else).
     pub enabled: bool,
     pub backend: Arc<dyn KeyBackend>,
+    /// What the backend was built from (a reload reuses it when unchanged).
+    pub backend_config: BackendConfig,
     pub cache: CacheLimits,
     pub policy: Policy,
     pub stats: Arc<KeyStats>,
@@ -52,29 +54,25 @@ impl StatsBook {
     }
 }
 
-/// Aborts a background task when dropped (keyring watchers die with their registry).
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[derive(Debug)]
 pub struct Registry {
     keys: BTreeMap<Arc<str>, Arc<KeyEntry>>,
-    _watchers: Vec<AbortOnDrop>,
 }
 
 /// Builds backends, sharing what can be shared between keys.
-#[derive(Default)]
 pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
+    poll_interval: std::time::Duration,
 }
 
 impl BackendFactory {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            local_rings: HashMap::new(),
+            poll_interval: config.local.poll_interval,
+        }
+    }
+
     async fn build(&mut self, backend: &BackendConfig) -> Result<Arc<dyn KeyBackend>, String> {
         match backend {
             BackendConfig::Local {
@@ -95,6 +93,7 @@ impl BackendFactory {
                     None => {
                         let r = LocalKeyring::open(keyring, create.then_some(key_id.as_str()))
                             .map_err(|e| e.to_string())?;
+                        r.watch(self.poll_interval);
                         self.local_rings.insert(keyring.clone(), Arc::clone(&r));
                         r
                     }
@@ -118,21 +117,31 @@ pub type BackendLayer = Arc<dyn Fn(&str, Arc<dyn KeyBackend>) -> Arc<dyn KeyBack
 impl Registry {
     /// Builds every configured key's backend. Problems are collected per key, like config
     /// problems, so a broken deployment is reported in one go.
+    /// `previous` (a configuration reload) lends its backends to keys whose backend
+    /// configuration did not change, so a policy edit does not rebuild cloud clients.
     pub async fn build(
         config: &Config,
         stats: &StatsBook,
         layer: Option<&BackendLayer>,
+        previous: Option<&Registry>,
     ) -> Result<Self, ConfigError> {
-        let mut factory = BackendFactory::default();
+        let mut factory = BackendFactory::new(config);
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in &config.keys {
-            match factory.build(&kc.backend).await {
+            let reused = previous
+                .and_then(|p| p.get(name))
+                .filter(|e| e.backend_config == kc.backend)
+                .map(|e| Arc::clone(&e.backend));
+            let built = match reused {
+                Some(b) => Ok(b),
+                None => factory.build(&kc.backend).await.map(|backend| match layer {
+                    Some(wrap) => wrap(name, backend),
+                    None => backend,
+                }),
+            };
+            match built {
                 Ok(backend) => {
-                    let backend = match layer {
-                        Some(wrap) => wrap(name, backend),
-                        None => backend,
-                    };
                     let name: Arc<str> = Arc::from(name.as_str());
                     keys.insert(
                         Arc::clone(&name),
@@ -142,6 +151,7 @@ impl Registry {
                             description: kc.description.clone(),
                             enabled: kc.enabled,
                             backend,
+                            backend_config: kc.backend.clone(),
                             cache: kc.cache,
                             policy: kc.policy.clone(),
                         }),
@@ -159,19 +169,7 @@ impl Registry {
                 problems,
             });
         }
-        let watchers = if tokio::runtime::Handle::try_current().is_ok() {
-            factory
-                .local_rings
-                .values()
-                .map(|r| AbortOnDrop(r.spawn_watcher(config.local.poll_interval)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Self {
-            keys,
-            _watchers: watchers,
-        })
+        Ok(Self { keys })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<KeyEntry>> {

@@ -23,10 +23,17 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::broker::{Broker, CIPHERTEXT_OVERHEAD};
-use crate::config::{Config, ConfigError, ListenAddr};
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError, ListenAddr, Problem};
+use crate::identity::{self, Identifier, IdentityLayer};
 use crate::proto;
 use crate::proto::key_broker_server::KeyBrokerServer;
+use crate::admin::{AdminServer, AdminState};
+use crate::audit::Auditor;
+use crate::metrics::Metrics;
 use crate::registry::{BackendLayer, Registry, StatsBook};
+use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
 
 /// The gRPC service name, as health checks and grpcurl know it.
@@ -54,6 +61,8 @@ pub struct ConnInfo {
     pub peer_addr: Option<std::net::SocketAddr>,
     /// Peer credentials of a Unix-socket client (uid, gid, pid).
     pub peer_cred: Option<PeerCred>,
+    /// The identity (SPIFFE ID, or the configured SAN) of a verified mTLS client certificate.
+    pub peer_identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +86,12 @@ impl Connected for Conn {
             Conn::Tcp(s) => ConnInfo {
                 peer_addr: s.peer_addr().ok(),
                 peer_cred: None,
+                peer_identity: None,
             },
             Conn::Unix(_, cred) => ConnInfo {
                 peer_addr: None,
                 peer_cred: *cred,
+                peer_identity: None,
             },
         }
     }
@@ -198,8 +209,18 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<(UnixListener, OwnedSocket)> 
 pub struct Running {
     /// The addresses actually bound (port 0 resolved).
     pub addrs: Vec<ListenAddr>,
+    /// The admin listener's address, when it runs.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub broker: Arc<Broker>,
     pub health: HealthReporter,
+    pub metrics: Arc<Metrics>,
+    pub audit: Arc<Auditor>,
+    pub admin: Arc<AdminState>,
+    /// Applies configuration changes (SIGHUP, file change, or a direct call).
+    pub reloader: Arc<Reloader>,
+    admin_server: Option<AdminServer>,
+    audit_writer: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
     shutdown_tx: Option<oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     accept_tasks: Vec<JoinHandle<()>>,
@@ -212,6 +233,11 @@ pub struct Running {
 pub struct StartOptions {
     /// Wraps every backend (instrumentation; tests count calls and inject failures).
     pub backend_layer: Option<BackendLayer>,
+    /// Where the configuration came from, so it can be reloaded (SIGHUP or a change on disk).
+    pub config_path: Option<PathBuf>,
+    /// Startup waits for this after the admin listener is up and before anything else
+    /// (lets tests observe /readyz before the gRPC listeners exist).
+    pub hold_before_listen: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Builds the registry and services from `config`, binds every listener, and starts serving.
@@ -220,15 +246,51 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 }
 
 pub async fn start_with(config: &Config, options: StartOptions) -> Result<Running, StartError> {
+    // The admin listener comes first, so probes get "not ready" (not "refused") while the rest
+    // starts.
+    let admin = Arc::new(AdminState::default());
+    let admin_server = match config.admin_listen {
+        Some(addr) => Some(AdminServer::bind(addr, Arc::clone(&admin)).await.map_err(|source| {
+            StartError::Listen {
+                addr: format!("{addr} (admin)"),
+                source,
+            }
+        })?),
+        None => None,
+    };
+    if let Some(hold) = &options.hold_before_listen {
+        hold.notified().await;
+    }
+    if config.embedded {
+        tracing::warn!(
+            "DEV MODE: no configuration given, so the embedded default is running: a local keyring \
+             and a policy that lets ANY local process (anonymous) use key `default`. Do not use this \
+             in production."
+        );
+    }
+    for k in config.keys.values().filter(|k| k.policy.is_empty()) {
+        tracing::warn!(key = %k.name, "key has no policy statements: every request for it will be denied");
+    }
     // aws-lc's first random draw takes tens of milliseconds: pay it before reporting SERVING.
     let _ = crate::secret::SecretKey::generate(32);
-    let stats = StatsBook::default();
-    let registry = Registry::build(config, &stats, options.backend_layer.as_ref()).await?;
+    let stats = Arc::new(StatsBook::default());
+    let registry = Registry::build(config, &stats, options.backend_layer.as_ref(), None).await?;
     let broker = Arc::new(Broker::new(
         registry,
         config.cache.capacity,
         config.server.max_request_bytes,
     ));
+    let (audit, audit_writer) = Auditor::start(&config.audit).map_err(|source| StartError::Listen {
+        addr: format!("{:?} (audit log)", config.audit.sink),
+        source,
+    })?;
+    let metrics = Arc::new(Metrics::new(
+        config.metrics.enabled,
+        config.known_callers(),
+        config.metrics.prices.clone(),
+    ));
+    admin.attach(Arc::clone(&metrics), Arc::clone(&broker), Arc::clone(&audit));
+
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     let mut sockets = Vec::new();
@@ -276,12 +338,48 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         .map_err(|e| StartError::Services(e.to_string()))?;
     let decode_limit =
         (config.server.max_request_bytes + CIPHERTEXT_OVERHEAD + REQUEST_FIELDS_SLACK) as usize;
-    let keybroker = KeyBrokerServer::new(KeyBrokerService::new(Arc::clone(&broker)))
-        .max_decoding_message_size(decode_limit)
-        .max_encoding_message_size(decode_limit);
+    let keybroker = KeyBrokerServer::new(KeyBrokerService::new(
+        Arc::clone(&broker),
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+    ))
+    .max_decoding_message_size(decode_limit)
+    .max_encoding_message_size(decode_limit);
+
+    let identifier = Arc::new(ArcSwap::from_pointee(
+        Identifier::new(config.identity.clone()).map_err(|message| ConfigError {
+            source_name: config.source_name.clone(),
+            problems: vec![Problem {
+                at: "identity.tokens".to_owned(),
+                message,
+            }],
+        })?,
+    ));
+    let mut background = vec![identity::spawn_refresher(
+        Arc::clone(&identifier),
+        config.identity.reload_interval,
+    )];
+    let reloader = Arc::new(Reloader {
+        path: options.config_path.clone(),
+        current: std::sync::Mutex::new(config.clone()),
+        broker: Arc::clone(&broker),
+        identifier: Arc::clone(&identifier),
+        metrics: Arc::clone(&metrics),
+        stats,
+        layer: options.backend_layer.clone(),
+        lock: tokio::sync::Mutex::new(()),
+    });
+    if options.config_path.is_some() {
+        background.push(Reloader::spawn_watchers(
+            Arc::clone(&reloader),
+            config.identity.reload_interval,
+        ));
+    }
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        // Identify every request (or refuse a bad credential) before any service sees it.
+        .layer(IdentityLayer::new(Arc::clone(&identifier)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -295,10 +393,22 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     for a in &addrs {
         tracing::info!(addr = %a, "listening");
     }
+    if let Some(a) = &admin_server {
+        tracing::info!(addr = %a.addr, "admin listening (/metrics, /healthz, /readyz)");
+    }
+    admin.ready.set(true);
     Ok(Running {
         addrs,
+        admin_addr: admin_server.as_ref().map(|a| a.addr),
         broker,
         health,
+        metrics,
+        audit,
+        admin,
+        reloader,
+        admin_server,
+        audit_writer,
+        background,
         shutdown_tx: Some(shutdown_tx),
         serve,
         accept_tasks,
@@ -340,13 +450,14 @@ impl Running {
     /// Drains and stops the server (see the module docs). Returns whether every connection
     /// finished within the grace period.
     pub async fn shutdown(mut self) -> bool {
+        self.admin.ready.set(false);
         self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         self.health
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
-        for t in &self.accept_tasks {
+        for t in self.accept_tasks.iter().chain(&self.background) {
             t.abort();
         }
         if let Some(tx) = self.shutdown_tx.take() {
@@ -372,6 +483,23 @@ impl Running {
             if std::fs::metadata(&s.path).map(|m| m.ino()).ok() == Some(s.ino) {
                 let _ = std::fs::remove_file(&s.path);
             }
+        }
+        // Write out what the audit queue holds. After a full drain every request has filled
+        // its slot; after a cut-off, requests still running hold slots that will never be
+        // filled, so only wait briefly.
+        self.audit.close();
+        let audit_wait = if drained {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(500)
+        };
+        if let Some(w) = self.audit_writer.take()
+            && tokio::time::timeout(audit_wait, w).await.is_err()
+        {
+            tracing::error!(?audit_wait, "the audit writer did not finish in time");
+        }
+        if let Some(a) = self.admin_server.take() {
+            a.stop().await;
         }
         tracing::info!(drained, "stopped");
         drained

@@ -1,33 +1,144 @@
-//! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls
-//! and [`Error`]s to statuses (through `Error::to_status`, the one mapping). Holds no logic of
-//! its own beyond that, so the same operations can be driven without gRPC.
+//! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls,
+//! and wraps every call in the same envelope of cross-cutting work (`observe`): a request id and
+//! a tracing span, an audit slot reserved before any key is touched and filled after, metrics,
+//! and the one error → status mapping. No operation logic lives here.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
+use crate::audit::Auditor;
 use crate::broker::{Broker, DataKeySpec, Facts};
 use crate::error::Error;
 use crate::identity::Caller;
+use crate::metrics::Metrics;
+use crate::operation::Operation;
 use crate::proto;
 use crate::proto::key_broker_server::KeyBroker;
 
+/// Request id header a client may set (kept if sane), echoed in logs and audit records.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
+    audit: Arc<Auditor>,
+    metrics: Arc<Metrics>,
+    ids: RequestIds,
 }
 
 impl KeyBrokerService {
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    pub fn new(broker: Arc<Broker>, audit: Arc<Auditor>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            broker,
+            audit,
+            metrics,
+            ids: RequestIds::new(),
+        }
+    }
+
+    /// Runs one operation with its audit record, metrics, span and status mapping.
+    async fn observe<T>(
+        &self,
+        meta: &Meta,
+        op: Operation,
+        contexts: [Option<&BTreeMap<String, String>>; 2],
+        f: impl AsyncFnOnce(&mut Facts) -> Result<T, Error>,
+    ) -> Result<T, Status> {
+        let span = tracing::debug_span!("request", id = %meta.request_id, op = op.as_str(), caller = %meta.caller.name);
+        async {
+            let started = Instant::now();
+            let mut facts = Facts::default();
+            let result = match self.audit.reserve().await {
+                Err(e) => Err(e),
+                Ok(slot) => {
+                    let result = f(&mut facts).await;
+                    self.audit.record(
+                        slot,
+                        &meta.caller,
+                        meta.request_id.clone(),
+                        op,
+                        facts.clone(),
+                        result.as_ref().map(|_| ()),
+                        started.elapsed(),
+                        contexts,
+                    );
+                    result
+                }
+            };
+            let latency = started.elapsed();
+            let code = match &result {
+                Ok(_) => tonic::Code::Ok,
+                Err(e) => e.code_and_reason().0,
+            };
+            self.metrics
+                .observe_request(&meta.caller, op, &facts, code, latency);
+            tracing::debug!(
+                code = crate::audit::code_name(code),
+                key = facts.key.as_deref().unwrap_or(""),
+                cache = facts.cache.map(|c| c.as_str()).unwrap_or(""),
+                latency_us = latency.as_micros() as u64,
+                "request"
+            );
+            result.map_err(|e| e.to_status())
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn meta<T>(&self, req: &Request<T>) -> Meta {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anonymous);
+        let request_id = req
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 128
+                    && v.bytes().all(|b| b.is_ascii_graphic())
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.ids.next());
+        Meta { caller, request_id }
     }
 }
 
-/// The caller attached by the identity layer; `anonymous` when none is.
-fn caller_of<T>(req: &Request<T>) -> Caller {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or_else(Caller::anonymous)
+/// Who asked, and the id that ties the request's log lines and audit record together.
+struct Meta {
+    caller: Caller,
+    request_id: String,
+}
+
+/// Unique, cheap request ids: a random per-process prefix and a counter.
+struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut b = [0u8; 4];
+        let _ = crate::secret::random_fill(&mut b);
+        Self {
+            prefix: u32::from_be_bytes(b),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:08x}-{:012x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
 }
 
 #[tonic::async_trait]
@@ -36,12 +147,14 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::EncryptRequest>,
     ) -> Result<Response<proto::EncryptResponse>, Status> {
-        let caller = caller_of(&request);
+        let meta = self.meta(&request);
         let req = request.into_inner();
-        let mut facts = Facts::default();
         let out = self
-            .broker
-            .encrypt(&caller, &req.key, &req.plaintext, &req.context, &mut facts)
+            .observe(&meta, Operation::Encrypt, [Some(&req.context), None], async |facts| {
+                self.broker
+                    .encrypt(&meta.caller, &req.key, &req.plaintext, &req.context, facts)
+                    .await
+            })
             .await?;
         Ok(Response::new(proto::EncryptResponse {
             ciphertext: out.ciphertext.into(),
@@ -54,12 +167,14 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::DecryptResponse>, Status> {
-        let caller = caller_of(&request);
+        let meta = self.meta(&request);
         let req = request.into_inner();
-        let mut facts = Facts::default();
         let out = self
-            .broker
-            .decrypt(&caller, &req.ciphertext, &req.context, &mut facts)
+            .observe(&meta, Operation::Decrypt, [Some(&req.context), None], async |facts| {
+                self.broker
+                    .decrypt(&meta.caller, &req.ciphertext, &req.context, facts)
+                    .await
+            })
             .await?;
         Ok(Response::new(proto::DecryptResponse {
             plaintext: out.plaintext.into(),
@@ -72,23 +187,26 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        let caller = caller_of(&request);
+        let meta = self.meta(&request);
         let req = request.into_inner();
-        let spec = match proto::DataKeySpec::try_from(req.spec) {
-            Ok(proto::DataKeySpec::Unspecified | proto::DataKeySpec::Aes256) => DataKeySpec::Aes256,
-            Ok(proto::DataKeySpec::Aes128) => DataKeySpec::Aes128,
-            Err(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "spec: unknown data key spec {}; use AES_256 or AES_128",
-                    req.spec
-                ))
-                .into());
-            }
-        };
-        let mut facts = Facts::default();
         let out = self
-            .broker
-            .generate_data_key(&caller, &req.key, spec, &req.context, &mut facts)
+            .observe(&meta, Operation::GenerateDataKey, [Some(&req.context), None], async |facts| {
+                let spec = match proto::DataKeySpec::try_from(req.spec) {
+                    Ok(proto::DataKeySpec::Unspecified | proto::DataKeySpec::Aes256) => {
+                        DataKeySpec::Aes256
+                    }
+                    Ok(proto::DataKeySpec::Aes128) => DataKeySpec::Aes128,
+                    Err(_) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "spec: unknown data key spec {}; use AES_256 or AES_128",
+                            req.spec
+                        )));
+                    }
+                };
+                self.broker
+                    .generate_data_key(&meta.caller, &req.key, spec, &req.context, facts)
+                    .await
+            })
             .await?;
         Ok(Response::new(proto::GenerateDataKeyResponse {
             plaintext_key: out.plaintext_key.into(),
@@ -102,19 +220,22 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::ReEncryptRequest>,
     ) -> Result<Response<proto::ReEncryptResponse>, Status> {
-        let caller = caller_of(&request);
+        let meta = self.meta(&request);
         let req = request.into_inner();
-        let mut facts = Facts::default();
+        let contexts = [Some(&req.source_context), Some(&req.destination_context)];
         let out = self
-            .broker
-            .re_encrypt(
-                &caller,
-                &req.ciphertext,
-                &req.source_context,
-                &req.destination_key,
-                &req.destination_context,
-                &mut facts,
-            )
+            .observe(&meta, Operation::ReEncrypt, contexts, async |facts| {
+                self.broker
+                    .re_encrypt(
+                        &meta.caller,
+                        &req.ciphertext,
+                        &req.source_context,
+                        &req.destination_key,
+                        &req.destination_context,
+                        facts,
+                    )
+                    .await
+            })
             .await?;
         Ok(Response::new(proto::ReEncryptResponse {
             ciphertext: out.ciphertext.into(),
@@ -129,10 +250,13 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let caller = caller_of(&request);
-        let keys = self
-            .broker
-            .list_keys(&caller)
+        let meta = self.meta(&request);
+        let listing = self
+            .observe(&meta, Operation::List, [None, None], async |_facts| {
+                Ok(self.broker.list_keys(&meta.caller))
+            })
+            .await?;
+        let keys = listing
             .into_iter()
             .map(|k| proto::KeyInfo {
                 name: k.name.to_string(),

@@ -107,6 +107,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A file's identity for change detection by polling: inode, size and modification time. An
+/// atomic replace (rename, or Kubernetes' `..data` symlink swap) changes the inode even when
+/// size and mtime collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file `path` points to (following symlinks), if it exists.
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
+    }
+}
+
 /// Key names and caller names: 1 to 128 bytes of `[A-Za-z0-9._:/@-]`, which keeps them safe as
 /// metric label values, log fields and file names, and within the envelope's name limit.
 pub fn check_name(name: &str) -> Result<(), String> {

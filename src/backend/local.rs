@@ -7,7 +7,6 @@
 //! and the previous one stays in force.
 
 use std::any::Any;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +21,7 @@ use super::{
 use crate::envelope::WrappedCopy;
 use crate::keyring::{Keyring, KeyringError};
 use crate::secret::{SecretKey, random_fill};
+use crate::util::FileStamp;
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -32,22 +32,6 @@ pub struct LocalKeyring {
     path: PathBuf,
     ring: ArcSwap<Keyring>,
     stamp: Mutex<Option<FileStamp>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-    })
 }
 
 impl LocalKeyring {
@@ -75,7 +59,7 @@ impl LocalKeyring {
                 tracing::info!(keyring = %path.display(), key = name, "created local keyring key");
             }
         }
-        let before = stamp(path);
+        let before = FileStamp::of(path);
         let ring = Keyring::load(path)?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
@@ -91,7 +75,7 @@ impl LocalKeyring {
     /// Re-reads the file if it changed since the last load. Returns whether a new keyring was
     /// swapped in.
     pub fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.path);
+        let now = FileStamp::of(&self.path);
         {
             let Ok(last) = self.stamp.lock() else {
                 return false;
@@ -120,18 +104,23 @@ impl LocalKeyring {
         }
     }
 
-    /// Polls the file every `interval` until the returned task is aborted.
-    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let this = Arc::clone(self);
+    /// Polls the file every `interval` while anyone still holds the keyring (the task holds
+    /// only a weak reference and ends with the last strong one).
+    pub fn watch(self: &Arc<Self>, interval: Duration) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
                 tick.tick().await;
-                let ring = Arc::clone(&this);
+                let Some(ring) = weak.upgrade() else { return };
                 let _ = tokio::task::spawn_blocking(move || ring.reload_if_changed()).await;
             }
-        })
+        });
     }
 
     pub fn snapshot(&self) -> Arc<Keyring> {

@@ -235,6 +235,25 @@ pub enum BackendErrorKind {
     Internal,
 }
 
+impl BackendErrorKind {
+    /// Position in `metrics::OUTCOMES` (0 is success).
+    pub fn outcome_index(self) -> usize {
+        match self {
+            Self::NotFound => 1,
+            Self::Disabled => 2,
+            Self::PermissionDenied => 3,
+            Self::Unauthenticated => 4,
+            Self::InvalidCiphertext => 5,
+            Self::Throttled => 6,
+            Self::Unavailable => 7,
+            Self::DeadlineExceeded => 8,
+            Self::Integrity => 9,
+            Self::InvalidArgument => 10,
+            Self::Internal => 11,
+        }
+    }
+}
+
 impl fmt::Display for BackendErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

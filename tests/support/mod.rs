@@ -42,6 +42,7 @@ impl TestServer {
         let layer = counting::CountingLayer::default();
         let options = StartOptions {
             backend_layer: Some(layer.layer()),
+            ..StartOptions::default()
         };
         let server = Self::start_opts(tempfile::tempdir().unwrap(), config_toml, options).await;
         (server, layer)
@@ -60,6 +61,13 @@ impl TestServer {
             config.server.listen =
                 vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
         }
+        if !text.contains("[admin]") {
+            config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
+        let options = StartOptions {
+            config_path: Some(path),
+            ..options
+        };
         Self::start_config(dir, config, options).await
     }
 
@@ -154,6 +162,8 @@ pub struct ServeProcess {
     pub child: std::process::Child,
     /// The first listen address the banner printed.
     pub addr: String,
+    /// The admin listener's address, if the banner printed one.
+    pub admin: Option<String>,
     /// Everything the banner printed on stdout.
     pub banner: String,
 }
@@ -168,6 +178,7 @@ impl ServeProcess {
             .current_dir(cwd)
             .env_remove("KEYBROKER_CONFIG")
             .env_remove("KEYBROKER_LISTEN")
+            .env("KEYBROKER_ADMIN_LISTEN", "127.0.0.1:0")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         for (k, v) in env {
@@ -178,6 +189,7 @@ impl ServeProcess {
         let mut reader = std::io::BufReader::new(stdout);
         let mut banner = String::new();
         let mut addr = None;
+        let mut admin = None;
         for _ in 0..10 {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap() == 0 {
@@ -192,6 +204,9 @@ impl ServeProcess {
                 panic!("keybroker serve exited early: {banner}\n{err}");
             }
             banner.push_str(&line);
+            if let Some(a) = line.trim().strip_prefix("admin on http://") {
+                admin.get_or_insert_with(|| a.split_whitespace().next().unwrap_or("").to_owned());
+            }
             if let Some(a) = line.trim().strip_prefix("listening on ") {
                 addr.get_or_insert_with(|| a.to_owned());
             }
@@ -202,6 +217,7 @@ impl ServeProcess {
         Self {
             child,
             addr: addr.expect("no listen address in the banner"),
+            admin,
             banner,
         }
     }

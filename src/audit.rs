@@ -1,0 +1,691 @@
+//! The audit log: one JSON Lines record per key use (cache hits, denials and failures included),
+//! hash-chained so that an edited, deleted, reordered or inserted record is detectable
+//! (`keybroker audit verify`). docs/audit.md describes the record and the chain.
+//!
+//! Records are written off the request path: a request reserves a slot in a bounded queue
+//! *before* it touches a key, and fills it when done; a writer task serializes, chains and
+//! writes them. By default there is no key use without its record: when no slot frees up within
+//! a short bound, or the writer cannot write, the request fails with UNAVAILABLE
+//! (AUDIT_UNAVAILABLE) instead of going unaudited. Best-effort mode drops and counts instead.
+//!
+//! Never in a record: plaintext, key material, tokens. Context values only when configured
+//! (by default a digest of the canonical context).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use aws_lc_rs::digest;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::broker::Facts;
+use crate::error::Error;
+use crate::identity::Caller;
+use crate::operation::Operation;
+
+/// The `prev` of the first record of a chain.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditMode {
+    /// No key use without its record (the default).
+    Required,
+    /// Requests proceed when the audit queue is full; dropped records are counted.
+    BestEffort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    pub sink: AuditSink,
+    /// Rotate the file when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` .. `.N`).
+    pub max_files: u32,
+    pub queue: usize,
+    /// How long a request waits for a queue slot before failing (Required mode).
+    pub block_timeout: Duration,
+    pub mode: AuditMode,
+    pub include_context_values: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sink: AuditSink::Stdout,
+            max_file_bytes: 100 << 20,
+            max_files: 10,
+            queue: 8192,
+            block_timeout: Duration::from_millis(100),
+            mode: AuditMode::Required,
+            include_context_values: false,
+        }
+    }
+}
+
+/// What a request contributes to its record; the writer adds `seq`, `prev` and the time format.
+#[derive(Debug)]
+pub struct Record {
+    pub time: SystemTime,
+    pub request_id: String,
+    pub caller: Arc<str>,
+    pub identified_by: &'static str,
+    pub operation: Operation,
+    pub facts: Facts,
+    pub code: &'static str,
+    pub reason: Option<&'static str>,
+    pub latency_us: u64,
+    pub context_digest: Option<String>,
+    pub context: Option<BTreeMap<String, String>>,
+    pub destination_context_digest: Option<String>,
+    pub destination_context: Option<BTreeMap<String, String>>,
+}
+
+/// The serialized form; field order is the line's byte order (part of the chain).
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    prev: &'a str,
+    time: String,
+    request_id: &'a str,
+    caller: &'a str,
+    identified_by: &'a str,
+    operation: &'a str,
+    key: Option<&'a str>,
+    backend: Option<&'a str>,
+    backend_key_id: Option<&'a str>,
+    key_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_key_version: Option<&'a str>,
+    result: &'a str,
+    reason: Option<&'a str>,
+    cache: Option<&'a str>,
+    bytes: u64,
+    latency_us: u64,
+    context_digest: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination_context_digest: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination_context: Option<&'a BTreeMap<String, String>>,
+}
+
+/// The request-side handle.
+pub struct Auditor {
+    tx: Option<mpsc::Sender<Record>>,
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    healthy: Arc<AtomicBool>,
+    mode: AuditMode,
+    block_timeout: Duration,
+    include_context_values: bool,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("enabled", &self.tx.is_some())
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// A reserved place for one record.
+pub struct Slot<'a>(Option<mpsc::Permit<'a, Record>>);
+
+impl Slot<'_> {
+    pub fn send(self, record: Record) {
+        if let Some(p) = self.0 {
+            p.send(record);
+        }
+    }
+}
+
+/// The SHA-256 of a canonical context, hex (what records carry by default).
+pub fn context_digest(context: &BTreeMap<String, String>) -> String {
+    let mut buf = Vec::with_capacity(64);
+    crate::envelope::encode_context(context, &mut buf);
+    hex(digest::digest(&digest::SHA256, &buf).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+impl Auditor {
+    /// Starts the writer. Returns the request-side handle and the writer's task (which ends
+    /// after [`Auditor::close`] once every queued record is written).
+    pub fn start(config: &AuditConfig) -> io::Result<(Arc<Self>, Option<tokio::task::JoinHandle<()>>)> {
+        if !config.enabled {
+            return Ok((
+                Arc::new(Self {
+                    tx: None,
+                    stop: Default::default(),
+                    healthy: Arc::new(AtomicBool::new(true)),
+                    mode: config.mode,
+                    block_timeout: config.block_timeout,
+                    include_context_values: false,
+                    dropped: AtomicU64::new(0),
+                }),
+                None,
+            ));
+        }
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut writer = Writer::open(config)?;
+        let h = Arc::clone(&healthy);
+        let task = tokio::spawn(async move { writer.run(rx, h, stop_rx).await });
+        Ok((
+            Arc::new(Self {
+                tx: Some(tx),
+                stop: std::sync::Mutex::new(Some(stop_tx)),
+                healthy,
+                mode: config.mode,
+                block_timeout: config.block_timeout,
+                include_context_values: config.include_context_values,
+                dropped: AtomicU64::new(0),
+            }),
+            Some(task),
+        ))
+    }
+
+    pub fn include_context_values(&self) -> bool {
+        self.include_context_values
+    }
+
+    /// Records dropped in best-effort mode.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the writer is currently able to write.
+    pub fn healthy(&self) -> bool {
+        self.tx.is_none() || self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a record slot before a key is used.
+    pub async fn reserve(&self) -> Result<Slot<'_>, Error> {
+        let Some(tx) = &self.tx else {
+            return Ok(Slot(None));
+        };
+        match self.mode {
+            AuditMode::Required => {
+                if !self.healthy.load(Ordering::Relaxed) {
+                    return Err(Error::AuditUnavailable);
+                }
+                let permit = match tx.try_reserve() {
+                    Ok(p) => p,
+                    Err(mpsc::error::TrySendError::Closed(())) => return Err(Error::AuditUnavailable),
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        match tokio::time::timeout(self.block_timeout, tx.reserve()).await {
+                            Ok(Ok(p)) => p,
+                            _ => return Err(Error::AuditUnavailable),
+                        }
+                    }
+                };
+                Ok(Slot(Some(permit)))
+            }
+            AuditMode::BestEffort => match tx.try_reserve() {
+                Ok(p) => Ok(Slot(Some(p))),
+                Err(_) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    Ok(Slot(None))
+                }
+            },
+        }
+    }
+
+    /// Stops accepting records; the writer writes what is queued (and any reserved slot that is
+    /// filled later) and ends.
+    pub fn close(&self) {
+        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stop.send(());
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        slot: Slot<'_>,
+        caller: &Caller,
+        request_id: String,
+        operation: Operation,
+        facts: Facts,
+        result: Result<(), &Error>,
+        latency: Duration,
+        contexts: [Option<&BTreeMap<String, String>>; 2],
+    ) {
+        let (code, reason) = match result {
+            Ok(()) => ("OK", None),
+            Err(e) => {
+                let (code, reason) = e.code_and_reason();
+                (code_name(code), Some(reason))
+            }
+        };
+        let values = |c: Option<&BTreeMap<String, String>>| {
+            if self.include_context_values {
+                c.cloned()
+            } else {
+                None
+            }
+        };
+        slot.send(Record {
+            time: SystemTime::now(),
+            request_id,
+            caller: Arc::clone(&caller.name),
+            identified_by: caller.source.as_str(),
+            operation,
+            facts,
+            code,
+            reason,
+            latency_us: latency.as_micros() as u64,
+            context_digest: contexts[0].map(context_digest),
+            context: values(contexts[0]),
+            destination_context_digest: contexts[1].map(context_digest),
+            destination_context: values(contexts[1]),
+        });
+    }
+}
+
+/// gRPC code names as the gRPC spec spells them.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Where the writer is in the chain.
+struct Chain {
+    seq: u64,
+    prev: String,
+}
+
+struct Writer {
+    sink: AuditSink,
+    file: Option<File>,
+    size: u64,
+    max_file_bytes: u64,
+    max_files: u32,
+    chain: Chain,
+}
+
+impl Writer {
+    fn open(config: &AuditConfig) -> io::Result<Self> {
+        let mut w = Self {
+            sink: config.sink.clone(),
+            file: None,
+            size: 0,
+            max_file_bytes: config.max_file_bytes,
+            max_files: config.max_files,
+            chain: Chain {
+                seq: 0,
+                prev: GENESIS.to_owned(),
+            },
+        };
+        if let AuditSink::File(path) = &config.sink {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            // Continue the chain of an existing log (the newest file, else the newest rotation).
+            for candidate in [path.clone(), rotated(path, 1)] {
+                if let Some(chain) = last_link(&candidate)? {
+                    w.chain = chain;
+                    break;
+                }
+            }
+            w.reopen()?;
+        }
+        Ok(w)
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        if let AuditSink::File(path) = &self.sink {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
+            self.size = f.metadata()?.len();
+            self.file = Some(f);
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let AuditSink::File(path) = &self.sink else {
+            return Ok(());
+        };
+        if let Some(f) = self.file.take() {
+            f.sync_all()?;
+        }
+        if self.max_files == 0 {
+            std::fs::remove_file(path)?;
+        } else {
+            let _ = std::fs::remove_file(rotated(path, self.max_files));
+            for i in (1..self.max_files).rev() {
+                let from = rotated(path, i);
+                if from.exists() {
+                    std::fs::rename(&from, rotated(path, i + 1))?;
+                }
+            }
+            std::fs::rename(path, rotated(path, 1))?;
+        }
+        self.reopen()
+    }
+
+    /// Appends serialized lines, rotating first if the file would pass its size limit.
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self.sink {
+            AuditSink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()
+            }
+            AuditSink::File(_) => {
+                if self.size > 0 && self.size + buf.len() as u64 > self.max_file_bytes {
+                    self.rotate()?;
+                }
+                if self.file.is_none() {
+                    self.reopen()?;
+                }
+                let f = self
+                    .file
+                    .as_mut()
+                    .ok_or_else(|| io::Error::other("audit file not open"))?;
+                f.write_all(buf)?;
+                self.size += buf.len() as u64;
+                Ok(())
+            }
+        }
+    }
+
+    fn serialize(&mut self, r: &Record, out: &mut Vec<u8>) {
+        self.chain.seq += 1;
+        let f = &r.facts;
+        let line = Line {
+            seq: self.chain.seq,
+            prev: &self.chain.prev,
+            time: crate::util::rfc3339(r.time),
+            request_id: &r.request_id,
+            caller: &r.caller,
+            identified_by: r.identified_by,
+            operation: r.operation.as_str(),
+            key: f.key.as_deref(),
+            backend: f.backend.map(|b| b.as_str()),
+            backend_key_id: f.backend_key_id.as_deref(),
+            key_version: f.key_version.as_deref(),
+            source_key: f.source_key.as_deref(),
+            source_key_version: f.source_key_version.as_deref(),
+            result: r.code,
+            reason: r.reason,
+            cache: f.cache.map(|c| c.as_str()),
+            bytes: f.bytes,
+            latency_us: r.latency_us,
+            context_digest: r.context_digest.as_deref(),
+            context: r.context.as_ref(),
+            destination_context_digest: r.destination_context_digest.as_deref(),
+            destination_context: r.destination_context.as_ref(),
+        };
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, &line).is_err() {
+            // Serializing these plain types cannot fail; keep the chain consistent regardless.
+            out.truncate(start);
+            out.extend_from_slice(b"{}");
+        }
+        self.chain.prev = hex(digest::digest(&digest::SHA256, &out[start..]).as_ref());
+        out.push(b'\n');
+    }
+
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Record>,
+        healthy: Arc<AtomicBool>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut batch = Vec::with_capacity(256);
+        let mut buf = Vec::with_capacity(64 << 10);
+        let mut stopping = false;
+        loop {
+            let n = if stopping {
+                rx.recv_many(&mut batch, 256).await
+            } else {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, 256) => n,
+                    _ = &mut stop => {
+                        // No new slots; reserved ones can still be filled and are drained below.
+                        rx.close();
+                        stopping = true;
+                        continue;
+                    }
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            for r in batch.drain(..) {
+                self.serialize(&r, &mut buf);
+            }
+            // Keep the serialized lines until they are written; while the sink fails, requests
+            // are refused (Required mode) and this retries.
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                // A buffered append to a local file: brief enough to do on this task.
+                match self.write(&buf) {
+                    Ok(()) => {
+                        if !healthy.swap(true, Ordering::Relaxed) {
+                            tracing::info!("audit log writable again");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        if healthy.swap(false, Ordering::Relaxed) {
+                            tracing::error!(error = %e, "cannot write the audit log; refusing key use until it can");
+                        }
+                        self.file = None;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            buf.clear();
+        }
+        if let Some(f) = &self.file {
+            let _ = f.sync_all();
+        }
+        tracing::info!(last_seq = self.chain.seq, last_hash = %self.chain.prev, "audit log closed");
+    }
+}
+
+/// `audit.jsonl` → `audit.jsonl.N`.
+pub fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The chain position after the last line of `path` (None if missing or empty).
+fn last_link(path: &Path) -> io::Result<Option<Chain>> {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(1 << 20);
+    f.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail)?;
+    let Some(line) = tail
+        .split(|&b| b == b'\n')
+        .rev()
+        .find(|l| !l.is_empty())
+    else {
+        return Ok(None);
+    };
+    let seq = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v["seq"].as_u64());
+    let Some(seq) = seq else {
+        tracing::error!(file = %path.display(), "the audit log ends with a damaged record; continuing the chain after it");
+        return Ok(Some(Chain {
+            seq: 0,
+            prev: hex(digest::digest(&digest::SHA256, line).as_ref()),
+        }));
+    };
+    Ok(Some(Chain {
+        seq,
+        prev: hex(digest::digest(&digest::SHA256, line).as_ref()),
+    }))
+}
+
+/// The first problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenLink {
+    pub file: PathBuf,
+    pub line: usize,
+    pub seq: Option<u64>,
+    pub problem: String,
+}
+
+/// What `verify` saw on a good log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub last_hash: String,
+    /// The first record continues an older chain (its predecessors were rotated away).
+    pub starts_mid_chain: bool,
+}
+
+/// Checks the chain through `files`, oldest first (`audit.jsonl.3 audit.jsonl.2 audit.jsonl.1
+/// audit.jsonl`). Reports the first broken link with its position.
+pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
+    let mut report = VerifyReport {
+        records: 0,
+        first_seq: None,
+        last_seq: None,
+        last_hash: GENESIS.to_owned(),
+        starts_mid_chain: false,
+    };
+    let mut prev_hash: Option<String> = None;
+    let mut prev_seq: Option<u64> = None;
+    for file in files {
+        let broken = |line: usize, seq: Option<u64>, problem: String| BrokenLink {
+            file: file.clone(),
+            line,
+            seq,
+            problem,
+        };
+        let f = File::open(file).map_err(|e| broken(0, None, format!("cannot open: {e}")))?;
+        for (i, raw) in io::BufReader::new(f).split(b'\n').enumerate() {
+            let n = i + 1;
+            let raw = raw.map_err(|e| broken(n, None, format!("cannot read: {e}")))?;
+            if raw.is_empty() {
+                return Err(broken(n, None, "empty line".into()));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&raw)
+                .map_err(|_| broken(n, None, "not a JSON record (damaged or edited)".into()))?;
+            let seq = v["seq"].as_u64();
+            let prev = v["prev"].as_str();
+            let (Some(seq), Some(prev)) = (seq, prev) else {
+                return Err(broken(n, seq, "record has no seq/prev (inserted or edited)".into()));
+            };
+            match (&prev_hash, prev_seq) {
+                (None, _) => {
+                    report.first_seq = Some(seq);
+                    report.starts_mid_chain = prev != GENESIS;
+                }
+                (Some(h), Some(ps)) => {
+                    if seq <= ps {
+                        return Err(broken(
+                            n,
+                            Some(seq),
+                            format!("seq {seq} follows seq {ps}: records reordered or duplicated"),
+                        ));
+                    }
+                    if seq > ps + 1 {
+                        return Err(broken(
+                            n,
+                            Some(seq),
+                            format!("seq {seq} follows seq {ps}: {} record(s) deleted", seq - ps - 1),
+                        ));
+                    }
+                    if prev != h {
+                        return Err(broken(
+                            n,
+                            Some(seq),
+                            format!(
+                                "prev hash does not match the record before it (seq {ps} edited, or this record inserted or edited)"
+                            ),
+                        ));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            let h = hex(digest::digest(&digest::SHA256, &raw).as_ref());
+            prev_hash = Some(h.clone());
+            prev_seq = Some(seq);
+            report.records += 1;
+            report.last_seq = Some(seq);
+            report.last_hash = h;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_of_the_canonical_context() {
+        let mut a = BTreeMap::new();
+        a.insert("b".to_owned(), "2".to_owned());
+        a.insert("a".to_owned(), "1".to_owned());
+        assert_eq!(context_digest(&a).len(), 64);
+        assert_ne!(context_digest(&a), context_digest(&BTreeMap::new()));
+    }
+}
