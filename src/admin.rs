@@ -138,6 +138,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
             None => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
         },
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
     }
 }

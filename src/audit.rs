@@ -175,7 +175,9 @@ fn hex(bytes: &[u8]) -> String {
 impl Auditor {
     /// Starts the writer. Returns the request-side handle and the writer's task (which ends
     /// after [`Auditor::close`] once every queued record is written).
-    pub fn start(config: &AuditConfig) -> io::Result<(Arc<Self>, Option<tokio::task::JoinHandle<()>>)> {
+    pub fn start(
+        config: &AuditConfig,
+    ) -> io::Result<(Arc<Self>, Option<tokio::task::JoinHandle<()>>)> {
         if !config.enabled {
             return Ok((
                 Arc::new(Self {
@@ -193,9 +195,9 @@ impl Auditor {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let healthy = Arc::new(AtomicBool::new(true));
-        let mut writer = Writer::open(config)?;
+        let writer = Writer::open(config)?;
         let h = Arc::clone(&healthy);
-        let task = tokio::spawn(async move { writer.run(rx, h, stop_rx).await });
+        let task = tokio::spawn(writer.run(rx, h, stop_rx));
         Ok((
             Arc::new(Self {
                 tx: Some(tx),
@@ -236,7 +238,9 @@ impl Auditor {
                 }
                 let permit = match tx.try_reserve() {
                     Ok(p) => p,
-                    Err(mpsc::error::TrySendError::Closed(())) => return Err(Error::AuditUnavailable),
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        return Err(Error::AuditUnavailable);
+                    }
                     Err(mpsc::error::TrySendError::Full(())) => {
                         match tokio::time::timeout(self.block_timeout, tx.reserve()).await {
                             Ok(Ok(p)) => p,
@@ -431,7 +435,11 @@ impl Writer {
                     .file
                     .as_mut()
                     .ok_or_else(|| io::Error::other("audit file not open"))?;
-                f.write_all(buf)?;
+                if let Err(e) = f.write_all(buf) {
+                    // Cut off a partial batch so the retry does not leave half a record behind.
+                    let _ = f.set_len(self.size);
+                    return Err(e);
+                }
                 self.size += buf.len() as u64;
                 Ok(())
             }
@@ -475,8 +483,11 @@ impl Writer {
         out.push(b'\n');
     }
 
+    /// The writer loop. Writes happen on the blocking pool, so a stuck disk or pipe never
+    /// stalls the request threads: requests keep being answered (with AUDIT_UNAVAILABLE once
+    /// the queue is full) instead of hanging.
     async fn run(
-        &mut self,
+        mut self,
         mut rx: mpsc::Receiver<Record>,
         healthy: Arc<AtomicBool>,
         mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -508,8 +519,22 @@ impl Writer {
             // are refused (Required mode) and this retries.
             let mut backoff = Duration::from_millis(100);
             loop {
-                // A buffered append to a local file: brief enough to do on this task.
-                match self.write(&buf) {
+                let (writer, lines, result) = match tokio::task::spawn_blocking(move || {
+                    let r = self.write(&buf);
+                    (self, buf, r)
+                })
+                .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the audit writer panicked; refusing key use");
+                        healthy.store(false, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                self = writer;
+                buf = lines;
+                match result {
                     Ok(()) => {
                         if !healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!("audit log writable again");
@@ -544,6 +569,13 @@ pub fn rotated(path: &Path, n: u32) -> PathBuf {
 
 /// The chain position after the last line of `path` (None if missing or empty).
 fn last_link(path: &Path) -> io::Result<Option<Chain>> {
+    // Only a regular file has a chain to continue (a pipe or device would block or lie).
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -557,11 +589,7 @@ fn last_link(path: &Path) -> io::Result<Option<Chain>> {
     f.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
     f.read_to_end(&mut tail)?;
-    let Some(line) = tail
-        .split(|&b| b == b'\n')
-        .rev()
-        .find(|l| !l.is_empty())
-    else {
+    let Some(line) = tail.split(|&b| b == b'\n').rev().find(|l| !l.is_empty()) else {
         return Ok(None);
     };
     let seq = serde_json::from_slice::<serde_json::Value>(line)
@@ -601,7 +629,7 @@ pub struct VerifyReport {
 }
 
 /// Checks the chain through `files`, oldest first (`audit.jsonl.3 audit.jsonl.2 audit.jsonl.1
-/// audit.jsonl`). Reports the first broken link with its position.
+/// audit.jsonl`). Reports the first broken link with its position and the likely cause.
 pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
     let mut report = VerifyReport {
         records: 0,
@@ -610,70 +638,133 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
         last_hash: GENESIS.to_owned(),
         starts_mid_chain: false,
     };
-    let mut prev_hash: Option<String> = None;
-    let mut prev_seq: Option<u64> = None;
-    for file in files {
-        let broken = |line: usize, seq: Option<u64>, problem: String| BrokenLink {
+    let mut lines = Lines::new(files).peekable();
+    let mut prev: Option<(u64, String)> = None;
+    while let Some(item) = lines.next() {
+        let (file, n, raw) = item?;
+        let broken = |seq: Option<u64>, problem: String| BrokenLink {
             file: file.clone(),
-            line,
+            line: n,
             seq,
             problem,
         };
-        let f = File::open(file).map_err(|e| broken(0, None, format!("cannot open: {e}")))?;
-        for (i, raw) in io::BufReader::new(f).split(b'\n').enumerate() {
-            let n = i + 1;
-            let raw = raw.map_err(|e| broken(n, None, format!("cannot read: {e}")))?;
-            if raw.is_empty() {
-                return Err(broken(n, None, "empty line".into()));
+        let (seq, prev_field) = parse_link(&raw).map_err(|p| broken(None, p))?;
+        match &prev {
+            None => {
+                report.first_seq = Some(seq);
+                report.starts_mid_chain = prev_field != GENESIS;
             }
-            let v: serde_json::Value = serde_json::from_slice(&raw)
-                .map_err(|_| broken(n, None, "not a JSON record (damaged or edited)".into()))?;
-            let seq = v["seq"].as_u64();
-            let prev = v["prev"].as_str();
-            let (Some(seq), Some(prev)) = (seq, prev) else {
-                return Err(broken(n, seq, "record has no seq/prev (inserted or edited)".into()));
-            };
-            match (&prev_hash, prev_seq) {
-                (None, _) => {
-                    report.first_seq = Some(seq);
-                    report.starts_mid_chain = prev != GENESIS;
+            Some((ps, h)) => {
+                let ps = *ps;
+                let next_seq = match lines.peek() {
+                    Some(Ok((_, _, next))) => parse_link(next).ok().map(|(s, _)| s),
+                    _ => None,
+                };
+                if seq <= ps {
+                    return Err(broken(
+                        Some(seq),
+                        format!(
+                            "seq {seq} follows seq {ps}: records reordered, duplicated or inserted"
+                        ),
+                    ));
                 }
-                (Some(h), Some(ps)) => {
-                    if seq <= ps {
-                        return Err(broken(
-                            n,
-                            Some(seq),
-                            format!("seq {seq} follows seq {ps}: records reordered or duplicated"),
-                        ));
-                    }
-                    if seq > ps + 1 {
-                        return Err(broken(
-                            n,
-                            Some(seq),
-                            format!("seq {seq} follows seq {ps}: {} record(s) deleted", seq - ps - 1),
-                        ));
-                    }
-                    if prev != h {
-                        return Err(broken(
-                            n,
-                            Some(seq),
-                            format!(
-                                "prev hash does not match the record before it (seq {ps} edited, or this record inserted or edited)"
-                            ),
-                        ));
-                    }
+                if seq > ps + 1 {
+                    let why = if next_seq == Some(ps + 1) {
+                        format!(
+                            "seq {seq} follows seq {ps} and seq {} comes after it: records reordered",
+                            ps + 1
+                        )
+                    } else {
+                        format!(
+                            "seq {seq} follows seq {ps}: {} record(s) deleted",
+                            seq - ps - 1
+                        )
+                    };
+                    return Err(broken(Some(seq), why));
                 }
-                (Some(_), None) => {}
+                if &prev_field != h {
+                    return Err(broken(
+                        Some(seq),
+                        format!(
+                            "prev hash does not match the record before it: seq {ps} was edited, or this record was inserted or edited"
+                        ),
+                    ));
+                }
             }
-            let h = hex(digest::digest(&digest::SHA256, &raw).as_ref());
-            prev_hash = Some(h.clone());
-            prev_seq = Some(seq);
-            report.records += 1;
-            report.last_seq = Some(seq);
-            report.last_hash = h;
         }
+        let h = hex(digest::digest(&digest::SHA256, &raw).as_ref());
+        report.records += 1;
+        report.last_seq = Some(seq);
+        report.last_hash = h.clone();
+        prev = Some((seq, h));
     }
     Ok(report)
+}
+
+/// The (seq, prev) of one line.
+fn parse_link(raw: &[u8]) -> Result<(u64, String), String> {
+    if raw.is_empty() {
+        return Err("empty line".into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|_| "not a JSON record (damaged or edited)".to_owned())?;
+    match (v["seq"].as_u64(), v["prev"].as_str()) {
+        (Some(s), Some(p)) => Ok((s, p.to_owned())),
+        _ => Err("record has no seq/prev (inserted or edited)".into()),
+    }
+}
+
+/// Every line of every file in order, with its position.
+struct Lines<'a> {
+    files: std::slice::Iter<'a, PathBuf>,
+    current: Option<(PathBuf, usize, io::Split<io::BufReader<File>>)>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(files: &'a [PathBuf]) -> Self {
+        Self {
+            files: files.iter(),
+            current: None,
+        }
+    }
+}
+
+impl Iterator for Lines<'_> {
+    type Item = Result<(PathBuf, usize, Vec<u8>), BrokenLink>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((file, n, split)) = &mut self.current {
+                match split.next() {
+                    Some(Ok(raw)) => {
+                        *n += 1;
+                        return Some(Ok((file.clone(), *n, raw)));
+                    }
+                    Some(Err(e)) => {
+                        return Some(Err(BrokenLink {
+                            file: file.clone(),
+                            line: *n + 1,
+                            seq: None,
+                            problem: format!("cannot read: {e}"),
+                        }));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let file = self.files.next()?;
+            match File::open(file) {
+                Ok(f) => self.current = Some((file.clone(), 0, io::BufReader::new(f).split(b'\n'))),
+                Err(e) => {
+                    return Some(Err(BrokenLink {
+                        file: file.clone(),
+                        line: 0,
+                        seq: None,
+                        problem: format!("cannot open: {e}"),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

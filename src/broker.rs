@@ -236,7 +236,13 @@ impl Broker {
         let env = envelope::parse(ciphertext)?;
         facts.bytes = env.payload_len() as u64;
         let registry = self.registry.load();
-        let entry = self.usable_key(&registry, caller, env.key_name, Need::Op(Operation::Decrypt), facts)?;
+        let entry = self.usable_key(
+            &registry,
+            caller,
+            env.key_name,
+            Need::Op(Operation::Decrypt),
+            facts,
+        )?;
         let (plaintext, version) = self
             .open(entry, &env, context, Operation::Decrypt, facts)
             .await?;
@@ -257,7 +263,13 @@ impl Broker {
     ) -> Result<DataKeyOutput, Error> {
         check_context(context, "context")?;
         let registry = self.registry.load();
-        let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::GenerateDataKey), facts)?;
+        let entry = self.usable_key(
+            &registry,
+            caller,
+            key,
+            Need::Op(Operation::GenerateDataKey),
+            facts,
+        )?;
         let (active, result) = self
             .cache
             .active_key(
@@ -357,7 +369,9 @@ impl Broker {
         };
         facts.backend_calls.push(BackendCall {
             op,
-            outcome: rewrapped.as_ref().map_or_else(|e| e.kind.outcome_index(), |_| 0),
+            outcome: rewrapped
+                .as_ref()
+                .map_or_else(|e| e.kind.outcome_index(), |_| 0),
             latency: started.elapsed(),
         });
         let rewrapped = rewrapped.map_err(|e| Error::backend(&dest.name, e))?;

@@ -229,6 +229,7 @@ fn serve(args: ServeArgs) -> CliResult {
     runtime(config.server.worker_threads)?.block_on(async move {
         let options = crate::server::StartOptions {
             config_path: args.config.clone(),
+            listen_override: (!args.listen.is_empty()).then(|| config.server.listen.clone()),
             ..Default::default()
         };
         let running = crate::server::start_with(&config, options).await?;
@@ -240,7 +241,11 @@ fn serve(args: ServeArgs) -> CliResult {
     })
 }
 
-fn print_banner(config: &Config, addrs: &[config::ListenAddr], admin: Option<std::net::SocketAddr>) {
+fn print_banner(
+    config: &Config,
+    addrs: &[config::ListenAddr],
+    admin: Option<std::net::SocketAddr>,
+) {
     let key = config
         .keys
         .keys()

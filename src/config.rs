@@ -448,7 +448,10 @@ impl Config {
         let pricing = root.section("pricing", p);
         for (name, section) in pricing.subsections(p) {
             let Some(kind) = crate::backend::BackendKind::parse(name) else {
-                p.push(section.path.clone(), "unknown backend (local, aws, gcp or azure)");
+                p.push(
+                    section.path.clone(),
+                    "unknown backend (local, aws, gcp or azure)",
+                );
                 continue;
             };
             let price = config.metrics.prices.get_mut(kind);
@@ -629,7 +632,10 @@ fn policy(key: &Section<'_>, p: &mut Problems) -> Policy {
                     callers.insert(c.to_owned());
                 }
             }
-            _ => p.push(st.at("callers"), "is required: a list of caller names (or \"*\")"),
+            _ => p.push(
+                st.at("callers"),
+                "is required: a list of caller names (or \"*\")",
+            ),
         }
         let mut operations = std::collections::BTreeSet::new();
         match st.str_list("operations", p) {
@@ -647,10 +653,16 @@ fn policy(key: &Section<'_>, p: &mut Problems) -> Policy {
                     }
                 }
             }
-            _ => p.push(st.at("operations"), "is required: a list of operations (or \"*\")"),
+            _ => p.push(
+                st.at("operations"),
+                "is required: a list of operations (or \"*\")",
+            ),
         }
         st.finish(p);
-        statements.push(Statement { callers, operations });
+        statements.push(Statement {
+            callers,
+            operations,
+        });
     }
     Policy { statements }
 }
@@ -817,7 +829,9 @@ fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
         "" | "off" => Ok(None),
         other => match ListenAddr::parse(other) {
             Ok(ListenAddr::Tcp(a)) => Ok(Some(a)),
-            _ => Err(format!("{other:?} is not a TCP address like 127.0.0.1:9464 (or \"off\")")),
+            _ => Err(format!(
+                "{other:?} is not a TCP address like 127.0.0.1:9464 (or \"off\")"
+            )),
         },
     }
 }
@@ -950,7 +964,10 @@ impl<'a> Section<'a> {
             Value::Float(f) => Some(*f),
             Value::Integer(i) => Some(*i as f64),
             other => {
-                p.push(self.at(field), format!("must be a number, not {}", other.type_str()));
+                p.push(
+                    self.at(field),
+                    format!("must be a number, not {}", other.type_str()),
+                );
                 None
             }
         }

@@ -271,7 +271,10 @@ impl Identifier {
                     r.uid.is_none_or(|u| u == cred.uid) && r.gid.is_none_or(|g| g == cred.gid)
                 });
                 if let Some(rule) = rule {
-                    return Ok(Caller::new(rule.caller.as_str(), IdentitySource::PeerCredentials));
+                    return Ok(Caller::new(
+                        rule.caller.as_str(),
+                        IdentitySource::PeerCredentials,
+                    ));
                 }
             }
         }
@@ -304,17 +307,71 @@ impl Identifier {
     }
 }
 
+/// Request id header a client may set (kept if sane), echoed in logs and audit records.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id tying a request's log lines and audit record together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// Unique, cheap request ids: a random per-process prefix and a counter.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u32,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        let mut b = [0u8; 4];
+        let _ = crate::secret::random_fill(&mut b);
+        Self {
+            prefix: u32::from_be_bytes(b),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        format!(
+            "{:08x}-{:012x}",
+            self.prefix,
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
+    /// The client's `x-request-id` when it is sane (printable ASCII, at most 128 bytes), else
+    /// a new id.
+    pub fn for_request(&self, headers: &http::HeaderMap) -> String {
+        headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.next())
+    }
+}
+
 /// Tower layer attaching a [`Caller`] to each request (or answering UNAUTHENTICATED). It sits
 /// inside tonic's per-connection stack, after the connection info is attached and before routing,
 /// so health, reflection and KeyBroker calls are all identified the same way.
 #[derive(Clone)]
 pub struct IdentityLayer {
     identifier: Arc<ArcSwap<Identifier>>,
+    ids: Arc<RequestIds>,
 }
 
 impl IdentityLayer {
     pub fn new(identifier: Arc<ArcSwap<Identifier>>) -> Self {
-        Self { identifier }
+        Self {
+            identifier,
+            ids: Arc::new(RequestIds::new()),
+        }
     }
 }
 
@@ -325,6 +382,7 @@ impl<S> tower::Layer<S> for IdentityLayer {
         IdentityService {
             inner,
             identifier: Arc::clone(&self.identifier),
+            ids: Arc::clone(&self.ids),
         }
     }
 }
@@ -333,6 +391,7 @@ impl<S> tower::Layer<S> for IdentityLayer {
 pub struct IdentityService<S> {
     inner: S,
     identifier: Arc<ArcSwap<Identifier>>,
+    ids: Arc<RequestIds>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -355,6 +414,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let request_id = self.ids.for_request(req.headers());
         let identified = self.identifier.load().identify(
             req.extensions().get::<ConnInfo>(),
             req.headers()
@@ -364,13 +424,15 @@ where
         match identified {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
+                req.extensions_mut().insert(RequestId(request_id));
                 // The clone-and-swap dance keeps the service that was polled ready.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(inner.call(req))
             }
             Err(e) => {
-                let status = e.to_status();
+                let status = tracing::debug_span!("request", request_id = %request_id, path = req.uri().path())
+                    .in_scope(|| e.to_status());
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
@@ -428,14 +490,24 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let name = |r: Result<Caller, Error>| r.map(|c| c.name.to_string()).map_err(|e| e.to_string());
+        let name =
+            |r: Result<Caller, Error>| r.map(|c| c.name.to_string()).map_err(|e| e.to_string());
         assert_eq!(name(id.identify(None, None)), Ok("anonymous".into()));
-        assert_eq!(name(id.identify(None, Some(b"Bearer s3cret-token"))), Ok("billing".into()));
+        assert_eq!(
+            name(id.identify(None, Some(b"Bearer s3cret-token"))),
+            Ok("billing".into())
+        );
         assert!(name(id.identify(None, Some(b"Bearer wrong"))).is_err());
         assert!(name(id.identify(None, Some(b"Basic abc"))).is_err());
         assert!(name(id.identify(None, Some(b"Bearer "))).is_err());
-        assert_eq!(name(id.identify(Some(&conn(1000, 5)), None)), Ok("uid1000".into()));
-        assert_eq!(name(id.identify(Some(&conn(1001, 5)), None)), Ok("anonymous".into()));
+        assert_eq!(
+            name(id.identify(Some(&conn(1000, 5)), None)),
+            Ok("uid1000".into())
+        );
+        assert_eq!(
+            name(id.identify(Some(&conn(1001, 5)), None)),
+            Ok("anonymous".into())
+        );
         // Peer credentials outrank a (valid) token; an invalid token is refused regardless.
         assert_eq!(
             name(id.identify(Some(&conn(1000, 5)), Some(b"Bearer s3cret-token"))),
@@ -448,7 +520,10 @@ mod tests {
         std::fs::write(&file, "rotated").unwrap();
         id.refresh();
         assert!(name(id.identify(None, Some(b"Bearer s3cret-token"))).is_err());
-        assert_eq!(name(id.identify(None, Some(b"Bearer rotated"))), Ok("billing".into()));
+        assert_eq!(
+            name(id.identify(None, Some(b"Bearer rotated"))),
+            Ok("billing".into())
+        );
         // Removed: fail closed.
         std::fs::remove_file(&file).unwrap();
         id.refresh();

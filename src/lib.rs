@@ -8,8 +8,8 @@
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
 //! shutdown), `error` (the one error → status mapping), `secret` (key material types).
 
-pub mod audit;
 pub mod admin;
+pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod broker;

@@ -492,7 +492,11 @@ impl Scrape {
                             .or_default() += n;
                         if ri == 0 {
                             *spent
-                                .entry((Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str()))
+                                .entry((
+                                    Arc::clone(&k.caller),
+                                    Arc::clone(&k.key),
+                                    backend.as_str(),
+                                ))
                                 .or_default() += n as f64 * price;
                         }
                     }
@@ -591,12 +595,20 @@ impl Scrape {
                 MetricType::Counter,
             )?;
             for e in registry.iter() {
-                let enc_side = e.stats.op(Operation::Encrypt).evictions.load(Ordering::Relaxed)
+                let enc_side = e
+                    .stats
+                    .op(Operation::Encrypt)
+                    .evictions
+                    .load(Ordering::Relaxed)
                     + e.stats
                         .op(Operation::GenerateDataKey)
                         .evictions
                         .load(Ordering::Relaxed);
-                let dec_side = e.stats.op(Operation::Decrypt).evictions.load(Ordering::Relaxed);
+                let dec_side = e
+                    .stats
+                    .op(Operation::Decrypt)
+                    .evictions
+                    .load(Ordering::Relaxed);
                 for (cache, n) in [("encrypt", enc_side), ("decrypt", dec_side)] {
                     m.encode_family(&CacheKeyLabels {
                         cache,
@@ -615,7 +627,8 @@ impl Scrape {
                 MetricType::Gauge,
             )?;
             for (cache, n) in [("encrypt", enc_n), ("decrypt", dec_n)] {
-                m.encode_family(&CacheSideLabels { cache })?.encode_gauge(&n)?;
+                m.encode_family(&CacheSideLabels { cache })?
+                    .encode_gauge(&n)?;
             }
         }
         {
@@ -666,13 +679,45 @@ fn process_metrics(enc: &mut DescriptorEncoder, start_time: f64) -> Result<(), s
     let cpu = field(11).zip(field(12)).map(|(u, s)| (u + s) / ticks);
     let vsize = field(20);
     let rss = field(21).map(|p| p * page);
-    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as f64).ok();
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as f64)
+        .ok();
     for (name, help, value, kind, unit) in [
-        ("process_cpu", "Total user and system CPU time spent.", cpu, MetricType::Counter, Some(Unit::Seconds)),
-        ("process_resident_memory", "Resident memory size.", rss, MetricType::Gauge, Some(Unit::Bytes)),
-        ("process_virtual_memory", "Virtual memory size.", vsize, MetricType::Gauge, Some(Unit::Bytes)),
-        ("process_open_fds", "Open file descriptors.", fds, MetricType::Gauge, None),
-        ("process_start_time", "Start time of the process since the Unix epoch.", Some(start_time), MetricType::Gauge, Some(Unit::Seconds)),
+        (
+            "process_cpu",
+            "Total user and system CPU time spent.",
+            cpu,
+            MetricType::Counter,
+            Some(Unit::Seconds),
+        ),
+        (
+            "process_resident_memory",
+            "Resident memory size.",
+            rss,
+            MetricType::Gauge,
+            Some(Unit::Bytes),
+        ),
+        (
+            "process_virtual_memory",
+            "Virtual memory size.",
+            vsize,
+            MetricType::Gauge,
+            Some(Unit::Bytes),
+        ),
+        (
+            "process_open_fds",
+            "Open file descriptors.",
+            fds,
+            MetricType::Gauge,
+            None,
+        ),
+        (
+            "process_start_time",
+            "Start time of the process since the Unix epoch.",
+            Some(start_time),
+            MetricType::Gauge,
+            Some(Unit::Seconds),
+        ),
     ] {
         let Some(v) = value else { continue };
         let mut m = enc.encode_descriptor(name, help, unit.as_ref(), kind)?;

@@ -132,7 +132,10 @@ mod tests {
         assert!(!p.allows(&billing, Operation::GenerateDataKey));
         assert!(!p.allows(&other, Operation::Encrypt));
         assert!(p.allows(&other, Operation::List));
-        assert!(!p.allows(&anon, Operation::List), "* never includes anonymous");
+        assert!(
+            !p.allows(&anon, Operation::List),
+            "* never includes anonymous"
+        );
         assert!(Need::ReEncryptFrom.check(&p, &billing));
         assert!(Need::ReEncryptFrom.check(&p, &rekeyer));
         assert!(!p.allows(&rekeyer, Operation::Decrypt));

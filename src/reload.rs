@@ -19,6 +19,7 @@ use crate::util::FileStamp;
 
 pub struct Reloader {
     pub(crate) path: Option<PathBuf>,
+    pub(crate) listen_override: Option<Vec<crate::config::ListenAddr>>,
     pub(crate) current: Mutex<Config>,
     pub(crate) broker: Arc<Broker>,
     pub(crate) identifier: Arc<ArcSwap<Identifier>>,
@@ -31,7 +32,9 @@ pub struct Reloader {
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reloader").field("path", &self.path).finish()
+        f.debug_struct("Reloader")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -58,6 +61,9 @@ impl Reloader {
         };
         let mut new = Config::load(path)?;
         new.apply_env()?;
+        if let Some(listen) = &self.listen_override {
+            new.server.listen = listen.clone();
+        }
         let old = match self.current.lock() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
@@ -87,15 +93,24 @@ impl Reloader {
         self.metrics
             .reconfigure(new.known_callers(), new.metrics.prices.clone());
         for (what, changed) in [
-            ("server", format!("{:?}", old.server) != format!("{:?}", new.server)),
+            (
+                "server",
+                format!("{:?}", old.server) != format!("{:?}", new.server),
+            ),
             ("admin.listen", old.admin_listen != new.admin_listen),
             ("audit", old.audit != new.audit),
             ("log", format!("{:?}", old.log) != format!("{:?}", new.log)),
             ("cache.capacity", old.cache.capacity != new.cache.capacity),
-            ("metrics.enabled", old.metrics.enabled != new.metrics.enabled),
+            (
+                "metrics.enabled",
+                old.metrics.enabled != new.metrics.enabled,
+            ),
         ] {
             if changed {
-                tracing::warn!(section = what, "changed in the configuration; takes effect after a restart");
+                tracing::warn!(
+                    section = what,
+                    "changed in the configuration; takes effect after a restart"
+                );
             }
         }
         tracing::info!(
@@ -116,14 +131,15 @@ impl Reloader {
             let Some(path) = this.path.clone() else {
                 return;
             };
-            let mut hup =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for SIGHUP; file changes still reload");
-                        None
-                    }
-                };
+            let mut hup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; file changes still reload");
+                    None
+                }
+            };
             let mut stamp = FileStamp::of(&path);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

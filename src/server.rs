@@ -25,13 +25,13 @@ use tonic_health::server::HealthReporter;
 use crate::broker::{Broker, CIPHERTEXT_OVERHEAD};
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, ConfigError, ListenAddr, Problem};
-use crate::identity::{self, Identifier, IdentityLayer};
-use crate::proto;
-use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::admin::{AdminServer, AdminState};
 use crate::audit::Auditor;
+use crate::config::{Config, ConfigError, ListenAddr, Problem};
+use crate::identity::{self, Identifier, IdentityLayer};
 use crate::metrics::Metrics;
+use crate::proto;
+use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::{BackendLayer, Registry, StatsBook};
 use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
@@ -235,6 +235,8 @@ pub struct StartOptions {
     pub backend_layer: Option<BackendLayer>,
     /// Where the configuration came from, so it can be reloaded (SIGHUP or a change on disk).
     pub config_path: Option<PathBuf>,
+    /// Listen addresses given on the command line (they replace the file's on every reload).
+    pub listen_override: Option<Vec<ListenAddr>>,
     /// Startup waits for this after the admin listener is up and before anything else
     /// (lets tests observe /readyz before the gRPC listeners exist).
     pub hold_before_listen: Option<Arc<tokio::sync::Notify>>,
@@ -250,12 +252,12 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     // starts.
     let admin = Arc::new(AdminState::default());
     let admin_server = match config.admin_listen {
-        Some(addr) => Some(AdminServer::bind(addr, Arc::clone(&admin)).await.map_err(|source| {
-            StartError::Listen {
+        Some(addr) => Some(AdminServer::bind(addr, Arc::clone(&admin)).await.map_err(
+            |source| StartError::Listen {
                 addr: format!("{addr} (admin)"),
                 source,
-            }
-        })?),
+            },
+        )?),
         None => None,
     };
     if let Some(hold) = &options.hold_before_listen {
@@ -280,16 +282,21 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         config.cache.capacity,
         config.server.max_request_bytes,
     ));
-    let (audit, audit_writer) = Auditor::start(&config.audit).map_err(|source| StartError::Listen {
-        addr: format!("{:?} (audit log)", config.audit.sink),
-        source,
-    })?;
+    let (audit, audit_writer) =
+        Auditor::start(&config.audit).map_err(|source| StartError::Listen {
+            addr: format!("{:?} (audit log)", config.audit.sink),
+            source,
+        })?;
     let metrics = Arc::new(Metrics::new(
         config.metrics.enabled,
         config.known_callers(),
         config.metrics.prices.clone(),
     ));
-    admin.attach(Arc::clone(&metrics), Arc::clone(&broker), Arc::clone(&audit));
+    admin.attach(
+        Arc::clone(&metrics),
+        Arc::clone(&broker),
+        Arc::clone(&audit),
+    );
 
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
@@ -361,6 +368,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     )];
     let reloader = Arc::new(Reloader {
         path: options.config_path.clone(),
+        listen_override: options.listen_override.clone(),
         current: std::sync::Mutex::new(config.clone()),
         broker: Arc::clone(&broker),
         identifier: Arc::clone(&identifier),

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
@@ -14,19 +13,17 @@ use tracing::Instrument;
 use crate::audit::Auditor;
 use crate::broker::{Broker, DataKeySpec, Facts};
 use crate::error::Error;
-use crate::identity::Caller;
+use crate::identity::{Caller, RequestId, RequestIds};
 use crate::metrics::Metrics;
 use crate::operation::Operation;
 use crate::proto;
 use crate::proto::key_broker_server::KeyBroker;
 
-/// Request id header a client may set (kept if sane), echoed in logs and audit records.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
     audit: Arc<Auditor>,
     metrics: Arc<Metrics>,
+    /// For requests that did not come through the identity layer (direct service use).
     ids: RequestIds,
 }
 
@@ -48,7 +45,7 @@ impl KeyBrokerService {
         contexts: [Option<&BTreeMap<String, String>>; 2],
         f: impl AsyncFnOnce(&mut Facts) -> Result<T, Error>,
     ) -> Result<T, Status> {
-        let span = tracing::debug_span!("request", id = %meta.request_id, op = op.as_str(), caller = %meta.caller.name);
+        let span = tracing::debug_span!("request", request_id = %meta.request_id, op = op.as_str(), caller = %meta.caller.name);
         async {
             let started = Instant::now();
             let mut facts = Facts::default();
@@ -96,15 +93,9 @@ impl KeyBrokerService {
             .cloned()
             .unwrap_or_else(Caller::anonymous);
         let request_id = req
-            .metadata()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| {
-                !v.is_empty()
-                    && v.len() <= 128
-                    && v.bytes().all(|b| b.is_ascii_graphic())
-            })
-            .map(str::to_owned)
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
             .unwrap_or_else(|| self.ids.next());
         Meta { caller, request_id }
     }
@@ -116,31 +107,6 @@ struct Meta {
     request_id: String,
 }
 
-/// Unique, cheap request ids: a random per-process prefix and a counter.
-struct RequestIds {
-    prefix: u32,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> Self {
-        let mut b = [0u8; 4];
-        let _ = crate::secret::random_fill(&mut b);
-        Self {
-            prefix: u32::from_be_bytes(b),
-            next: AtomicU64::new(1),
-        }
-    }
-
-    fn next(&self) -> String {
-        format!(
-            "{:08x}-{:012x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-}
-
 #[tonic::async_trait]
 impl KeyBroker for KeyBrokerService {
     async fn encrypt(
@@ -150,11 +116,16 @@ impl KeyBroker for KeyBrokerService {
         let meta = self.meta(&request);
         let req = request.into_inner();
         let out = self
-            .observe(&meta, Operation::Encrypt, [Some(&req.context), None], async |facts| {
-                self.broker
-                    .encrypt(&meta.caller, &req.key, &req.plaintext, &req.context, facts)
-                    .await
-            })
+            .observe(
+                &meta,
+                Operation::Encrypt,
+                [Some(&req.context), None],
+                async |facts| {
+                    self.broker
+                        .encrypt(&meta.caller, &req.key, &req.plaintext, &req.context, facts)
+                        .await
+                },
+            )
             .await?;
         Ok(Response::new(proto::EncryptResponse {
             ciphertext: out.ciphertext.into(),
@@ -170,11 +141,16 @@ impl KeyBroker for KeyBrokerService {
         let meta = self.meta(&request);
         let req = request.into_inner();
         let out = self
-            .observe(&meta, Operation::Decrypt, [Some(&req.context), None], async |facts| {
-                self.broker
-                    .decrypt(&meta.caller, &req.ciphertext, &req.context, facts)
-                    .await
-            })
+            .observe(
+                &meta,
+                Operation::Decrypt,
+                [Some(&req.context), None],
+                async |facts| {
+                    self.broker
+                        .decrypt(&meta.caller, &req.ciphertext, &req.context, facts)
+                        .await
+                },
+            )
             .await?;
         Ok(Response::new(proto::DecryptResponse {
             plaintext: out.plaintext.into(),
@@ -190,23 +166,28 @@ impl KeyBroker for KeyBrokerService {
         let meta = self.meta(&request);
         let req = request.into_inner();
         let out = self
-            .observe(&meta, Operation::GenerateDataKey, [Some(&req.context), None], async |facts| {
-                let spec = match proto::DataKeySpec::try_from(req.spec) {
-                    Ok(proto::DataKeySpec::Unspecified | proto::DataKeySpec::Aes256) => {
-                        DataKeySpec::Aes256
-                    }
-                    Ok(proto::DataKeySpec::Aes128) => DataKeySpec::Aes128,
-                    Err(_) => {
-                        return Err(Error::InvalidArgument(format!(
-                            "spec: unknown data key spec {}; use AES_256 or AES_128",
-                            req.spec
-                        )));
-                    }
-                };
-                self.broker
-                    .generate_data_key(&meta.caller, &req.key, spec, &req.context, facts)
-                    .await
-            })
+            .observe(
+                &meta,
+                Operation::GenerateDataKey,
+                [Some(&req.context), None],
+                async |facts| {
+                    let spec = match proto::DataKeySpec::try_from(req.spec) {
+                        Ok(proto::DataKeySpec::Unspecified | proto::DataKeySpec::Aes256) => {
+                            DataKeySpec::Aes256
+                        }
+                        Ok(proto::DataKeySpec::Aes128) => DataKeySpec::Aes128,
+                        Err(_) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "spec: unknown data key spec {}; use AES_256 or AES_128",
+                                req.spec
+                            )));
+                        }
+                    };
+                    self.broker
+                        .generate_data_key(&meta.caller, &req.key, spec, &req.context, facts)
+                        .await
+                },
+            )
             .await?;
         Ok(Response::new(proto::GenerateDataKeyResponse {
             plaintext_key: out.plaintext_key.into(),

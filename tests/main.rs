@@ -6,9 +6,12 @@
 mod support;
 
 mod api;
+mod audit;
 mod cache;
 mod envelope_vectors;
 mod grpcurl;
 mod local_backend;
+mod metrics;
+mod policy;
 mod process;
 mod rotation;
