@@ -18,6 +18,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod identity;
+pub mod inject;
 pub mod keyring;
 pub mod operation;
 pub mod registry;
@@ -25,6 +26,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod tls;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.

@@ -5,4 +5,5 @@
 
 mod support;
 
+mod inject;
 mod local_backend;
