@@ -213,6 +213,27 @@ fn stamps(files: &TlsFiles) -> Vec<Stamp> {
 
 /// A server configuration that is rebuilt when its files change. Cloning is cheap and every clone
 /// sees the same current configuration.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use keybroker::tls::{DEFAULT_POLL_INTERVAL, ReloadingTls, TlsFiles, TlsOptions};
+///
+/// // gRPC with required client certificates (h2 is the default ALPN).
+/// let tls = ReloadingTls::load(TlsOptions::new(TlsFiles {
+///     cert: "/etc/keybroker/tls/tls.crt".into(),
+///     key: "/etc/keybroker/tls/tls.key".into(),
+///     client_ca: Some("/etc/keybroker/tls/ca.crt".into()),
+/// }))?;
+/// let _watch = tls.watch(DEFAULT_POLL_INTERVAL); // polls while the guard lives
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let stream = tls.accept(tcp, Duration::from_secs(10)).await?;
+/// let client_chain = stream.get_ref().1.peer_certificates(); // the caller's identity
+/// # let _ = client_chain;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ReloadingTls {
     inner: Arc<Inner>,
@@ -254,6 +275,11 @@ impl ReloadingTls {
                 failures: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// What this configuration is built from.
+    pub fn options(&self) -> &TlsOptions {
+        &self.inner.options
     }
 
     /// The configuration new handshakes use right now.

@@ -83,16 +83,22 @@ struct TestWebhook {
     server: Option<WebhookServer>,
     addr: SocketAddr,
     ca: TestCa,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+/// A temp dir with tls.crt and tls.key for the webhook's Service name, from a new test CA.
+fn webhook_tls_files() -> (tempfile::TempDir, TestCa) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue(SERVICE_DNS);
+    std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key).unwrap();
+    (dir, ca)
 }
 
 impl TestWebhook {
     async fn start(settings: Settings) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let (cert, key) = ca.issue(SERVICE_DNS);
-        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let (dir, ca) = webhook_tls_files();
         let tls = ReloadingTls::load(
             TlsOptions::new(TlsFiles {
                 cert: dir.path().join("tls.crt"),
@@ -114,7 +120,7 @@ impl TestWebhook {
             addr: server.local_addr(),
             server: Some(server),
             ca,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -142,6 +148,17 @@ impl TestWebhook {
         tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::try_from(SERVICE_DNS).unwrap(), tcp)
             .await
+    }
+
+    /// The certificate a new connection is served.
+    async fn served_leaf(&self) -> CertificateDer<'static> {
+        let s = self
+            .tls_connect(self.client_config(&self.ca.pem, ALPN_HTTP11))
+            .await
+            .unwrap();
+        s.get_ref().1.peer_certificates().unwrap()[0]
+            .clone()
+            .into_owned()
     }
 
     /// One request over a new HTTPS connection, HTTP/1.1 or h2 as negotiated by ALPN.
@@ -599,6 +616,110 @@ async fn webhook_speaks_http1_and_h2_over_tls_only() {
         .request("POST", "/mutate", vec![b' '; 9 << 20], ALPN_HTTP11)
         .await;
     assert_eq!(status, 413);
+}
+
+#[tokio::test]
+async fn inject_serve_command_follows_certificate_rotation_and_drains_on_sigterm() {
+    // Bad settings are refused at startup, each named.
+    let out = std::process::Command::new(keybroker_bin())
+        .args(["inject", "serve", "--memory-limit", "lots", "--image", ""])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--memory-limit") && stderr.contains("--image"),
+        "{stderr}"
+    );
+
+    let (dir, ca) = webhook_tls_files();
+    let mut child = KillOnDrop(
+        std::process::Command::new(keybroker_bin())
+            .args([
+                "inject",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-reload-interval",
+                "100ms",
+            ])
+            .arg("--tls-cert")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.path().join("tls.key"))
+            .env("KEYBROKER_LOG_FORMAT", "json")
+            .env("KEYBROKER_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The bound address, from the JSON log line the server writes when it listens.
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(addr) = v["addr"].as_str()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the injector did not log its address")
+        .parse()
+        .unwrap();
+    let hook = TestWebhook {
+        server: None,
+        addr,
+        ca,
+        dir,
+    };
+    let request = fixture_json("annotated.json");
+    let response = hook.review(serde_json::to_vec(&request).unwrap()).await;
+    assert!(response["response"]["patch"].is_string());
+    let first = hook.served_leaf().await;
+
+    // cert-manager renews the certificate: new connections get it, no restart.
+    let (cert, key) = hook.ca.issue(SERVICE_DNS);
+    let d = hook.dir.path();
+    std::fs::write(d.join("new.key"), key).unwrap();
+    std::fs::write(d.join("new.crt"), &cert).unwrap();
+    std::fs::rename(d.join("new.key"), d.join("tls.key")).unwrap();
+    std::fs::rename(d.join("new.crt"), d.join("tls.crt")).unwrap();
+    let renewed = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    let mut seen = first.clone();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = hook.served_leaf().await;
+        if seen == renewed {
+            break;
+        }
+    }
+    assert_eq!(seen, renewed, "the renewed certificate was not picked up");
+    let response = hook.review(serde_json::to_vec(&request).unwrap()).await;
+    assert!(response["response"]["patch"].is_string());
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..600 {
+        status = child.0.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.expect("the injector did not stop within 30s of SIGTERM");
+    assert!(status.success(), "{status:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1164,6 +1285,30 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
     let status = status.expect("the sidecar did not stop within 30s of SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
+fn a_bad_socket_mode_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keybroker.toml");
+    std::fs::write(
+        &config,
+        "[keys.default]\nbackend = \"local\"\nkey_id = \"default\"\ncreate = true\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(keybroker_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("KEYBROKER_SOCKET_MODE", "0999")
+        .env("KEYBROKER_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KEYBROKER_SOCKET_MODE: must be an octal file mode"),
+        "{stderr}"
+    );
 }
 
 /// A child process that cannot outlive a failing test.

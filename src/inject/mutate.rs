@@ -218,6 +218,17 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
                  apps may start before it is ready and must retry"
                     .into(),
             );
+            if matches!(
+                spec.get("restartPolicy").and_then(Value::as_str),
+                Some("Never" | "OnFailure")
+            ) {
+                warnings.push(
+                    "this pod runs to completion (restartPolicy Never/OnFailure) but a plain \
+                     keybroker container never exits: use the native sidecar mode \
+                     (Kubernetes >= 1.29) so that the pod can complete"
+                        .into(),
+                );
+            }
         }
     }
 
@@ -590,6 +601,12 @@ mod tests {
             panic!()
         };
         assert_eq!(warnings.len(), 1);
+        let mut job = p.clone();
+        job["spec"]["restartPolicy"] = json!("Never");
+        let Decision::Inject { warnings, .. } = inject(&job).unwrap() else {
+            panic!()
+        };
+        assert!(warnings[1].contains("never exits"), "{warnings:?}");
         let out = patched(&p);
         assert_eq!(out["spec"]["containers"][1]["name"], "keybroker");
         assert!(out["spec"]["containers"][1].get("restartPolicy").is_none());
