@@ -6,7 +6,8 @@
 //! Module map (one concern each): `proto` (generated API), `config`, `registry` (key names →
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
-//! shutdown), `error` (the one error → status mapping), `secret` (key material types).
+//! shutdown), `error` (the one error → status mapping), `secret` (key material types), `tls`
+//! (rustls server configs that follow rotated files), `inject` (the Kubernetes sidecar injector).
 
 pub mod backend;
 pub mod bench;
