@@ -45,6 +45,8 @@ pub enum Cmd {
     Datakey(DatakeyArgs),
     /// Run the benchmark harness (see docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
+    /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
+    Inject(crate::inject::InjectArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
     BenchServer(crate::bench::BenchServerArgs),
@@ -165,6 +167,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Decrypt(args) => client_cmd(|| decrypt(args)),
         Cmd::Datakey(args) => client_cmd(|| datakey(args)),
         Cmd::Bench(args) => crate::bench::run(args),
+        Cmd::Inject(args) => return crate::inject::run(args),
         Cmd::BenchServer(args) => crate::bench::run_server(args),
     };
     match result {

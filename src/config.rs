@@ -26,6 +26,9 @@ pub const ENV_LOG: &str = "KEYBROKER_LOG";
 pub const ENV_LOG_FORMAT: &str = "KEYBROKER_LOG_FORMAT";
 pub const ENV_ADMIN_LISTEN: &str = "KEYBROKER_ADMIN_LISTEN";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// Unix socket file mode (octal, e.g. `0666`): the injector sets it because app containers run
+/// as arbitrary uids and the socket sits in a pod-private volume.
+pub const ENV_SOCKET_MODE: &str = "KEYBROKER_SOCKET_MODE";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_KEYRING: &str = ".keybroker/keyring";
@@ -486,7 +489,8 @@ impl Config {
     }
 
     /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_ADMIN_LISTEN`,
-    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`); problems are reported like file problems.
+    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`); problems are reported
+    /// like file problems.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if let Ok(v) = std::env::var(ENV_ADMIN_LISTEN) {
@@ -515,6 +519,15 @@ impl Config {
         }
         if let Ok(v) = std::env::var(ENV_LOG) {
             self.log.level = v;
+        }
+        if let Ok(v) = std::env::var(ENV_SOCKET_MODE) {
+            match u32::from_str_radix(v.trim().trim_start_matches("0o"), 8) {
+                Ok(m) if m <= 0o777 => self.server.unix_socket_mode = m,
+                _ => problems.push(Problem {
+                    at: ENV_SOCKET_MODE.to_owned(),
+                    message: "must be an octal file mode like \"0660\"".to_owned(),
+                }),
+            }
         }
         if let Ok(v) = std::env::var(ENV_LOG_FORMAT) {
             match v.as_str() {

@@ -6,7 +6,8 @@
 //! Module map (one concern each): `proto` (generated API), `config`, `registry` (key names →
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
-//! shutdown), `error` (the one error → status mapping), `secret` (key material types).
+//! shutdown), `error` (the one error → status mapping), `secret` (key material types), `tls`
+//! (rustls server configs that follow rotated files), `inject` (the Kubernetes sidecar injector).
 
 pub mod admin;
 pub mod audit;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod identity;
+pub mod inject;
 pub mod keyring;
 pub mod metrics;
 pub mod operation;
@@ -30,6 +32,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod stats;
+pub mod tls;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.

@@ -10,6 +10,7 @@ mod audit;
 mod cache;
 mod envelope_vectors;
 mod grpcurl;
+mod inject;
 mod local_backend;
 mod metrics;
 mod policy;
