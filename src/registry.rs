@@ -70,6 +70,7 @@ pub struct Registry {
 #[derive(Default)]
 pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
+    aws: crate::backend::aws::AwsClients,
 }
 
 impl BackendFactory {
@@ -105,6 +106,7 @@ impl BackendFactory {
                 }
                 Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
             }
+            BackendConfig::Aws(cfg) => Ok(Arc::new(self.aws.backend(cfg).await?)),
         }
     }
 }

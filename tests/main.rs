@@ -5,4 +5,5 @@
 
 mod support;
 
+mod aws;
 mod local_backend;
