@@ -40,6 +40,8 @@ pub enum Cmd {
     Datakey(DatakeyArgs),
     /// Run the benchmark harness (see docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
+    /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks-aws.md).
+    BenchAws(crate::bench::aws::BenchAwsArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
     BenchServer(crate::bench::BenchServerArgs),
@@ -148,6 +150,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Datakey(args) => client_cmd(|| datakey(args)),
         Cmd::Bench(args) => crate::bench::run(args),
         Cmd::BenchServer(args) => crate::bench::run_server(args),
+        Cmd::BenchAws(args) => crate::bench::aws::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -479,6 +479,8 @@ async fn build_client(key: &ClientKey) -> Result<aws_sdk_kms::Client, String> {
                 .to_owned(),
         );
     }
+    tracing::info!(region = ?sdk.region().map(|r| r.as_ref()), endpoint = ?key.endpoint,
+        profile = ?key.profile, "AWS KMS client ready");
     Ok(aws_sdk_kms::Client::new(&sdk))
 }
 
