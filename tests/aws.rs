@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use keybroker::backend::aws::{AwsClients, classify};
@@ -918,6 +918,7 @@ region = "us-east-1"
 profile = "moto"
 credentials_file = "{}/credentials"
 max_attempts = 2
+attempt_timeout = "60s"
 [keys.closed]
 backend = "aws"
 key_id = "alias/x"
@@ -933,7 +934,6 @@ timeout = "300ms"
     ))
     .await;
     let mut c = server.client().await;
-    let t0 = Instant::now();
     let err = c
         .encrypt(proto::EncryptRequest {
             key: "closed".into(),
@@ -944,7 +944,6 @@ timeout = "300ms"
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(reason(&err), "BACKEND_UNAVAILABLE");
-    let t1 = Instant::now();
     let err = c
         .encrypt(proto::EncryptRequest {
             key: "silent".into(),
@@ -955,11 +954,9 @@ timeout = "300ms"
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert_eq!(reason(&err), "BACKEND_DEADLINE_EXCEEDED");
-    // Not a timing assertion on performance: a bound proving the deadline applied at all
-    // (the SDK's own attempt timeout is 2 s).
-    assert!(t1.elapsed() < Duration::from_secs(2), "{:?}", t1.elapsed());
+    // keybroker's own per-call deadline fired (the SDK's attempt timeout is set to 60 s).
+    assert!(err.message().contains("within 300ms"), "{}", err.message());
     assert!(silent.count() >= 1);
-    assert!(t1 - t0 < Duration::from_secs(30));
 }
 
 /// Error kinds moto cannot produce, through the real SDK: an endpoint answering every request
