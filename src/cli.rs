@@ -47,6 +47,8 @@ pub enum Cmd {
     Bench(crate::bench::BenchArgs),
     /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
     Inject(crate::inject::InjectArgs),
+    /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks-aws.md).
+    BenchAws(crate::bench::aws::BenchAwsArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
     BenchServer(crate::bench::BenchServerArgs),
@@ -169,6 +171,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Bench(args) => crate::bench::run(args),
         Cmd::Inject(args) => return crate::inject::run(args),
         Cmd::BenchServer(args) => crate::bench::run_server(args),
+        Cmd::BenchAws(args) => crate::bench::aws::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

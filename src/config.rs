@@ -192,18 +192,22 @@ pub enum BackendConfig {
         /// Create the keyring and the key if missing (the embedded default does).
         create: bool,
     },
+    /// Boxed: much larger than the other variants.
+    Aws(Box<crate::backend::aws::AwsKeyConfig>),
 }
 
 impl BackendConfig {
     pub fn kind(&self) -> crate::backend::BackendKind {
         match self {
             Self::Local { .. } => crate::backend::BackendKind::Local,
+            Self::Aws(_) => crate::backend::BackendKind::Aws,
         }
     }
 
     pub fn key_id(&self) -> &str {
         match self {
             Self::Local { key_id, .. } => key_id,
+            Self::Aws(c) => &c.key_id,
         }
     }
 }
@@ -227,6 +231,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub cache: CacheConfig,
     pub local: LocalConfig,
+    /// `[aws]`: defaults for AWS KMS keys.
+    pub aws: crate::backend::aws::AwsDefaults,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub audit: AuditConfig,
@@ -295,6 +301,7 @@ impl Config {
                 keyring,
                 poll_interval: Duration::from_secs(1),
             },
+            aws: Default::default(),
             log: LogConfig {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
@@ -416,6 +423,10 @@ impl Config {
             config.local.poll_interval = d;
         }
         local.finish(p);
+
+        let aws = root.section("aws", p);
+        config.aws = crate::backend::aws::AwsDefaults::parse(&aws, base, p);
+        aws.finish(p);
 
         let log = root.section("log", p);
         if let Some(s) = log.str("format", p) {
@@ -609,6 +620,10 @@ fn key_config(
                 key_id: key_id.to_owned(),
                 create,
             }
+        }
+        "aws" => {
+            let aws = crate::backend::aws::AwsKeyConfig::parse(key_id?, s, &config.aws, p);
+            BackendConfig::Aws(Box::new(aws))
         }
         other => {
             p.push(

@@ -63,6 +63,7 @@ pub struct Registry {
 pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
     poll_interval: std::time::Duration,
+    aws: crate::backend::aws::AwsClients,
 }
 
 impl BackendFactory {
@@ -70,6 +71,7 @@ impl BackendFactory {
         Self {
             local_rings: HashMap::new(),
             poll_interval: config.local.poll_interval,
+            aws: Default::default(),
         }
     }
 
@@ -106,6 +108,7 @@ impl BackendFactory {
                 }
                 Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
             }
+            BackendConfig::Aws(cfg) => Ok(Arc::new(self.aws.backend(cfg).await?)),
         }
     }
 }

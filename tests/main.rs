@@ -7,6 +7,7 @@ mod support;
 
 mod api;
 mod audit;
+mod aws;
 mod cache;
 mod envelope_vectors;
 mod grpcurl;

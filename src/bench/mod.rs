@@ -7,6 +7,8 @@
 //! number of HTTP/2 connections; warm-up, then a bounded measuring window; echo and keybroker
 //! alternate run by run so a noisy neighbour hits both; medians over runs are reported.
 
+pub mod aws;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
