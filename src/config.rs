@@ -180,18 +180,27 @@ pub enum BackendConfig {
         /// Create the keyring and the key if missing (the embedded default does).
         create: bool,
     },
+    /// A Cloud KMS CryptoKey (see `backend::gcp`).
+    Gcp {
+        /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+        key_id: String,
+        /// Overrides `[gcp] endpoint` for this key.
+        endpoint: Option<String>,
+    },
 }
 
 impl BackendConfig {
     pub fn kind(&self) -> crate::backend::BackendKind {
         match self {
             Self::Local { .. } => crate::backend::BackendKind::Local,
+            Self::Gcp { .. } => crate::backend::BackendKind::Gcp,
         }
     }
 
     pub fn key_id(&self) -> &str {
         match self {
             Self::Local { key_id, .. } => key_id,
+            Self::Gcp { key_id, .. } => key_id,
         }
     }
 }
@@ -213,6 +222,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub cache: CacheConfig,
     pub local: LocalConfig,
+    /// `[gcp]`: Cloud KMS client settings shared by every `backend = "gcp"` key.
+    pub gcp: crate::backend::gcp::GcpSettings,
     pub log: LogConfig,
     pub keys: BTreeMap<String, KeyConfig>,
 }
@@ -259,6 +270,7 @@ impl Config {
                 keyring,
                 poll_interval: Duration::from_secs(1),
             },
+            gcp: crate::backend::gcp::GcpSettings::default(),
             log: LogConfig {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
@@ -373,6 +385,10 @@ impl Config {
             config.local.poll_interval = d;
         }
         local.finish(p);
+
+        let gcp = root.section("gcp", p);
+        config.gcp = crate::backend::gcp::GcpSettings::parse(&gcp, p);
+        gcp.finish(p);
 
         let log = root.section("log", p);
         if let Some(s) = log.str("format", p) {
@@ -490,6 +506,7 @@ fn key_config(
                 create,
             }
         }
+        "gcp" => crate::backend::gcp::key_config(s, key_id?, p)?,
         other => {
             p.push(
                 s.at("backend"),

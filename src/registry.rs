@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::KeyBackend;
+use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
 use crate::backend::local::{LocalBackend, LocalKeyring};
 use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
 use crate::stats::KeyStats;
@@ -70,6 +71,9 @@ pub struct Registry {
 #[derive(Default)]
 pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
+    gcp: GcpSettings,
+    /// One Cloud KMS client per endpoint (credentials are process-wide).
+    gcp_clients: HashMap<String, Arc<GcpClient>>,
 }
 
 impl BackendFactory {
@@ -105,6 +109,20 @@ impl BackendFactory {
                 }
                 Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
             }
+            BackendConfig::Gcp { key_id, endpoint } => {
+                let endpoint = endpoint.as_deref().unwrap_or(&self.gcp.endpoint);
+                let client = match self.gcp_clients.get(endpoint) {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        let c = GcpClient::connect(endpoint, &self.gcp)
+                            .await
+                            .map_err(|e| format!("Cloud KMS client: {e}"))?;
+                        self.gcp_clients.insert(endpoint.to_owned(), Arc::clone(&c));
+                        c
+                    }
+                };
+                Ok(Arc::new(GcpBackend::new(client, key_id.clone())?))
+            }
         }
     }
 }
@@ -113,7 +131,10 @@ impl Registry {
     /// Builds every configured key's backend. Problems are collected per key, like config
     /// problems, so a broken deployment is reported in one go.
     pub async fn build(config: &Config, stats: &StatsBook) -> Result<Self, ConfigError> {
-        let mut factory = BackendFactory::default();
+        let mut factory = BackendFactory {
+            gcp: config.gcp.clone(),
+            ..BackendFactory::default()
+        };
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in &config.keys {

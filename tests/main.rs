@@ -5,4 +5,5 @@
 
 mod support;
 
+mod gcp;
 mod local_backend;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod gcp_fake;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
