@@ -450,6 +450,31 @@ async fn credentials_deadline_and_unreachable_endpoint() {
     assert_eq!(e.kind, BackendErrorKind::Unauthenticated, "{e}");
     assert_eq!(fake.call_log().last().unwrap().authorization, None);
 
+    // No token could be had (ADC failing): Unauthenticated, or Unavailable (after the retries)
+    // when the failure is transient. Nothing reaches Cloud KMS.
+    fake.reset_counters();
+    for (transient, kind) in [
+        (false, BackendErrorKind::Unauthenticated),
+        (true, BackendErrorKind::Unavailable),
+    ] {
+        let failing = GcpSettings {
+            credentials: GcpCredentials::Custom(
+                gcloud_sdk::google_cloud_auth::credentials::Credentials::from(
+                    gcp_fake::FailingToken { transient },
+                ),
+            ),
+            ..settings(&fake)
+        };
+        let e = backend_with(&failing, &key)
+            .await
+            .wrap(&data_key, &CTX)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, kind, "transient={transient}: {e}");
+    }
+    assert_eq!(fake.calls("Encrypt"), 0);
+
     // A token Cloud KMS does not accept.
     fake.require_token("another-token");
     let b = backend(&fake, &key).await;
@@ -676,34 +701,41 @@ fn venv_python() -> PathBuf {
     python
 }
 
-#[tokio::test]
-async fn fake_agrees_with_googles_python_client() {
-    let fake = GcpKmsFake::start().await;
+/// Runs a Python script from the venv with a bounded wait (two minutes; the scripts' own calls
+/// have 10 s timeouts).
+async fn run_python(script: &str, args: Vec<String>) -> std::process::Output {
     let python = venv_python();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fidelity/gcp_kms_client.py");
-    let addr = fake.addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    tokio::task::spawn_blocking(move || {
         let mut child = std::process::Command::new(python)
             .arg(script)
-            .arg(addr)
-            .arg(TEST_TOKEN)
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let started = Instant::now();
-        // Bounded wait: the script's calls have 10 s timeouts; give it two minutes in all.
         while child.try_wait().unwrap().is_none() {
             if started.elapsed() > Duration::from_secs(120) {
                 let _ = child.kill();
                 break;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         child.wait_with_output().unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fake_agrees_with_googles_python_client() {
+    let fake = GcpKmsFake::start().await;
+    let out = run_python(
+        "tests/fidelity/gcp_kms_client.py",
+        vec![fake.addr.to_string(), TEST_TOKEN.to_owned()],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -746,4 +778,92 @@ async fn fake_agrees_with_googles_python_client() {
         "{log:?}"
     );
     assert!(fake.calls("Decrypt") >= 5 && fake.calls("UpdateCryptoKeyVersion") == 1);
+}
+
+/// The procedure docs/gcp.md gives for recovering data without keybroker, step by step:
+/// `scripts/recover_envelope.py split`, Cloud KMS Decrypt with the AAD file (what
+/// `gcloud kms decrypt --additional-authenticated-data-file` sends), then `... open`.
+#[tokio::test]
+async fn documented_recovery_procedure_works() {
+    let fake = GcpKmsFake::start().await;
+    let key = fake.create_test_key("recovery");
+    let server = server(&fake, &key, "").await;
+    let context = ctx(&[("order", "42"), ("tenant", "acme")]);
+    let ct = encrypt(&server, b"recovered by the documented procedure", &context)
+        .await
+        .unwrap()
+        .ciphertext;
+    assert!(server.stop().await);
+    let dir = tempfile::tempdir().unwrap();
+    let ct_file = dir.path().join("message.kb");
+    std::fs::write(&ct_file, &ct).unwrap();
+    let out_dir = dir.path().join("parts");
+
+    let split = run_python(
+        "scripts/recover_envelope.py",
+        vec![
+            "split".into(),
+            ct_file.display().to_string(),
+            out_dir.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(
+        split.status.success(),
+        "{}",
+        String::from_utf8_lossy(&split.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&split.stdout).unwrap();
+    let copy = &info["copies"][0];
+    assert_eq!(copy["backend"], "gcp");
+    assert_eq!(copy["key_id"], key.as_str());
+    assert_eq!(copy["key_version"], version(&key, 1).as_str());
+    let wrapped = std::fs::read(copy["file"].as_str().unwrap()).unwrap();
+    let aad = std::fs::read(out_dir.join("aad.bin")).unwrap();
+    assert_eq!(aad, documented_aad("app", info["caller"].as_str().unwrap()));
+
+    let api: GoogleApi<KeyManagementServiceClient<_>> = GoogleApi::from_function_with_credentials(
+        KeyManagementServiceClient::new,
+        fake.endpoint(),
+        None,
+        gcp_fake::credentials(),
+    )
+    .await
+    .unwrap();
+    let resp = api
+        .get()
+        .decrypt(DecryptRequest {
+            name: key.clone(),
+            ciphertext: wrapped,
+            additional_authenticated_data: aad,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key_file = dir.path().join("datakey.bin");
+    std::fs::write(&key_file, resp.plaintext.ref_sensitive_value()).unwrap();
+
+    let args = |context: &str| {
+        vec![
+            "open".to_owned(),
+            ct_file.display().to_string(),
+            key_file.display().to_string(),
+            context.to_owned(),
+        ]
+    };
+    let open = run_python(
+        "scripts/recover_envelope.py",
+        args(r#"{"tenant":"acme","order":"42"}"#),
+    )
+    .await;
+    assert!(
+        open.status.success(),
+        "{}",
+        String::from_utf8_lossy(&open.stderr)
+    );
+    assert_eq!(open.stdout, b"recovered by the documented procedure");
+    let wrong = run_python("scripts/recover_envelope.py", args(r#"{"tenant":"acme"}"#)).await;
+    assert!(!wrong.status.success());
+    assert!(wrong.stdout.is_empty());
 }

@@ -296,18 +296,21 @@ impl GcpClient {
                 .map_err(bad)?;
         }
         let channel = ep.connect_lazy();
-        let headers = match &settings.credentials {
-            GcpCredentials::ApplicationDefault => {
+        let (headers, source) = match &settings.credentials {
+            GcpCredentials::ApplicationDefault => (
                 GoogleAuthHeaders::from_adc_with_scopes(vec![OAUTH_SCOPE.to_owned()])
                     .await
-                    .map_err(GcpSetupError::Credentials)?
-            }
-            GcpCredentials::Custom(c) => GoogleAuthHeaders::from(c.clone()),
+                    .map_err(GcpSetupError::Credentials)?,
+                "application default credentials",
+            ),
+            GcpCredentials::Custom(c) => (GoogleAuthHeaders::from(c.clone()), "custom credentials"),
         };
         let layer = GoogleAuthMiddlewareLayer::new(headers, None)
             .and_then(|l| l.amend_user_agent(format!("keybroker/{}", env!("CARGO_PKG_VERSION"))))
             .map_err(GcpSetupError::Credentials)?;
         let service = tower::Layer::layer(&layer, channel);
+        tracing::info!(endpoint, credentials = source, deadline = %format_duration(settings.deadline),
+            retries = settings.retries, "Cloud KMS client ready (connects on first use)");
         Ok(Arc::new(Self {
             endpoint: endpoint.to_owned(),
             kms: KeyManagementServiceClient::new(service),
@@ -804,6 +807,21 @@ mod tests {
         assert_eq!(crc32c(&ascending), 0x46DD_794E);
         let descending: Vec<u8> = (0u8..32).rev().collect();
         assert_eq!(crc32c(&descending), 0x113F_DB5C);
+    }
+
+    /// The example in docs/gcp.md ("The AAD keybroker sends"), pinned to the encoder.
+    #[test]
+    fn documented_aad_example() {
+        let ctx = BackendContext {
+            key_name: "prod-app-data",
+            caller: "anonymous",
+        };
+        let hex: String = ctx.to_aad().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "000200106b657962726f6b65723a63616c6c65720009616e6f6e796d6f7573\
+             000d6b657962726f6b65723a6b6579000d70726f642d6170702d64617461"
+        );
     }
 
     #[test]

@@ -102,6 +102,29 @@ impl CredentialsProvider for StaticToken {
     }
 }
 
+/// Credentials whose token fetch fails, as ADC does when the metadata server or STS refuses
+/// (`transient`: it may work on retry).
+#[derive(Debug)]
+pub struct FailingToken {
+    pub transient: bool,
+}
+
+impl CredentialsProvider for FailingToken {
+    async fn headers(
+        &self,
+        _extensions: Extensions,
+    ) -> Result<CacheableResource<HeaderMap>, CredentialsError> {
+        Err(CredentialsError::from_msg(
+            self.transient,
+            "token endpoint said no (test)",
+        ))
+    }
+
+    async fn universe_domain(&self) -> Option<String> {
+        Some("googleapis.com".to_owned())
+    }
+}
+
 /// Credentials with [`TEST_TOKEN`].
 pub fn credentials() -> Credentials {
     Credentials::from(StaticToken(TEST_TOKEN.to_owned()))
