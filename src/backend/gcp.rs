@@ -119,16 +119,6 @@ impl GcpSettings {
         }
         g
     }
-
-    /// One line for the startup log.
-    pub fn describe(&self) -> String {
-        format!(
-            "endpoint {}, deadline {}, {} retries",
-            self.endpoint,
-            format_duration(self.deadline),
-            self.retries
-        )
-    }
 }
 
 /// Parses the gcp-specific fields of `[keys.NAME]`.
