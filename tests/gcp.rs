@@ -867,3 +867,168 @@ async fn documented_recovery_procedure_works() {
     assert!(!wrong.status.success());
     assert!(wrong.stdout.is_empty());
 }
+
+/// A one-route HTTP/1.1 token endpoint (Google STS's token exchange) on 127.0.0.1: answers every
+/// POST with `token` and records the form bodies it received.
+async fn fake_sts(
+    token: &'static str,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/token", listener.local_addr().unwrap());
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&bodies);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                // Bounded: a request larger than 64 KiB is not a token exchange.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while buf.len() < 64 << 10 {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < head_end + 4 + len {
+                        continue;
+                    }
+                    seen.lock().unwrap().push(text[head_end + 4..].to_owned());
+                    let body = format!(
+                        r#"{{"access_token":"{token}","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer","expires_in":3600}}"#
+                    );
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    return;
+                }
+            });
+        }
+    });
+    (url, bodies, task)
+}
+
+/// The production credential path, end to end: the keybroker binary with only
+/// GOOGLE_APPLICATION_CREDENTIALS pointing at an `external_account` file (workload identity
+/// federation, file-sourced subject token), which google-cloud-auth exchanges at a loopback STS
+/// for the access token the Cloud KMS fake then requires.
+#[tokio::test]
+async fn application_default_credentials_through_the_binary() {
+    let fake = GcpKmsFake::start().await;
+    let key = fake.create_test_key("adc");
+    fake.require_token("sts-issued-token");
+    let (sts_url, sts_bodies, sts_task) = fake_sts("sts-issued-token").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("subject-token");
+    std::fs::write(&subject, "subject-token-from-a-file").unwrap();
+    let adc = dir.path().join("external-account.json");
+    std::fs::write(
+        &adc,
+        serde_json::json!({
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/pool/providers/test",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": sts_url,
+            "credential_source": { "file": subject.display().to_string() },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let config = dir.path().join("keybroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[gcp]\nendpoint = \"{}\"\n[keys.app]\nbackend = \"gcp\"\nkey_id = \"{key}\"\n",
+            fake.endpoint()
+        ),
+    )
+    .unwrap();
+
+    let mut child = std::process::Command::new(crate::support::keybroker_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &adc)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("KEYBROKER_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        // Bounded by the child: EOF if it exits; the banner comes within seconds.
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(20)
+            .map_while(Result::ok)
+            .find_map(|l| l.trim().strip_prefix("listening on ").map(str::to_owned))
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(60), addr).await;
+    let result = async {
+        let addr = addr
+            .ok()
+            .and_then(|r| r.ok().flatten())
+            .ok_or("no banner")?;
+        let mut c = crate::support::client_for(&addr).await;
+        c.encrypt(KbEncrypt {
+            key: "app".into(),
+            plaintext: b"via ADC".to_vec().into(),
+            context: BTreeMap::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|_| "encrypt failed")
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    sts_task.abort();
+    let resp = result.unwrap_or_else(|e| panic!("{e}; fake saw {:?}", fake.call_log()));
+    assert_eq!(resp.key_version, version(&key, 1));
+    let encrypts: Vec<_> = fake
+        .call_log()
+        .into_iter()
+        .filter(|c| c.method == "Encrypt")
+        .collect();
+    assert_eq!(encrypts.len(), 1);
+    assert_eq!(
+        encrypts[0].authorization.as_deref(),
+        Some("Bearer sts-issued-token")
+    );
+    let bodies = sts_bodies.lock().unwrap().clone();
+    assert!(!bodies.is_empty());
+    assert!(
+        bodies[0].contains("subject_token=subject-token-from-a-file"),
+        "{bodies:?}"
+    );
+    assert!(bodies[0].contains("cloudkms"), "scope: {bodies:?}");
+}
