@@ -23,5 +23,81 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .compile_with_config(config, &["proto/keybroker/v1/keybroker.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    cloud_kms_fake_server();
     Ok(())
+}
+
+/// The server half of `google.cloud.kms.v1.KeyManagementService`, for the test-only Cloud KMS
+/// fake (`tests/support/gcp_fake.rs` includes it; the library never does). gcloud-sdk ships
+/// the message types but no server and no .proto files, so the service is described by hand and
+/// reuses gcloud-sdk's types through prost's codec. Only the methods the fake serves are listed;
+/// any other method answers UNIMPLEMENTED.
+fn cloud_kms_fake_server() {
+    use tonic_prost_build::manual::{Builder, Method, Service};
+    // (route, request, response); "v1::" is gcloud-sdk's generated module, "ext::" its
+    // hand-written Encrypt/Decrypt messages (plaintext held as a zeroizing SecretValue).
+    let methods = [
+        ("Encrypt", "ext::EncryptRequest", "v1::EncryptResponse"),
+        ("Decrypt", "v1::DecryptRequest", "ext::DecryptResponse"),
+        ("GetCryptoKey", "v1::GetCryptoKeyRequest", "v1::CryptoKey"),
+        (
+            "GetCryptoKeyVersion",
+            "v1::GetCryptoKeyVersionRequest",
+            "v1::CryptoKeyVersion",
+        ),
+        ("CreateKeyRing", "v1::CreateKeyRingRequest", "v1::KeyRing"),
+        (
+            "CreateCryptoKey",
+            "v1::CreateCryptoKeyRequest",
+            "v1::CryptoKey",
+        ),
+        (
+            "CreateCryptoKeyVersion",
+            "v1::CreateCryptoKeyVersionRequest",
+            "v1::CryptoKeyVersion",
+        ),
+        (
+            "UpdateCryptoKeyVersion",
+            "v1::UpdateCryptoKeyVersionRequest",
+            "v1::CryptoKeyVersion",
+        ),
+        (
+            "UpdateCryptoKeyPrimaryVersion",
+            "v1::UpdateCryptoKeyPrimaryVersionRequest",
+            "v1::CryptoKey",
+        ),
+        (
+            "DestroyCryptoKeyVersion",
+            "v1::DestroyCryptoKeyVersionRequest",
+            "v1::CryptoKeyVersion",
+        ),
+    ];
+    let path = |t: &str| {
+        t.replace("v1::", "gcloud_sdk::google::cloud::kms::v1::")
+            .replace("ext::", "gcloud_sdk::proto_ext::kms::")
+    };
+    let mut service = Service::builder()
+        .name("KeyManagementService")
+        .package("google.cloud.kms.v1");
+    for (route, input, output) in methods {
+        let mut name = String::new();
+        for c in route.chars() {
+            if c.is_ascii_uppercase() && !name.is_empty() {
+                name.push('_');
+            }
+            name.push(c.to_ascii_lowercase());
+        }
+        service = service.method(
+            Method::builder()
+                .name(name)
+                .route_name(route)
+                .input_type(path(input))
+                .output_type(path(output))
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        );
+    }
+    Builder::new()
+        .build_client(false)
+        .compile(&[service.build()]);
 }

@@ -194,6 +194,13 @@ pub enum BackendConfig {
     },
     /// Boxed: much larger than the other variants.
     Aws(Box<crate::backend::aws::AwsKeyConfig>),
+    /// A Cloud KMS CryptoKey (see `backend::gcp`).
+    Gcp {
+        /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+        key_id: String,
+        /// Overrides `[gcp] endpoint` for this key.
+        endpoint: Option<String>,
+    },
 }
 
 impl BackendConfig {
@@ -201,6 +208,7 @@ impl BackendConfig {
         match self {
             Self::Local { .. } => crate::backend::BackendKind::Local,
             Self::Aws(_) => crate::backend::BackendKind::Aws,
+            Self::Gcp { .. } => crate::backend::BackendKind::Gcp,
         }
     }
 
@@ -208,6 +216,7 @@ impl BackendConfig {
         match self {
             Self::Local { key_id, .. } => key_id,
             Self::Aws(c) => &c.key_id,
+            Self::Gcp { key_id, .. } => key_id,
         }
     }
 }
@@ -233,6 +242,8 @@ pub struct Config {
     pub local: LocalConfig,
     /// `[aws]`: defaults for AWS KMS keys.
     pub aws: crate::backend::aws::AwsDefaults,
+    /// `[gcp]`: Cloud KMS client settings shared by every `backend = "gcp"` key.
+    pub gcp: crate::backend::gcp::GcpSettings,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub audit: AuditConfig,
@@ -302,6 +313,7 @@ impl Config {
                 poll_interval: Duration::from_secs(1),
             },
             aws: Default::default(),
+            gcp: crate::backend::gcp::GcpSettings::default(),
             log: LogConfig {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
@@ -427,6 +439,9 @@ impl Config {
         let aws = root.section("aws", p);
         config.aws = crate::backend::aws::AwsDefaults::parse(&aws, base, p);
         aws.finish(p);
+        let gcp = root.section("gcp", p);
+        config.gcp = crate::backend::gcp::GcpSettings::parse(&gcp, p);
+        gcp.finish(p);
 
         let log = root.section("log", p);
         if let Some(s) = log.str("format", p) {
@@ -625,6 +640,7 @@ fn key_config(
             let aws = crate::backend::aws::AwsKeyConfig::parse(key_id?, s, &config.aws, p);
             BackendConfig::Aws(Box::new(aws))
         }
+        "gcp" => crate::backend::gcp::key_config(s, key_id?, p)?,
         other => {
             p.push(
                 s.at("backend"),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::KeyBackend;
+use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
 use crate::backend::local::{LocalBackend, LocalKeyring};
 use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
 use crate::policy::Policy;
@@ -64,6 +65,9 @@ pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
     poll_interval: std::time::Duration,
     aws: crate::backend::aws::AwsClients,
+    gcp: GcpSettings,
+    /// One Cloud KMS client per endpoint (credentials are process-wide).
+    gcp_clients: HashMap<String, Arc<GcpClient>>,
 }
 
 impl BackendFactory {
@@ -72,6 +76,8 @@ impl BackendFactory {
             local_rings: HashMap::new(),
             poll_interval: config.local.poll_interval,
             aws: Default::default(),
+            gcp: config.gcp.clone(),
+            gcp_clients: HashMap::new(),
         }
     }
 
@@ -109,6 +115,20 @@ impl BackendFactory {
                 Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
             }
             BackendConfig::Aws(cfg) => Ok(Arc::new(self.aws.backend(cfg).await?)),
+            BackendConfig::Gcp { key_id, endpoint } => {
+                let endpoint = endpoint.as_deref().unwrap_or(&self.gcp.endpoint);
+                let client = match self.gcp_clients.get(endpoint) {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        let c = GcpClient::connect(endpoint, &self.gcp)
+                            .await
+                            .map_err(|e| format!("Cloud KMS client: {e}"))?;
+                        self.gcp_clients.insert(endpoint.to_owned(), Arc::clone(&c));
+                        c
+                    }
+                };
+                Ok(Arc::new(GcpBackend::new(client, key_id.clone())?))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ mod audit;
 mod aws;
 mod cache;
 mod envelope_vectors;
+mod gcp;
 mod grpcurl;
 mod inject;
 mod local_backend;

@@ -22,6 +22,7 @@ use crate::envelope::WrappedCopy;
 use crate::secret::SecretKey;
 
 pub mod aws;
+pub mod gcp;
 pub mod local;
 
 /// Which kind of backend wrapped a data key. The numeric codes are part of the envelope format.

@@ -6,6 +6,7 @@
 
 pub mod conformance;
 pub mod counting;
+pub mod gcp_fake;
 pub mod moto;
 
 use std::collections::BTreeMap;
