@@ -180,18 +180,28 @@ pub enum BackendConfig {
         /// Create the keyring and the key if missing (the embedded default does).
         create: bool,
     },
+    /// Azure Key Vault or Managed HSM (see docs/azure.md).
+    Azure {
+        /// The key URL as configured (validated; may pin a version).
+        key_id: String,
+        key: crate::backend::azure::KeyUrl,
+        /// The global `[azure]` section (one credential and client per vault for all keys).
+        settings: crate::backend::azure::AzureSettings,
+    },
 }
 
 impl BackendConfig {
     pub fn kind(&self) -> crate::backend::BackendKind {
         match self {
             Self::Local { .. } => crate::backend::BackendKind::Local,
+            Self::Azure { .. } => crate::backend::BackendKind::Azure,
         }
     }
 
     pub fn key_id(&self) -> &str {
         match self {
             Self::Local { key_id, .. } => key_id,
+            Self::Azure { key_id, .. } => key_id,
         }
     }
 }
@@ -214,6 +224,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub local: LocalConfig,
     pub log: LogConfig,
+    pub azure: crate::backend::azure::AzureSettings,
     pub keys: BTreeMap<String, KeyConfig>,
 }
 
@@ -263,6 +274,7 @@ impl Config {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
             },
+            azure: Default::default(),
             keys,
         }
     }
@@ -387,6 +399,10 @@ impl Config {
         }
         log.finish(p);
 
+        let azure = root.section("azure", p);
+        config.azure = crate::backend::azure::AzureSettings::parse(&azure, base, p);
+        azure.finish(p);
+
         let keys = root.section("keys", p);
         if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
             p.push("keys", "at least one key must be configured");
@@ -488,6 +504,21 @@ fn key_config(
                 keyring,
                 key_id: key_id.to_owned(),
                 create,
+            }
+        }
+        "azure" => {
+            let key_id = key_id?;
+            let key = match crate::backend::azure::KeyUrl::parse(key_id) {
+                Ok(k) => k,
+                Err(e) => {
+                    p.push(s.at("key_id"), e);
+                    return None;
+                }
+            };
+            BackendConfig::Azure {
+                key_id: key_id.to_owned(),
+                key,
+                settings: config.azure.clone(),
             }
         }
         other => {

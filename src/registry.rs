@@ -70,6 +70,7 @@ pub struct Registry {
 #[derive(Default)]
 pub struct BackendFactory {
     local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
+    azure: crate::backend::azure::AzureClients,
 }
 
 impl BackendFactory {
@@ -105,6 +106,11 @@ impl BackendFactory {
                 }
                 Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
             }
+            BackendConfig::Azure {
+                key_id,
+                key,
+                settings,
+            } => Ok(Arc::new(self.azure.backend(key, key_id, settings)?)),
         }
     }
 }

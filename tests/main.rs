@@ -5,4 +5,5 @@
 
 mod support;
 
+mod azure;
 mod local_backend;

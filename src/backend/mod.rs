@@ -21,6 +21,7 @@ use std::sync::Arc;
 use crate::envelope::WrappedCopy;
 use crate::secret::SecretKey;
 
+pub mod azure;
 pub mod local;
 
 /// Which kind of backend wrapped a data key. The numeric codes are part of the envelope format.

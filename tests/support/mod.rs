@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod azure_fake;
 pub mod conformance;
 
 use std::collections::BTreeMap;
@@ -38,7 +39,8 @@ impl TestServer {
         std::fs::write(&path, &text).unwrap();
         let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         if !text.contains("listen") {
-            config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
+            config.server.listen =
+                vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
         }
         Self::start_config(dir, config).await
     }
