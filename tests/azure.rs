@@ -556,6 +556,22 @@ async fn data_is_recoverable_without_keybroker() {
     // 16 random bytes, the 32-byte context binding, then the data key.
     assert_eq!(unwrapped.len(), 16 + 32 + 32);
     let data_key = &unwrapped[48..];
+    // The binding: SHA-256("keybroker azure wrap v1" || canonical {keybroker:caller, keybroker:key}).
+    let mut bound = b"keybroker azure wrap v1".to_vec();
+    bound.extend_from_slice(&2u16.to_be_bytes());
+    for s in [
+        "keybroker:caller",
+        env.caller,
+        "keybroker:key",
+        env.key_name,
+    ] {
+        bound.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        bound.extend_from_slice(s.as_bytes());
+    }
+    assert_eq!(
+        &unwrapped[16..48],
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bound).as_ref()
+    );
 
     // docs/envelope.md: header = everything before the body; the header ends with
     // salt (32) || commitment (32); body = ciphertext || tag (16).
@@ -630,4 +646,106 @@ fn config_reports_bad_key_urls_with_their_path() {
     assert!(has("azure.client_secret_file: is required"), "{text:#?}");
     assert!(!has("keys.c"), "{text:#?}");
     assert_eq!(text.len(), 3, "{text:#?}");
+}
+
+/// The test venv's python (scripts/test-setup makes it); a missing venv is a failure.
+fn venv_python() -> std::path::PathBuf {
+    let venv = std::env::var_os("KEYBROKER_TEST_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-env/venv")
+        });
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test-setup",
+        python.display()
+    );
+    python
+}
+
+/// Microsoft's Python client (azure-keyvault-keys) against the fake: wrap/unwrap with
+/// RSA-OAEP-256 and A256KW, a disabled key, a tampered wrapped key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_agrees_with_microsofts_python_client() {
+    let python = venv_python();
+    let vault = KeyVaultFake::start().await;
+    let v = vault.create_rsa_key("fidelity");
+    let off = vault.create_rsa_key("off");
+    vault.set_enabled("off", false);
+    let hsm = KeyVaultFake::start_hsm().await;
+    let o = hsm.create_oct_key("sym");
+    // Without keys/get the Python client does both operations remotely. (With get, it builds a
+    // local provider from the oct-HSM JWK, which carries no `k`, and would wrap under a random
+    // local key instead: a quirk of azure-keyvault-keys 4.11 worth knowing.)
+    hsm.deny_get("sym");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    // One Entra token for both: the HSM fake is told to accept the vault fake's token.
+    std::fs::write(&ca, format!("{}{}", vault.ca_pem, hsm.ca_pem)).unwrap();
+    let token = vault.mint_token();
+    hsm.accept_token(&token);
+    let mut child = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fidelity/azure_keyvault_client.py"
+        ))
+        .arg(&ca)
+        .arg(&token)
+        .arg(format!("{}/{v}", vault.loopback_url("fidelity")))
+        .arg(format!("{}/{off}", vault.loopback_url("off")))
+        .arg(format!("{}/{o}", hsm.loopback_url("sym")))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded wait (the fakes run on this runtime, so never block it).
+    let mut exited = false;
+    for _ in 0..1200 {
+        if child.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited, "the python client did not finish within 120s");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    for check in [
+        "rsa-wrap",
+        "rsa-unwrap",
+        "rsa-kid",
+        "bad-ciphertext",
+        "disabled",
+        "oct-wrap",
+        "oct-unwrap",
+        "scopes",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("ok {check}"))),
+            "{check} missing\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+    // The client went through the challenge and reached the keys.
+    assert!(vault.challenges() >= 1);
+    assert!(vault.unwraps() >= 3, "rsa unwrap, tampered, disabled");
+    assert_eq!(
+        (hsm.wraps(), hsm.unwraps()),
+        (1, 1),
+        "{stdout}\n{:?}\n{:?}",
+        hsm.log(),
+        vault.log()
+    );
 }

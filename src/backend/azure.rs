@@ -391,10 +391,12 @@ impl VaultClient {
         credential: Arc<dyn TokenCredential>,
         transport: Option<Arc<dyn HttpClient>>,
     ) -> Result<Self, String> {
-        let mut client_options = ClientOptions::default();
-        // keybroker retries itself, so that Retry-After waits respect the per-call deadline.
-        client_options.retry = RetryOptions::none();
-        client_options.transport = transport.map(Transport::new);
+        let client_options = ClientOptions {
+            // keybroker retries itself, so that Retry-After waits respect the per-call deadline.
+            retry: RetryOptions::none(),
+            transport: transport.map(Transport::new),
+            ..Default::default()
+        };
         let options = KeyClientOptions {
             client_options,
             ..Default::default()
@@ -640,7 +642,8 @@ struct Caller {
 pub struct AzureBackend {
     call: Caller,
     configured: String,
-    key_id: String,
+    /// The unversioned key URL recorded in envelopes.
+    durable_id: String,
     state: Arc<KeyState>,
     _refresh: Option<AbortOnDrop>,
 }
@@ -677,7 +680,7 @@ impl AzureBackend {
             }))
         });
         Self {
-            key_id: key.unversioned(),
+            durable_id: key.unversioned(),
             call,
             configured: configured.to_owned(),
             state,
@@ -973,10 +976,12 @@ fn params(
     alg: EncryptionAlgorithm,
     value: Vec<u8>,
 ) -> azure_core::Result<azure_core::http::RequestContent<KeyOperationParameters>> {
-    let mut p = KeyOperationParameters::default();
-    p.algorithm = Some(alg);
-    p.value = Some(value);
-    p.try_into()
+    KeyOperationParameters {
+        algorithm: Some(alg),
+        value: Some(value),
+        ..Default::default()
+    }
+    .try_into()
 }
 
 #[async_trait::async_trait]
@@ -1013,7 +1018,7 @@ impl KeyBackend for AzureBackend {
                 BackendErrorKind::Disabled,
                 format!(
                     "Key Vault key {} has type {} which cannot wrap keys",
-                    self.key_id, facts.kty
+                    self.durable_id, facts.kty
                 ),
             )
         })?;
@@ -1071,7 +1076,7 @@ impl KeyBackend for AzureBackend {
             self.state.observe_wrap_version(&used);
         }
         Ok(Wrapped {
-            key_id: self.key_id.clone(),
+            key_id: self.durable_id.clone(),
             key_version: kid,
             ciphertext,
         })
@@ -1151,7 +1156,7 @@ impl KeyBackend for AzureBackend {
             self.state.observe_current(facts.clone());
         }
         Ok(KeyDescription {
-            durable_key_id: self.key_id.clone(),
+            durable_key_id: self.durable_id.clone(),
             primary_version: Some(facts.kid),
             enabled: facts.usable,
         })

@@ -74,6 +74,8 @@ struct FakeKey {
     current: usize,
     /// The identity is refused (403, like a missing RBAC role) for this key.
     denied: bool,
+    /// Only GET is refused (an identity with wrapKey/unwrapKey but not keys/get).
+    get_denied: bool,
 }
 
 #[derive(Default)]
@@ -309,6 +311,7 @@ impl KeyVaultFake {
                 versions: vec![v],
                 current: 0,
                 denied: false,
+                get_denied: false,
             },
         );
         id
@@ -377,6 +380,17 @@ impl KeyVaultFake {
             .denied = true;
     }
 
+    /// Refuses GET of this key only (403), keeping wrapKey/unwrapKey allowed.
+    pub fn deny_get(&self, name: &str) {
+        self.state
+            .keys
+            .lock()
+            .unwrap()
+            .get_mut(name)
+            .expect("no such key")
+            .get_denied = true;
+    }
+
     /// The next `count` wrap/unwrap requests get `status` (429 or 5xx) with an optional
     /// Retry-After (seconds).
     pub fn inject(&self, count: u32, status: u16, retry_after: Option<u64>) {
@@ -395,6 +409,11 @@ impl KeyVaultFake {
     /// The credential that gets tokens this fake accepts (shared: its count is the fake's).
     pub fn credential(&self) -> Arc<FakeCredential> {
         Arc::clone(&self.credential)
+    }
+
+    /// Accepts a token minted elsewhere (one Entra token for several fakes).
+    pub fn accept_token(&self, token: &str) {
+        self.state.tokens.lock().unwrap().insert(token.to_owned());
     }
 
     /// A token accepted by the fake, for raw REST calls (the `az rest` equivalent).
@@ -725,7 +744,7 @@ fn get_key(state: &State, kid_base: &str, name: &str, version: &str) -> Response
     let Some(key) = keys.get(name) else {
         return not_found(name, version);
     };
-    if key.denied {
+    if key.denied || key.get_denied {
         return forbidden_identity("read");
     }
     let v = if version.is_empty() {
