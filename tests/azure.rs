@@ -427,6 +427,40 @@ async fn disabled_key_and_forbidden_ops_fail_precondition() {
     let status = decrypt(&server, &ct).await.err().unwrap();
     assert_eq!(status.code(), Code::FailedPrecondition);
     server.stop().await;
+
+    // An expired key (exp) wraps no new data keys, but existing data stays readable, as in Key
+    // Vault: the refresh task retires the cached data key, the next wrap is refused.
+    fake.create_rsa_key("expiring");
+    let config = azure_config(
+        &fake,
+        "refresh_interval = \"100ms\"",
+        &[("expiring", "expiring", "")],
+    );
+    let server = TestServer::start(&config).await;
+    let ct = encrypt(&server, "expiring", b"z").await.unwrap().ciphertext;
+    fake.set_validity("expiring", None, Some(1_000_000_000));
+    let mut last = None;
+    for _ in 0..50 {
+        match encrypt(&server, "expiring", b"z").await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(s) => {
+                last = Some(s);
+                break;
+            }
+        }
+    }
+    let status = last.expect("an expired key must stop wrapping");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "KEY_DISABLED");
+    assert_eq!(decrypt(&server, &ct).await.unwrap(), b"z");
+    let server2 = TestServer::start(&config).await;
+    assert_eq!(
+        decrypt(&server2, &ct).await.unwrap(),
+        b"z",
+        "unwrap of an expired key works"
+    );
+    server.stop().await;
+    server2.stop().await;
 }
 
 #[tokio::test]

@@ -334,7 +334,10 @@ struct KeyFacts {
     version: String,
     algorithm: Option<EncryptionAlgorithm>,
     kty: String,
-    /// Enabled, inside nbf/exp, and permits wrapKey and unwrapKey.
+    /// The `enabled` attribute: Key Vault refuses every operation on a disabled key.
+    enabled: bool,
+    /// Enabled, inside nbf/exp, and permits wrapKey: new data keys can be wrapped. (Key Vault
+    /// still unwraps with an expired or not-yet-valid key, so this does not stop decryption.)
     usable: bool,
     why_unusable: Option<&'static str>,
 }
@@ -364,8 +367,8 @@ fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static str> {
         Some("it is not yet valid (nbf)")
     } else if attrs.and_then(|a| a.expires).is_some_and(|t| t <= now) {
         Some("it has expired (exp)")
-    } else if !ops_ok("wrapKey") || !ops_ok("unwrapKey") {
-        Some("its key_ops do not permit wrapKey and unwrapKey")
+    } else if !ops_ok("wrapKey") {
+        Some("its key_ops do not permit wrapKey")
     } else {
         None
     };
@@ -374,6 +377,7 @@ fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static str> {
         version,
         algorithm,
         kty: format!("{kty:?}"),
+        enabled: attrs.and_then(|a| a.enabled) != Some(false),
         usable: why_unusable.is_none(),
         why_unusable,
     })
@@ -554,11 +558,13 @@ struct KeyState {
     /// Key facts by version, from GET (only successful answers are kept, so the map is bounded
     /// by the key's real versions).
     versions: Mutex<HashMap<String, KeyFacts>>,
-    /// The current version, as last seen in a wrap or a refresh.
+    /// Facts about the current version, from the last GET of the unversioned key.
     current: Mutex<Option<KeyFacts>>,
-    /// Bumped when the current version or usability changes (retires cached data keys).
+    /// The current version as last seen in a wrap answer or a GET.
+    last_version: Mutex<Option<String>>,
+    /// Bumped when the current version or the key's state changes (retires cached data keys).
     generation: AtomicU64,
-    /// Set only by the refresh task, from the key's attributes.
+    /// Set only by the refresh task, from the `enabled` attribute.
     disabled: AtomicBool,
 }
 
@@ -571,15 +577,25 @@ impl KeyState {
         self.versions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records facts about the current version; bumps the generation on a change after the
-    /// first observation.
+    /// Records the current version; true if it differs from a previously seen one (rotation).
+    fn note_version(&self, version: &str) -> bool {
+        let mut last = self.last_version.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = last.as_deref().is_some_and(|v| v != version);
+        *last = Some(version.to_owned());
+        changed
+    }
+
+    /// Records facts about the current version; bumps the generation when the version or the
+    /// key's state changed since the last observation.
     fn observe_current(&self, facts: KeyFacts) {
         let mut cur = self.lock_current();
-        let changed = cur
+        let state_changed = cur
             .as_ref()
-            .is_some_and(|c| c.version != facts.version || c.usable != facts.usable);
-        if changed {
-            tracing::info!(kid = %facts.kid, usable = facts.usable, "azure key changed");
+            .is_some_and(|c| c.usable != facts.usable || c.enabled != facts.enabled);
+        let rotated = self.note_version(&facts.version);
+        if state_changed || rotated {
+            tracing::info!(kid = %facts.kid, enabled = facts.enabled, usable = facts.usable,
+                why = facts.why_unusable, "azure key changed");
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
         self.lock_versions()
@@ -587,17 +603,11 @@ impl KeyState {
         *cur = Some(facts);
     }
 
-    /// A wrap answered with this version: if it is not the version we knew as current, rotation
-    /// happened.
+    /// A wrap answered with this version: if another one was current before, the key rotated.
     fn observe_wrap_version(&self, version: &str) {
-        let cur = self.lock_current();
-        if cur.as_ref().is_some_and(|c| c.version != version) {
-            drop(cur);
-            if let Some(f) = self.lock_versions().get(version).cloned() {
-                self.observe_current(f);
-            } else {
-                self.generation.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.note_version(version) {
+            tracing::info!(version, "azure key rotated (seen in a wrap answer)");
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -692,6 +702,27 @@ impl AzureBackend {
         BackendError::new(BackendKind::Azure, kind, msg)
     }
 
+    /// The wrap algorithm for a version (`None`: the current one). Vaults hold only RSA keys
+    /// (symmetric keys exist only in Managed HSM), so only Managed HSM keys need a GET first.
+    async fn algorithm(&self, version: Option<&str>) -> Result<EncryptionAlgorithm, BackendError> {
+        if self.call.key.kind == VaultKind::Vault {
+            return Ok(EncryptionAlgorithm::RsaOaep256);
+        }
+        let facts = match version {
+            Some(v) => self.version_facts(v).await?,
+            None => self.wrap_facts().await?,
+        };
+        facts.algorithm.clone().ok_or_else(|| {
+            Self::err(
+                BackendErrorKind::Disabled,
+                format!(
+                    "Key Vault key {} has type {} which cannot wrap keys",
+                    facts.kid, facts.kty
+                ),
+            )
+        })
+    }
+
     /// Facts about the version a wrap will use (the pinned one, or the current one).
     async fn wrap_facts(&self) -> Result<KeyFacts, BackendError> {
         if let Some(v) = &self.call.key.version {
@@ -720,7 +751,7 @@ impl AzureBackend {
 async fn refresh_once(call: &Caller, state: &KeyState) {
     match call.get(call.key.version.as_deref()).await {
         Ok(facts) => {
-            let disabled = !facts.usable;
+            let disabled = !facts.enabled;
             if state.disabled.swap(disabled, Ordering::Relaxed) != disabled {
                 tracing::info!(key = %call.key.unversioned(), disabled, why = facts.why_unusable,
                     "azure key state changed");
@@ -1012,16 +1043,7 @@ impl KeyBackend for AzureBackend {
                 "data keys must be 1 to 64 bytes",
             ));
         }
-        let facts = self.wrap_facts().await?;
-        let alg = facts.algorithm.clone().ok_or_else(|| {
-            Self::err(
-                BackendErrorKind::Disabled,
-                format!(
-                    "Key Vault key {} has type {} which cannot wrap keys",
-                    self.durable_id, facts.kty
-                ),
-            )
-        })?;
+        let alg = self.algorithm(self.call.key.version.as_deref()).await?;
         let call = &self.call;
         let result = call
             .retrying(Op::Wrap, || {
@@ -1105,16 +1127,7 @@ impl KeyBackend for AzureBackend {
         if copy.wrapped.is_empty() || copy.wrapped.len() > MAX_WRAPPED_LEN {
             return Err(refuse("wrapped key has an impossible length"));
         }
-        let facts = self.version_facts(&version).await?;
-        let alg = facts.algorithm.clone().ok_or_else(|| {
-            Self::err(
-                BackendErrorKind::Disabled,
-                format!(
-                    "Key Vault key version {} has type {} which cannot unwrap keys",
-                    facts.kid, facts.kty
-                ),
-            )
-        })?;
+        let alg = self.algorithm(Some(&version)).await?;
         let call = &self.call;
         let result = call
             .retrying(Op::Unwrap, || {
