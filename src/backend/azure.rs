@@ -705,12 +705,21 @@ impl AzureBackend {
     /// The wrap algorithm for a version (`None`: the current one). Vaults hold only RSA keys
     /// (symmetric keys exist only in Managed HSM), so only Managed HSM keys need a GET first.
     async fn algorithm(&self, version: Option<&str>) -> Result<EncryptionAlgorithm, BackendError> {
-        if self.call.key.kind == VaultKind::Vault {
-            return Ok(EncryptionAlgorithm::RsaOaep256);
-        }
-        let facts = match version {
-            Some(v) => self.version_facts(v).await?,
-            None => self.wrap_facts().await?,
+        let facts = if self.call.key.kind == VaultKind::Vault {
+            // Use what a refresh may have learned (an EC key cannot wrap); never GET for it.
+            let known = match version {
+                Some(v) => self.state.lock_versions().get(v).cloned(),
+                None => self.state.lock_current().clone(),
+            };
+            match known {
+                Some(f) => f,
+                None => return Ok(EncryptionAlgorithm::RsaOaep256),
+            }
+        } else {
+            match version {
+                Some(v) => self.version_facts(v).await?,
+                None => self.wrap_facts().await?,
+            }
         };
         facts.algorithm.clone().ok_or_else(|| {
             Self::err(
