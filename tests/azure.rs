@@ -172,7 +172,7 @@ async fn persistent_throttling_gives_up_within_the_deadline() {
     fake.create_rsa_key("k");
     let client = fake.vault_client();
     let s = AzureSettings {
-        deadline: Duration::from_millis(2500),
+        deadline: Duration::from_millis(2800),
         retries: 10,
         ..settings()
     };
@@ -184,7 +184,7 @@ async fn persistent_throttling_gives_up_within_the_deadline() {
     let err = backend.wrap(&key, &CTX).await.err().unwrap();
     assert_eq!(err.kind, BackendErrorKind::Throttled, "{err}");
     assert!(
-        started.elapsed() < Duration::from_millis(2500),
+        started.elapsed() < Duration::from_millis(2800),
         "{:?}",
         started.elapsed()
     );
@@ -470,7 +470,7 @@ async fn server_maps_throttling_and_errors_to_statuses() {
     fake.install_hooks();
     let config = azure_config(
         &fake,
-        "refresh_interval = \"0s\"\ndeadline = \"2500ms\"\nretries = 10",
+        "refresh_interval = \"0s\"\ndeadline = \"2800ms\"\nretries = 10",
         &[
             ("app", "k", "cache.enabled = false"),
             ("gone", "missing", ""),
@@ -484,7 +484,7 @@ async fn server_maps_throttling_and_errors_to_statuses() {
     let status = encrypt(&server, "app", b"x").await.err().unwrap();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(reason(&status), "BACKEND_THROTTLED");
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(started.elapsed() < Duration::from_millis(2800));
     fake.inject(0, 429, None);
 
     let status = encrypt(&server, "gone", b"x").await.err().unwrap();
@@ -781,5 +781,34 @@ async fn fake_agrees_with_microsofts_python_client() {
         "{stdout}\n{:?}\n{:?}",
         hsm.log(),
         vault.log()
+    );
+}
+
+#[tokio::test]
+async fn startup_reports_credential_problems_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[azure]
+credential = "client_secret"
+tenant_id = "00000000-0000-0000-0000-000000000000"
+client_id = "11111111-1111-1111-1111-111111111111"
+client_secret_file = "{}/missing-secret"
+[keys.app]
+backend = "azure"
+key_id = "https://kbnohooks.vault.azure.net/keys/k"
+"#,
+        dir.path().display()
+    );
+    let config = keybroker::config::Config::parse(&text, "test.toml", dir.path()).unwrap();
+    let err = keybroker::server::start(&config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("keys.app"), "{err}");
+    assert!(
+        err.contains("cannot read azure.client_secret_file"),
+        "{err}"
     );
 }
