@@ -33,24 +33,15 @@ fn copy<'a>(backend: &dyn KeyBackend, w: &'a keybroker::backend::Wrapped) -> Wra
 pub async fn generate_then_unwrap(backend: &dyn KeyBackend) {
     let (key, wrapped) = backend.generate_data_key(32, &CTX).await.expect("generate");
     assert_eq!(key.len(), 32);
-    assert!(
-        !wrapped.key_id.is_empty(),
-        "wrapped copy must name the durable key id"
-    );
-    assert!(
-        !wrapped.key_version.is_empty(),
-        "wrapped copy must name the key version"
-    );
+    assert!(!wrapped.key_id.is_empty(), "wrapped copy must name the durable key id");
+    assert!(!wrapped.key_version.is_empty(), "wrapped copy must name the key version");
     assert!(!wrapped.ciphertext.is_empty());
     assert_ne!(
         wrapped.ciphertext.as_slice(),
         key.as_ref(),
         "the wrapped form must not be the key itself"
     );
-    let unwrapped = backend
-        .unwrap(&copy(backend, &wrapped), &CTX)
-        .await
-        .expect("unwrap");
+    let unwrapped = backend.unwrap(&copy(backend, &wrapped), &CTX).await.expect("unwrap");
     assert_eq!(unwrapped.as_ref(), key.as_ref());
 }
 
@@ -58,24 +49,15 @@ pub async fn generate_then_unwrap(backend: &dyn KeyBackend) {
 pub async fn wrap_then_unwrap(backend: &dyn KeyBackend) {
     let key = SecretKey::generate(32).unwrap();
     let wrapped = backend.wrap(&key, &CTX).await.expect("wrap");
-    let unwrapped = backend
-        .unwrap(&copy(backend, &wrapped), &CTX)
-        .await
-        .expect("unwrap");
+    let unwrapped = backend.unwrap(&copy(backend, &wrapped), &CTX).await.expect("unwrap");
     assert_eq!(unwrapped.as_ref(), key.as_ref());
 }
 
 /// AES-128 data keys (GenerateDataKey with spec AES_128).
 pub async fn short_data_keys(backend: &dyn KeyBackend) {
-    let (key, wrapped) = backend
-        .generate_data_key(16, &CTX)
-        .await
-        .expect("generate 16");
+    let (key, wrapped) = backend.generate_data_key(16, &CTX).await.expect("generate 16");
     assert_eq!(key.len(), 16);
-    let unwrapped = backend
-        .unwrap(&copy(backend, &wrapped), &CTX)
-        .await
-        .expect("unwrap 16");
+    let unwrapped = backend.unwrap(&copy(backend, &wrapped), &CTX).await.expect("unwrap 16");
     assert_eq!(unwrapped.as_ref(), key.as_ref());
 }
 
@@ -121,20 +103,13 @@ pub async fn tampered_wrapped_key_is_refused(backend: &dyn KeyBackend) {
             .await
             .err()
             .unwrap_or_else(|| panic!("tampered byte {i} unwrapped"));
-        assert_eq!(
-            err.kind,
-            BackendErrorKind::InvalidCiphertext,
-            "byte {i}: {err}"
-        );
+        assert_eq!(err.kind, BackendErrorKind::InvalidCiphertext, "byte {i}: {err}");
     }
 }
 
 /// A copy wrapped by another key is refused by this one, even with the same context.
 pub async fn copy_of_another_key_is_refused(backend: &dyn KeyBackend, other: &dyn KeyBackend) {
-    let (_, wrapped) = other
-        .generate_data_key(32, &CTX)
-        .await
-        .expect("generate on other");
+    let (_, wrapped) = other.generate_data_key(32, &CTX).await.expect("generate on other");
     let err = backend
         .unwrap(&copy(other, &wrapped), &CTX)
         .await

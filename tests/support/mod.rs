@@ -39,8 +39,7 @@ impl TestServer {
         std::fs::write(&path, &text).unwrap();
         let mut config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         if !text.contains("listen") {
-            config.server.listen =
-                vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
+            config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
         }
         Self::start_config(dir, config).await
     }
