@@ -201,6 +201,14 @@ pub enum BackendConfig {
         /// Overrides `[gcp] endpoint` for this key.
         endpoint: Option<String>,
     },
+    /// Azure Key Vault or Managed HSM (see docs/azure.md).
+    Azure {
+        /// The key URL as configured (validated; may pin a version).
+        key_id: String,
+        key: crate::backend::azure::KeyUrl,
+        /// The global `[azure]` section (one credential and client per vault for all keys).
+        settings: crate::backend::azure::AzureSettings,
+    },
 }
 
 impl BackendConfig {
@@ -209,6 +217,7 @@ impl BackendConfig {
             Self::Local { .. } => crate::backend::BackendKind::Local,
             Self::Aws(_) => crate::backend::BackendKind::Aws,
             Self::Gcp { .. } => crate::backend::BackendKind::Gcp,
+            Self::Azure { .. } => crate::backend::BackendKind::Azure,
         }
     }
 
@@ -217,6 +226,7 @@ impl BackendConfig {
             Self::Local { key_id, .. } => key_id,
             Self::Aws(c) => &c.key_id,
             Self::Gcp { key_id, .. } => key_id,
+            Self::Azure { key_id, .. } => key_id,
         }
     }
 }
@@ -250,6 +260,7 @@ pub struct Config {
     /// The admin HTTP listener (/metrics, /healthz, /readyz); None switches it off.
     pub admin_listen: Option<SocketAddr>,
     pub metrics: MetricsConfig,
+    pub azure: crate::backend::azure::AzureSettings,
     pub keys: BTreeMap<String, KeyConfig>,
 }
 
@@ -325,6 +336,7 @@ impl Config {
             },
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             metrics: MetricsConfig::default(),
+            azure: Default::default(),
             keys,
         }
     }
@@ -497,6 +509,9 @@ impl Config {
             }
             section.finish(p);
         }
+        let azure = root.section("azure", p);
+        config.azure = crate::backend::azure::AzureSettings::parse(&azure, base, p);
+        azure.finish(p);
 
         let keys = root.section("keys", p);
         if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
@@ -641,6 +656,21 @@ fn key_config(
             BackendConfig::Aws(Box::new(aws))
         }
         "gcp" => crate::backend::gcp::key_config(s, key_id?, p)?,
+        "azure" => {
+            let key_id = key_id?;
+            let key = match crate::backend::azure::KeyUrl::parse(key_id) {
+                Ok(k) => k,
+                Err(e) => {
+                    p.push(s.at("key_id"), e);
+                    return None;
+                }
+            };
+            BackendConfig::Azure {
+                key_id: key_id.to_owned(),
+                key,
+                settings: config.azure.clone(),
+            }
+        }
         other => {
             p.push(
                 s.at("backend"),

@@ -68,6 +68,7 @@ pub struct BackendFactory {
     gcp: GcpSettings,
     /// One Cloud KMS client per endpoint (credentials are process-wide).
     gcp_clients: HashMap<String, Arc<GcpClient>>,
+    azure: crate::backend::azure::AzureClients,
 }
 
 impl BackendFactory {
@@ -78,6 +79,7 @@ impl BackendFactory {
             aws: Default::default(),
             gcp: config.gcp.clone(),
             gcp_clients: HashMap::new(),
+            azure: Default::default(),
         }
     }
 
@@ -129,6 +131,11 @@ impl BackendFactory {
                 };
                 Ok(Arc::new(GcpBackend::new(client, key_id.clone())?))
             }
+            BackendConfig::Azure {
+                key_id,
+                key,
+                settings,
+            } => Ok(Arc::new(self.azure.backend(key, key_id, settings)?)),
         }
     }
 }

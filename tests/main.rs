@@ -8,6 +8,7 @@ mod support;
 mod api;
 mod audit;
 mod aws;
+mod azure;
 mod cache;
 mod envelope_vectors;
 mod gcp;

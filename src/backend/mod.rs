@@ -22,6 +22,7 @@ use crate::envelope::WrappedCopy;
 use crate::secret::SecretKey;
 
 pub mod aws;
+pub mod azure;
 pub mod gcp;
 pub mod local;
 

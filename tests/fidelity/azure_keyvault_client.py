@@ -1,0 +1,92 @@
+"""Fidelity check of the Key Vault fake (tests/support/azure_fake.rs) with Microsoft's official
+Python client, azure-keyvault-keys. Run by tests/azure.rs, which starts the fake and passes:
+
+  argv: <ca.pem> <token> <rsa kid> <disabled rsa kid> <oct-HSM kid>
+
+Each check prints one line "ok <name> ..." or "FAIL <name> ..."; the exit status is the number
+of failures. The client gets a token the fake minted through a minimal credential, and (because
+the fake listens on 127.0.0.1) skips the challenge-resource check, as the fake's docs say.
+"""
+
+import os
+import sys
+import time
+
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import HttpResponseError
+from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
+
+
+class StaticCredential:
+    """A TokenCredential handing out one token; records the scopes it was asked for."""
+
+    def __init__(self, token):
+        self.token = token
+        self.scopes = []
+
+    def get_token(self, *scopes, **kwargs):
+        self.scopes.extend(scopes)
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+
+def client(kid, cred, ca):
+    return CryptographyClient(kid, cred, verify_challenge_resource=False, connection_verify=ca)
+
+
+def main():
+    ca, token, rsa_kid, disabled_kid, oct_kid = sys.argv[1:6]
+    cred = StaticCredential(token)
+    failures = 0
+
+    def check(name, cond, detail=""):
+        nonlocal failures
+        print(("ok " if cond else "FAIL ") + name + (" " + detail if detail else ""), flush=True)
+        if not cond:
+            failures += 1
+
+    # RSA-OAEP-256: the client fetches the public JWK (GET key) and may wrap locally with it; the
+    # unwrap always goes to the fake, so this also checks the fake's JWK n/e encoding.
+    data_key = os.urandom(32)
+    rsa = client(rsa_kid, cred, ca)
+    wrapped = rsa.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, data_key)
+    check("rsa-wrap", len(wrapped.encrypted_key) == 256, f"kid={wrapped.key_id}")
+    unwrapped = rsa.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped.encrypted_key)
+    check("rsa-unwrap", unwrapped.key == data_key, f"kid={unwrapped.key_id}")
+    check("rsa-kid", unwrapped.key_id == rsa_kid, f"{unwrapped.key_id} vs {rsa_kid}")
+
+    # A flipped byte: Key Vault answers 400 with an error body.
+    bad = bytearray(wrapped.encrypted_key)
+    bad[100] ^= 1
+    try:
+        rsa.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, bytes(bad))
+        check("bad-ciphertext", False, "unwrapped a tampered key")
+    except HttpResponseError as e:
+        code = e.error.code if e.error else None
+        check("bad-ciphertext", e.status_code == 400 and code == "BadParameter",
+              f"status={e.status_code} code={code}")
+
+    # A disabled key refuses unwrapKey with 403 Forbidden (inner code KeyDisabled).
+    off = client(disabled_kid, cred, ca)
+    try:
+        off.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped.encrypted_key)
+        check("disabled", False, "a disabled key unwrapped")
+    except HttpResponseError as e:
+        code = e.error.code if e.error else None
+        inner = e.error.innererror.get("code") if e.error and e.error.innererror else None
+        check("disabled", e.status_code == 403 and code == "Forbidden" and inner == "KeyDisabled",
+              f"status={e.status_code} code={code} inner={inner} message={e.error.message if e.error else ''}")
+
+    # oct-HSM (Managed HSM): the fake refuses GET of this key (403), so the client does wrap and
+    # unwrap remotely; given the JWK (which has no "k") it would wrap with a random local key.
+    hsm = client(oct_kid, cred, ca)
+    wrapped = hsm.wrap_key(KeyWrapAlgorithm.aes_256, data_key)
+    check("oct-wrap", len(wrapped.encrypted_key) == 40, f"kid={wrapped.key_id}")
+    unwrapped = hsm.unwrap_key(KeyWrapAlgorithm.aes_256, wrapped.encrypted_key)
+    check("oct-unwrap", unwrapped.key == data_key)
+
+    check("scopes", set(cred.scopes) == {"https://vault.azure.net/.default"}, str(cred.scopes))
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
