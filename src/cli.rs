@@ -285,14 +285,21 @@ fn print_banner(
     }
     let body = format!(r#"{{"key":"{key}","plaintext":"aGVsbG8="}}"#);
     if let Some(a) = addrs.first() {
-        let target = match a {
-            config::ListenAddr::Tcp(t) => t.to_string(),
+        let (flags, target) = match a {
+            config::ListenAddr::Tcp(t) => ("-plaintext".to_owned(), t.to_string()),
+            config::ListenAddr::Tls(t) => (
+                "-cacert CA.pem -cert CLIENT.pem -key CLIENT-KEY.pem".to_owned(),
+                t.to_string(),
+            ),
             // grpcurl would send the socket path as :authority, which HTTP/2 servers refuse.
-            config::ListenAddr::Unix(p) => format!("-unix -authority localhost {}", p.display()),
+            config::ListenAddr::Unix(p) => (
+                "-plaintext -unix -authority localhost".to_owned(),
+                p.display().to_string(),
+            ),
         };
         let _ = writeln!(
             out,
-            "  try:  grpcurl -plaintext -d '{body}' {target} keybroker.v1.KeyBroker/Encrypt"
+            "  try:  grpcurl {flags} -d '{body}' {target} keybroker.v1.KeyBroker/Encrypt"
         );
     }
     let _ = out.flush();

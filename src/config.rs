@@ -92,11 +92,19 @@ impl fmt::Display for ConfigError {
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// TCP with TLS (mutual TLS when `[server.tls] client_ca` is set): `tls://host:port`.
+    Tls(SocketAddr),
 }
 
 impl ListenAddr {
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        if let Some(hostport) = s.strip_prefix("tls://") {
+            return match Self::parse(hostport)? {
+                Self::Tcp(a) => Ok(Self::Tls(a)),
+                _ => Err(format!("{s:?} is not an address like tls://0.0.0.0:50052")),
+            };
+        }
         if let Some(path) = s
             .strip_prefix("unix://")
             .or_else(|| s.strip_prefix("unix:"))
@@ -122,6 +130,7 @@ impl fmt::Display for ListenAddr {
         match self {
             Self::Tcp(a) => write!(f, "{a}"),
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Tls(a) => write!(f, "tls://{a}"),
         }
     }
 }
@@ -135,6 +144,29 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// 0: one worker per core; 1: a single-threaded runtime (cheapest for a sidecar).
     pub worker_threads: usize,
+    /// TLS for `tls://` listeners (`[server.tls]`).
+    pub tls: Option<ServerTls>,
+}
+
+/// `[server.tls]`: the server certificate and, for mutual TLS, the client CA bundle. The files
+/// are re-read when they change (SPIRE and cert-manager rotate them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub files: crate::tls::TlsFiles,
+    pub client_auth: crate::tls::ClientAuth,
+    /// Which name in a client certificate becomes the caller.
+    pub caller_from: CallerFrom,
+}
+
+/// Where a client certificate's caller name comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerFrom {
+    /// The `spiffe://` URI SAN (SPIFFE X.509-SVIDs carry exactly one).
+    Spiffe,
+    /// The first DNS SAN.
+    Dns,
+    /// The subject's common name.
+    SubjectCn,
 }
 
 /// Data-key cache limits for one key (or the global defaults).
@@ -314,6 +346,7 @@ impl Config {
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
                 worker_threads: 0,
+                tls: None,
             },
             cache: CacheConfig {
                 defaults: CacheLimits::default(),
@@ -423,6 +456,59 @@ impl Config {
                 );
             }
             config.server.worker_threads = n as usize;
+        }
+        let tls = server.section("tls", p);
+        if tls.table.is_some() {
+            let cert = tls.req_str("cert", p).map(|c| resolve(base, c));
+            let key = tls.req_str("key", p).map(|k| resolve(base, k));
+            let client_ca = tls.str("client_ca", p).map(|c| resolve(base, c));
+            let client_auth = match tls.str("client_auth", p) {
+                None | Some("required") => crate::tls::ClientAuth::Required,
+                Some("optional") => crate::tls::ClientAuth::Optional,
+                Some(_) => {
+                    p.push(
+                        tls.at("client_auth"),
+                        "must be \"required\" or \"optional\"",
+                    );
+                    crate::tls::ClientAuth::Required
+                }
+            };
+            let caller_from = match tls.str("caller_from", p) {
+                None | Some("spiffe") => CallerFrom::Spiffe,
+                Some("dns") => CallerFrom::Dns,
+                Some("subject_cn") => CallerFrom::SubjectCn,
+                Some(_) => {
+                    p.push(
+                        tls.at("caller_from"),
+                        "must be \"spiffe\", \"dns\" or \"subject_cn\"",
+                    );
+                    CallerFrom::Spiffe
+                }
+            };
+            if let (Some(cert), Some(key)) = (cert, key) {
+                config.server.tls = Some(ServerTls {
+                    files: crate::tls::TlsFiles {
+                        cert,
+                        key,
+                        client_ca,
+                    },
+                    client_auth,
+                    caller_from,
+                });
+            }
+        }
+        tls.finish(p);
+        if config.server.tls.is_none()
+            && config
+                .server
+                .listen
+                .iter()
+                .any(|l| matches!(l, ListenAddr::Tls(_)))
+        {
+            p.push(
+                server.at("listen"),
+                "a tls:// address needs a [server.tls] section",
+            );
         }
         server.finish(p);
 

@@ -256,6 +256,9 @@ impl Identifier {
             Some(value) => Some(self.check_bearer(value)?),
         };
         if let Some(conn) = conn {
+            if let Some(problem) = conn.peer_cert_error {
+                return Err(Error::Unauthenticated(problem.to_owned()));
+            }
             if let Some(id) = &conn.peer_identity {
                 let name = self
                     .config
@@ -469,6 +472,7 @@ mod tests {
                 pid: Some(1),
             }),
             peer_identity: None,
+            peer_cert_error: None,
         }
     }
 

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::{AdminServer, AdminState};
 use crate::audit::Auditor;
-use crate::config::{Config, ConfigError, ListenAddr, Problem};
+use crate::config::{CallerFrom, Config, ConfigError, ListenAddr, Problem};
 use crate::identity::{self, Identifier, IdentityLayer};
 use crate::metrics::Metrics;
 use crate::proto;
@@ -35,6 +35,7 @@ use crate::proto::key_broker_server::KeyBrokerServer;
 use crate::registry::{BackendLayer, Registry, StatsBook};
 use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
+use crate::tls::{ReloadingTls, TlsOptions};
 
 /// The gRPC service name, as health checks and grpcurl know it.
 pub const SERVICE_NAME: &str = "keybroker.v1.KeyBroker";
@@ -63,6 +64,9 @@ pub struct ConnInfo {
     pub peer_cred: Option<PeerCred>,
     /// The identity (SPIFFE ID, or the configured SAN) of a verified mTLS client certificate.
     pub peer_identity: Option<String>,
+    /// A verified client certificate was presented but carries no usable name: the request is
+    /// refused as UNAUTHENTICATED, never treated as anonymous.
+    pub peer_cert_error: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +80,8 @@ pub struct PeerCred {
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream, Option<PeerCred>),
+    /// A TLS connection and what its handshake established.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnInfo),
 }
 
 impl Connected for Conn {
@@ -87,12 +93,15 @@ impl Connected for Conn {
                 peer_addr: s.peer_addr().ok(),
                 peer_cred: None,
                 peer_identity: None,
+                peer_cert_error: None,
             },
             Conn::Unix(_, cred) => ConnInfo {
                 peer_addr: None,
                 peer_cred: *cred,
                 peer_identity: None,
+                peer_cert_error: None,
             },
+            Conn::Tls(_, info) => info.clone(),
         }
     }
 }
@@ -106,6 +115,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Unix(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -119,6 +129,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Unix(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -126,6 +137,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
             Conn::Unix(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -133,6 +145,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Unix(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -144,6 +157,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Conn::Unix(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -151,6 +165,7 @@ impl AsyncWrite for Conn {
         match self {
             Conn::Tcp(s) => s.is_write_vectored(),
             Conn::Unix(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
         }
     }
 }
@@ -158,6 +173,70 @@ impl AsyncWrite for Conn {
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+    Tls(TcpListener, Arc<ReloadingTls>, CallerFrom),
+}
+
+/// How long a client may take to complete a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The caller name a verified client certificate carries, per `caller_from`.
+pub fn certificate_identity(der: &[u8], from: CallerFrom) -> Result<String, &'static str> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| "the client certificate cannot be parsed")?;
+    let names = || -> Vec<GeneralName<'_>> {
+        cert.subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| san.value.general_names.clone())
+            .unwrap_or_default()
+    };
+    let found = match from {
+        CallerFrom::Spiffe => names().into_iter().find_map(|n| match n {
+            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_owned()),
+            _ => None,
+        }),
+        CallerFrom::Dns => names().into_iter().find_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_owned()),
+            _ => None,
+        }),
+        CallerFrom::SubjectCn => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+    };
+    let name = found.ok_or(match from {
+        CallerFrom::Spiffe => "the client certificate has no spiffe:// URI SAN",
+        CallerFrom::Dns => "the client certificate has no DNS SAN",
+        CallerFrom::SubjectCn => "the client certificate has no subject CN",
+    })?;
+    crate::util::check_name(&name)
+        .map_err(|_| "the client certificate's name is not a valid caller name")?;
+    Ok(name)
+}
+
+/// Completes a TLS handshake and records who the client is.
+async fn handshake(tls: &ReloadingTls, from: CallerFrom, tcp: TcpStream) -> io::Result<Conn> {
+    let peer_addr = tcp.peer_addr().ok();
+    let stream = tls.accept(tcp, TLS_HANDSHAKE_TIMEOUT).await?;
+    let (peer_identity, peer_cert_error) = match stream.get_ref().1.peer_certificates() {
+        Some([leaf, ..]) => match certificate_identity(leaf.as_ref(), from) {
+            Ok(id) => (Some(id), None),
+            Err(e) => (None, Some(e)),
+        },
+        _ => (None, None),
+    };
+    Ok(Conn::Tls(
+        Box::new(stream),
+        ConnInfo {
+            peer_addr,
+            peer_cred: None,
+            peer_identity,
+            peer_cert_error,
+        },
+    ))
 }
 
 /// A Unix socket file this process created, removed at shutdown if it is still ours.
@@ -220,6 +299,8 @@ pub struct Running {
     pub reloader: Arc<Reloader>,
     admin_server: Option<AdminServer>,
     audit_writer: Option<JoinHandle<()>>,
+    /// Keeps the certificate files watched while the server runs.
+    _tls_watch: Option<crate::tls::WatchGuard>,
     background: Vec<JoinHandle<()>>,
     shutdown_tx: Option<oneshot::Sender<()>>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -301,6 +382,8 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     let mut sockets = Vec::new();
+    let mut tls: Option<Arc<ReloadingTls>> = None;
+    let mut tls_watch = None;
     for addr in &config.server.listen {
         let listen_err = |source| StartError::Listen {
             addr: addr.to_string(),
@@ -318,6 +401,31 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
                 addrs.push(addr.clone());
                 sockets.push(owned);
                 listeners.push(Listener::Unix(l));
+            }
+            ListenAddr::Tls(a) => {
+                let Some(tls_config) = &config.server.tls else {
+                    return Err(StartError::Services(
+                        "a tls:// listener needs [server.tls]".into(),
+                    ));
+                };
+                let tls = match &tls {
+                    Some(t) => Arc::clone(t),
+                    None => {
+                        let t = Arc::new(
+                            ReloadingTls::load(
+                                TlsOptions::new(tls_config.files.clone())
+                                    .with_client_auth(tls_config.client_auth),
+                            )
+                            .map_err(|e| StartError::Services(format!("[server.tls]: {e}")))?,
+                        );
+                        tls_watch = Some(t.watch(config.identity.reload_interval));
+                        tls = Some(Arc::clone(&t));
+                        t
+                    }
+                };
+                let l = TcpListener::bind(a).await.map_err(listen_err)?;
+                addrs.push(ListenAddr::Tls(l.local_addr().map_err(listen_err)?));
+                listeners.push(Listener::Tls(l, tls, tls_config.caller_from));
             }
         }
     }
@@ -416,6 +524,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         reloader,
         admin_server,
         audit_writer,
+        _tls_watch: tls_watch,
         background,
         shutdown_tx: Some(shutdown_tx),
         serve,
@@ -441,6 +550,23 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
                 });
                 Conn::Unix(s, cred)
             }),
+            Listener::Tls(l, tls, from) => match l.accept().await {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    // Handshakes run on their own tasks: a slow client must not hold up others.
+                    let (tls, from, tx) = (Arc::clone(tls), *from, tx.clone());
+                    tokio::spawn(async move {
+                        match handshake(&tls, from, s).await {
+                            Ok(conn) => {
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        }
+                    });
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
         };
         if let Err(e) = &conn {
             tracing::warn!(error = %e, "accept failed");

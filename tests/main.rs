@@ -16,6 +16,7 @@ mod grpcurl;
 mod inject;
 mod local_backend;
 mod metrics;
+mod mtls;
 mod policy;
 mod process;
 mod rotation;

@@ -187,6 +187,9 @@ pub fn run_server(args: BenchServerArgs) -> CliResult {
                         let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
                         router.serve_with_incoming(incoming).await?;
                     }
+                    crate::config::ListenAddr::Tls(_) => {
+                        return Err("the echo baseline serves plain TCP or a Unix socket".into());
+                    }
                 }
             }
         }
