@@ -139,8 +139,9 @@ async fn bench(args: BenchAwsArgs) -> CliResult {
         server_cpu: args.server_cpu,
         client_cpu: args.client_cpu,
         server_config: Some(config),
+        compare_metrics: false,
     };
-    let server = super::spawn_server(ServerMode::Keybroker, &bench_args, "keybroker-aws")?;
+    let server = super::spawn_server(ServerMode::Keybroker, &bench_args, "keybroker-aws", false)?;
     let mut kb = crate::client::client(crate::client::connect(&server.addr).await?, 8 << 20);
     let plaintext = bytes::Bytes::from(vec![0x5a; args.payload]);
 
@@ -291,14 +292,21 @@ fn server_config(args: &BenchAwsArgs, arn: &str, creds: Option<&PathBuf>) -> Str
             c.display()
         ));
     }
+    // The load generator calls anonymously over loopback.
+    let allow = |key: &str| {
+        format!("[[keys.{key}.policy]]\ncallers = [\"anonymous\"]\noperations = [\"*\"]\n")
+    };
     s.push_str(&format!(
-        "\n[keys.{COLD}]\nbackend = \"aws\"\nkey_id = \"{arn}\"\ncache.enabled = false\n"
+        "\n[keys.{COLD}]\nbackend = \"aws\"\nkey_id = \"{arn}\"\ncache.enabled = false\n{}",
+        allow(COLD)
     ));
     s.push_str(&format!(
-        "\n[keys.steady]\nbackend = \"aws\"\nkey_id = \"{arn}\"\n"
+        "\n[keys.steady]\nbackend = \"aws\"\nkey_id = \"{arn}\"\n{}",
+        allow("steady")
     ));
     s.push_str(&format!(
-        "\n[keys.steady-10k]\nbackend = \"aws\"\nkey_id = \"{arn}\"\ncache.max_messages = 10000\n"
+        "\n[keys.steady-10k]\nbackend = \"aws\"\nkey_id = \"{arn}\"\ncache.max_messages = 10000\n{}",
+        allow("steady-10k")
     ));
     s
 }

@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Extra `bench-server` arguments for the keybroker server (e.g. a config file).
     #[arg(long)]
     pub server_config: Option<PathBuf>,
+    /// Also run a keybroker with metrics switched off, side by side, and report what metrics
+    /// cost in throughput.
+    #[arg(long)]
+    pub compare_metrics: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,6 +92,9 @@ pub struct BenchServerArgs {
     /// Configuration for keybroker mode (default: a temporary local keyring).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Run with `[metrics] enabled = false` (to measure what metrics cost).
+    #[arg(long)]
+    pub no_metrics: bool,
 }
 
 /// Echo: the same RPCs and message sizes with no work, the gRPC ceiling.
@@ -152,6 +159,8 @@ pub fn run_server(args: BenchServerArgs) -> CliResult {
                 let mut config = match &args.config {
                     Some(p) => crate::config::Config::load(p)?,
                     None => {
+                        // The embedded default as a user runs it (policy, audit to a file,
+                        // metrics), with its files in a temporary directory.
                         let mut c = crate::config::Config::embedded_default();
                         if let Some(k) = c.keys.get_mut(crate::config::DEFAULT_KEY) {
                             k.backend = crate::config::BackendConfig::Local {
@@ -160,10 +169,20 @@ pub fn run_server(args: BenchServerArgs) -> CliResult {
                                 create: true,
                             };
                         }
+                        c.audit.sink = crate::audit::AuditSink::File(tmp.join("audit.jsonl"));
+                        c.admin_listen = None;
                         c
                     }
                 };
                 config.server.listen = vec![crate::config::ListenAddr::parse(&args.listen)?];
+                // stdout is the harness's READY pipe, closed after the first line.
+                if config.audit.sink == crate::audit::AuditSink::Stdout {
+                    config.audit.sink = crate::audit::AuditSink::File(tmp.join("audit.jsonl"));
+                }
+                config.admin_listen = None;
+                if args.no_metrics {
+                    config.metrics.enabled = false;
+                }
                 let running = crate::server::start(&config).await?;
                 println!("READY {}", running.addrs[0]);
                 std::future::pending::<()>().await;
@@ -213,6 +232,11 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The child's scratch directory (keyring, audit log); `taskset` execs in place, so the
+        // pid is the server's.
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("keybroker-bench-{}", self.child.id())),
+        );
     }
 }
 
@@ -220,6 +244,7 @@ fn spawn_server(
     mode: ServerMode,
     args: &BenchArgs,
     tag: &str,
+    no_metrics: bool,
 ) -> Result<ServerProcess, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let listen = match args.transport {
@@ -248,6 +273,9 @@ fn spawn_server(
         && let Some(c) = &args.server_config
     {
         cmd.arg("--config").arg(c);
+    }
+    if no_metrics {
+        cmd.arg("--no-metrics");
     }
     cmd.env("KEYBROKER_LOG", "warn")
         .stdout(Stdio::piped())
@@ -397,25 +425,42 @@ pub fn run(args: BenchArgs) -> CliResult {
             .stdout(Stdio::null())
             .status();
     }
-    let echo = spawn_server(ServerMode::Echo, &args, "echo")?;
-    let kb = spawn_server(ServerMode::Keybroker, &args, "keybroker")?;
+    let echo = spawn_server(ServerMode::Echo, &args, "echo", false)?;
+    let kb = spawn_server(ServerMode::Keybroker, &args, "keybroker", false)?;
+    let kb_off = if args.compare_metrics {
+        Some(spawn_server(ServerMode::Keybroker, &args, "keybroker-no-metrics", true)?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let echo_clients = clients(&echo.addr, args.connections).await?;
         let kb_clients = clients(&kb.addr, args.connections).await?;
+        let off_clients = match &kb_off {
+            Some(s) => Some(clients(&s.addr, args.connections).await?),
+            None => None,
+        };
         let plaintext = bytes::Bytes::from(vec![0x5a; args.payload]);
         let mut kb0 = kb_clients[0].clone();
-        let ciphertext = kb0
-            .encrypt(proto::EncryptRequest {
-                key: "default".into(),
-                plaintext: plaintext.clone(),
-                context: BTreeMap::new(),
-            })
-            .await?
-            .into_inner()
-            .ciphertext;
+        let encrypt_once = |mut c: KeyBrokerClient<Channel>| {
+            let plaintext = plaintext.clone();
+            async move {
+                c.encrypt(proto::EncryptRequest {
+                    key: "default".into(),
+                    plaintext,
+                    context: BTreeMap::new(),
+                })
+                .await
+                .map(|r| r.into_inner().ciphertext)
+            }
+        };
+        let ciphertext = encrypt_once(kb0.clone()).await?;
+        let off_ciphertext = match &off_clients {
+            Some(c) => Some(encrypt_once(c[0].clone()).await?),
+            None => None,
+        };
         println!(
             "# keybroker bench: {} B payload, {} connections, {:?} transport, {} run(s) x {:?} (+{:?} warm-up), server cpu {}, client cpu {}",
             args.payload, args.connections, args.transport, args.runs, args.duration, args.warmup, args.server_cpu, args.client_cpu
@@ -423,40 +468,64 @@ pub fn run(args: BenchArgs) -> CliResult {
         println!();
         println!("| op | in flight | echo req/s | keybroker req/s | ratio | echo p50/p99 µs | keybroker p50/p99 µs | added p99 µs | backend calls per 1M ops | errors |");
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let mut metric_rows = Vec::new();
         for &op in &args.ops {
-            let kb_payload = Arc::new(match op {
-                BenchOp::Encrypt => plaintext.clone(),
-                BenchOp::Decrypt => ciphertext.clone(),
-            });
+            let payload_for = |ct: &bytes::Bytes| {
+                Arc::new(match op {
+                    BenchOp::Encrypt => plaintext.clone(),
+                    BenchOp::Decrypt => ct.clone(),
+                })
+            };
+            let kb_payload = payload_for(&ciphertext);
             let echo_payload = Arc::clone(&kb_payload);
+            let off_payload = off_ciphertext.as_ref().map(payload_for);
             for &c in &args.concurrency {
                 let mut e = Vec::new();
                 let mut k = Vec::new();
+                let mut o = Vec::new();
                 let calls_before = backend_calls(&mut kb0).await;
                 let mut kb_ops = 0f64;
+                // Targets alternate run by run, so a noisy neighbour hits all of them alike.
                 for _ in 0..args.runs {
                     e.push(measure(&echo_clients, op, Arc::clone(&echo_payload), c, args.warmup, args.duration).await);
                     let s = measure(&kb_clients, op, Arc::clone(&kb_payload), c, args.warmup, args.duration).await;
                     kb_ops += s.rps * (args.duration + args.warmup).as_secs_f64();
                     k.push(s);
+                    if let (Some(oc), Some(op_payload)) = (&off_clients, &off_payload) {
+                        o.push(measure(oc, op, Arc::clone(op_payload), c, args.warmup, args.duration).await);
+                    }
                 }
                 let calls = backend_calls(&mut kb0).await.saturating_sub(calls_before);
                 let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
                 let (er, kr) = (m(&e, |s| s.rps), m(&k, |s| s.rps));
                 let (e50, e99) = (m(&e, |s| s.p50_us), m(&e, |s| s.p99_us));
                 let (k50, k99) = (m(&k, |s| s.p50_us), m(&k, |s| s.p99_us));
-                let errors: u64 = e.iter().chain(k.iter()).map(|s| s.errors).sum();
+                let errors: u64 = e.iter().chain(k.iter()).chain(o.iter()).map(|s| s.errors).sum();
+                let name = match op { BenchOp::Encrypt => "Encrypt", BenchOp::Decrypt => "Decrypt" };
                 println!(
-                    "| {} | {c} | {er:.0} | {kr:.0} | {:.2} | {e50:.0} / {e99:.0} | {k50:.0} / {k99:.0} | {:.0} | {:.1} | {errors} |",
-                    match op { BenchOp::Encrypt => "Encrypt", BenchOp::Decrypt => "Decrypt" },
+                    "| {name} | {c} | {er:.0} | {kr:.0} | {:.2} | {e50:.0} / {e99:.0} | {k50:.0} / {k99:.0} | {:.0} | {:.1} | {errors} |",
                     if er > 0.0 { kr / er } else { 0.0 },
                     k99 - e99,
                     if kb_ops > 0.0 { calls as f64 * 1e6 / kb_ops } else { 0.0 },
                 );
+                if !o.is_empty() {
+                    let or = m(&o, |s| s.rps);
+                    let ratios: Vec<f64> = k.iter().zip(&o).map(|(a, b)| if b.rps > 0.0 { a.rps / b.rps } else { 0.0 }).collect();
+                    metric_rows.push((name, c, kr, or, median(ratios)));
+                }
+            }
+        }
+        if !metric_rows.is_empty() {
+            println!();
+            println!("| op | in flight | metrics on req/s | metrics off req/s | on / off (median of per-run ratios) | cost |");
+            println!("|---|---:|---:|---:|---:|---:|");
+            for (name, c, on, off, ratio) in metric_rows {
+                println!("| {name} | {c} | {on:.0} | {off:.0} | {ratio:.3} | {:.1} % |", (1.0 - ratio) * 100.0);
             }
         }
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
+    drop(kb_off);
     drop(echo);
     drop(kb);
     Ok(())
