@@ -48,6 +48,11 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
+    /// A freshly inserted entry means this request made the backend call.
+    fn of(fresh: bool) -> Self {
+        if fresh { Self::Miss } else { Self::Hit }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
@@ -242,7 +247,7 @@ impl DataKeyCache {
             let key = self
                 .fetch(entry, caller, purpose, generation, false, facts)
                 .await?;
-            bump(&entry.stats.op(op).cache_bypasses);
+            count(entry, op, CacheResult::Bypass);
             return Ok((key, CacheResult::Bypass));
         }
         let slot = Slot {
@@ -259,21 +264,13 @@ impl DataKeyCache {
                 .or_try_insert_with(self.fetch(entry, caller, purpose, generation, true, facts))
                 .await
                 .map_err(|e| (*e).clone())?;
-            let result = if got.is_fresh() {
-                CacheResult::Miss
-            } else {
-                CacheResult::Hit
-            };
+            let result = CacheResult::of(got.is_fresh());
             let key = got.into_value();
             // A key this request just made is used even if a tiny TTL already ran out while the
             // backend answered; a cached one must still be within its TTL and generation.
             let fresh = result == CacheResult::Miss || key.fresh(Instant::now(), generation);
             if fresh && key.reserve(bytes) {
-                let counter = match result {
-                    CacheResult::Miss => &entry.stats.op(op).cache_misses,
-                    _ => &entry.stats.op(op).cache_hits,
-                };
-                bump(counter);
+                count(entry, op, result);
                 return Ok((key, result));
             }
             self.retire(&slot, &key).await;
@@ -367,7 +364,7 @@ impl DataKeyCache {
         };
         if !entry.cache.enabled {
             let key = unwrap.await?;
-            bump(&entry.stats.op(op).cache_bypasses);
+            count(entry, op, CacheResult::Bypass);
             return Ok((key, CacheResult::Bypass));
         }
         let digest = copy_digest(copy, ctx);
@@ -377,22 +374,14 @@ impl DataKeyCache {
             .or_try_insert_with(unwrap)
             .await
             .map_err(|e| (*e).clone())?;
-        let result = if got.is_fresh() {
-            CacheResult::Miss
-        } else {
-            CacheResult::Hit
-        };
+        let result = CacheResult::of(got.is_fresh());
         let key = got.into_value();
         if result == CacheResult::Hit && Instant::now() >= key.expires {
             // Past its TTL but not yet swept: never use it; fetch anew.
             self.decrypt.invalidate(&digest).await;
             return Box::pin(self.unwrapped_key(entry, copy, ctx, op, facts)).await;
         }
-        let counter = match result {
-            CacheResult::Miss => &entry.stats.op(op).cache_misses,
-            _ => &entry.stats.op(op).cache_hits,
-        };
-        bump(counter);
+        count(entry, op, result);
         Ok((key, result))
     }
 
@@ -438,6 +427,16 @@ impl DataKeyCache {
         self.decrypt.run_pending_tasks().await;
         (self.encrypt.entry_count(), self.decrypt.entry_count())
     }
+}
+
+/// Counts one cache lookup in the key's per-operation counters.
+fn count(entry: &KeyEntry, op: Operation, result: CacheResult) {
+    let c = entry.stats.op(op);
+    bump(match result {
+        CacheResult::Hit => &c.cache_hits,
+        CacheResult::Miss => &c.cache_misses,
+        CacheResult::Bypass => &c.cache_bypasses,
+    });
 }
 
 /// SHA-256 over the length-prefixed identity of a wrapped copy and its backend context.

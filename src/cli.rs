@@ -305,7 +305,8 @@ fn print_banner(
     let _ = out.flush();
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
+/// Resolves on SIGTERM or SIGINT (what Kubernetes and a terminal send).
+pub async fn wait_for_signal() -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

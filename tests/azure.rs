@@ -684,18 +684,7 @@ fn config_reports_bad_key_urls_with_their_path() {
 
 /// The test venv's python (scripts/test-setup makes it); a missing venv is a failure.
 fn venv_python() -> std::path::PathBuf {
-    let venv = std::env::var_os("KEYBROKER_TEST_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-env/venv")
-        });
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test-setup",
-        python.display()
-    );
-    python
+    crate::support::venv_bin("python")
 }
 
 /// Microsoft's Python client (azure-keyvault-keys) against the fake: wrap/unwrap with

@@ -691,18 +691,9 @@ async fn data_is_recoverable_with_cloud_kms_alone() {
     assert_eq!(plaintext, b"recover me without keybroker");
 }
 
-/// The venv made by scripts/test-setup (KEYBROKER_TEST_VENV, else target/test-env/venv).
+/// The venv's python (scripts/test-setup installs google-cloud-kms into it).
 fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("KEYBROKER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-env/venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python venv at {} (needed for google-cloud-kms): run scripts/test-setup",
-        venv.display()
-    );
-    python
+    crate::support::venv_bin("python")
 }
 
 /// Runs a Python script from the venv with a bounded wait (two minutes; the scripts' own calls

@@ -418,23 +418,7 @@ where
             total += n;
         }
     }
-    all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
-        }
-        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-        all[i] as f64 / 1000.0
-    };
-    (
-        Sample {
-            rps: all.len() as f64 / duration.as_secs_f64(),
-            p50_us: pct(0.50),
-            p99_us: pct(0.99),
-            errors,
-        },
-        total,
-    )
+    (Sample::from_latencies(all, errors, duration), total)
 }
 
 /// One plain-HTTP request to moto's own API (`/moto-api/...`); returns the body.

@@ -377,19 +377,26 @@ async fn measure(
             errors += e;
         }
     }
-    all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
+    Sample::from_latencies(all, errors, duration)
+}
+
+impl Sample {
+    /// Throughput and latency percentiles from per-request latencies (ns) of one window.
+    fn from_latencies(mut ns: Vec<u64>, errors: u64, window: Duration) -> Self {
+        ns.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if ns.is_empty() {
+                return 0.0;
+            }
+            let i = ((ns.len() as f64 * p).ceil() as usize).clamp(1, ns.len()) - 1;
+            ns[i] as f64 / 1000.0
+        };
+        Sample {
+            rps: ns.len() as f64 / window.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            errors,
         }
-        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-        all[i] as f64 / 1000.0
-    };
-    Sample {
-        rps: all.len() as f64 / duration.as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        errors,
     }
 }
 
@@ -428,7 +435,12 @@ pub fn run(args: BenchArgs) -> CliResult {
     let echo = spawn_server(ServerMode::Echo, &args, "echo", false)?;
     let kb = spawn_server(ServerMode::Keybroker, &args, "keybroker", false)?;
     let kb_off = if args.compare_metrics {
-        Some(spawn_server(ServerMode::Keybroker, &args, "keybroker-no-metrics", true)?)
+        Some(spawn_server(
+            ServerMode::Keybroker,
+            &args,
+            "keybroker-no-metrics",
+            true,
+        )?)
     } else {
         None
     };

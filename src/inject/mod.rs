@@ -513,22 +513,11 @@ fn serve(args: ServeArgs) -> crate::cli::CliResult {
         )
         .await?;
         tracing::info!(addr = %server.local_addr(), "keybroker injector listening (HTTPS)");
-        wait_for_signal().await?;
+        crate::cli::wait_for_signal().await?;
         tracing::info!("shutdown signal received; finishing in-flight reviews");
         server.shutdown().await;
         Ok(())
     })
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]

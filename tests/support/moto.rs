@@ -4,7 +4,7 @@
 //! (`/moto-api/recorder/...`), so call counts are observed on the emulator's side.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,16 +18,8 @@ pub const PROFILE: &str = "moto";
 
 /// The test venv (scripts/test-setup), or a panic saying how to make it.
 pub fn venv() -> PathBuf {
-    let dir = std::env::var_os("KEYBROKER_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-env/venv"));
-    let bin = dir.join("bin/moto_server");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run scripts/test-setup (it installs moto[server] into the test venv)",
-        bin.display()
-    );
-    dir
+    super::venv_bin("moto_server");
+    super::venv()
 }
 
 /// One request moto received.
