@@ -150,6 +150,7 @@ pub struct Settings {
     pub mode: SidecarMode,
     /// ConfigMap used when the pod names none.
     pub config_map: String,
+    /// The sidecar's admin port in the pod: the only TCP port it opens (gRPC is on the socket).
     pub admin_port: u16,
 }
 
