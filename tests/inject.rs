@@ -18,11 +18,12 @@ use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, GRPCAction,
-    KeyToPath, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    HTTPGetAction, KeyToPath, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use keybroker::inject::Settings;
 use keybroker::inject::webhook::WebhookServer;
 use keybroker::tls::{ALPN_H2, ALPN_HTTP11, ReloadingTls, TlsFiles, TlsOptions};
@@ -254,7 +255,7 @@ impl Default for Expect<'_> {
             image: "keybroker:0.1.0",
             config_map: "keybroker",
             native: true,
-            port: 50051,
+            port: 9464,
             log: "info",
             requests: &[("cpu", "50m"), ("memory", "64Mi")],
             limits: &[("memory", "128Mi")],
@@ -278,11 +279,13 @@ fn quantities(q: &[(&str, &str)]) -> Option<BTreeMap<String, Quantity>> {
     })
 }
 
-fn grpc_probe(port: i32, service: Option<&str>, period: i32, timeout: i32, failures: i32) -> Probe {
+/// An HTTP probe against the sidecar's named admin port.
+fn http_probe(path: &str, period: i32, timeout: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction {
-            port,
-            service: service.map(Into::into),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("kb-admin".into()),
+            ..Default::default()
         }),
         period_seconds: Some(period),
         timeout_seconds: Some(timeout),
@@ -307,13 +310,18 @@ fn expected_sidecar(e: &Expect) -> Container {
         args: Some(vec!["serve".into()]),
         env: Some(vec![
             env("KEYBROKER_CONFIG", "/etc/keybroker/keybroker.toml"),
-            env(
-                "KEYBROKER_LISTEN",
-                &format!("unix:///run/keybroker/keybroker.sock,0.0.0.0:{}", e.port),
-            ),
+            // gRPC on the socket only; TCP is the admin listener.
+            env("KEYBROKER_LISTEN", "unix:///run/keybroker/keybroker.sock"),
+            env("KEYBROKER_ADMIN_LISTEN", &format!("0.0.0.0:{}", e.port)),
             env("KEYBROKER_SOCKET_MODE", "0666"),
             env("KEYBROKER_LOG", e.log),
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("kb-admin".into()),
+            container_port: e.port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
         volume_mounts: Some(vec![
             socket_mount(),
             VolumeMount {
@@ -328,9 +336,9 @@ fn expected_sidecar(e: &Expect) -> Container {
             limits: quantities(e.limits),
             ..Default::default()
         }),
-        startup_probe: Some(grpc_probe(e.port, Some("keybroker.v1.KeyBroker"), 1, 1, 30)),
-        readiness_probe: Some(grpc_probe(e.port, Some("keybroker.v1.KeyBroker"), 5, 1, 3)),
-        liveness_probe: Some(grpc_probe(e.port, None, 10, 2, 3)),
+        startup_probe: Some(http_probe("/readyz", 1, 1, 30)),
+        readiness_probe: Some(http_probe("/readyz", 5, 1, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 2, 3)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
@@ -485,7 +493,7 @@ async fn container_mode_for_older_clusters() {
     let pod = as_pod(&apply_response(&request, &response));
     let expect = Expect {
         native: false,
-        port: 50052,
+        port: 9465,
         limits: &[],
         ..Default::default()
     };
@@ -1037,6 +1045,50 @@ mod cert_manager {
     }
 }
 
+/// The Prometheus Operator's PodMonitor (not in k8s-openapi): the fields the manifests use,
+/// strictly.
+mod prometheus_operator {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PodMonitor {
+        pub api_version: String,
+        pub kind: String,
+        pub metadata: ObjectMeta,
+        pub spec: PodMonitorSpec,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PodMonitorSpec {
+        pub selector: LabelSelector,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub namespace_selector: Option<NamespaceSelector>,
+        pub pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct NamespaceSelector {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub any: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub match_names: Option<Vec<String>>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct PodMetricsEndpoint {
+        pub port: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub path: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub interval: Option<String>,
+    }
+}
+
 #[test]
 fn every_manifest_parses_into_its_kubernetes_type() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -1070,6 +1122,9 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                 ("cert-manager.io/v1", "Certificate") => {
                     round_trip::<cert_manager::Certificate>(doc)
                 }
+                ("monitoring.coreos.com/v1", "PodMonitor") => {
+                    round_trip::<prometheus_operator::PodMonitor>(doc)
+                }
                 other => panic!("{}: no type for {other:?}", file.display()),
             };
             assert_eq!(
@@ -1089,9 +1144,81 @@ fn every_manifest_parses_into_its_kubernetes_type() {
         "MutatingWebhookConfiguration",
         "Certificate",
         "Issuer",
+        "NetworkPolicy",
+        "PodMonitor",
     ] {
         assert!(kinds.iter().any(|x| x == k), "no {k} in deploy/kubernetes");
     }
+}
+
+/// The PodMonitor scrapes the port the injector declares, on the example app's pods, and the
+/// NetworkPolicy admits Prometheus to that port number and nothing of keybroker's besides.
+#[test]
+fn podmonitor_and_network_policy_match_the_injected_sidecar() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let read = |rel: &str| yaml_docs(&std::fs::read_to_string(crate_path(rel)).unwrap()).remove(0);
+    let sidecar: Container =
+        serde_json::from_value(keybroker::inject::mutate::sidecar(&Settings::default())).unwrap();
+    let ports = sidecar.ports.unwrap();
+    assert_eq!(ports.len(), 1, "the admin port is the sidecar's only port");
+    let (name, number) = (ports[0].name.clone().unwrap(), ports[0].container_port);
+
+    let deployment: Deployment =
+        serde_json::from_value(read("deploy/kubernetes/app/deployment.yaml")).unwrap();
+    let pod_labels = deployment
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap();
+
+    let pm: prometheus_operator::PodMonitor =
+        serde_json::from_value(read("deploy/kubernetes/monitoring/podmonitor.yaml")).unwrap();
+    assert_eq!(pm.metadata.namespace, deployment.metadata.namespace);
+    let endpoints = &pm.spec.pod_metrics_endpoints;
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].port, name);
+    assert_eq!(endpoints[0].path.as_deref(), Some("/metrics"));
+    for (k, v) in pm.spec.selector.match_labels.unwrap() {
+        assert_eq!(pod_labels.get(&k), Some(&v), "PodMonitor selector {k}={v}");
+    }
+
+    let np: NetworkPolicy =
+        serde_json::from_value(read("deploy/kubernetes/app/networkpolicy.yaml")).unwrap();
+    let spec = np.spec.unwrap();
+    for (k, v) in spec.pod_selector.unwrap().match_labels.unwrap() {
+        assert_eq!(
+            pod_labels.get(&k),
+            Some(&v),
+            "NetworkPolicy selector {k}={v}"
+        );
+    }
+    let rules = spec.ingress.unwrap();
+    // Exactly one rule opens a keybroker port, it is the admin port, and it has a `from`.
+    let admin_rules: Vec<_> = rules
+        .iter()
+        .filter(|r| {
+            r.ports.iter().flatten().any(|p| {
+                p.port == Some(IntOrString::Int(number))
+                    || p.port == Some(IntOrString::String(name.clone()))
+            })
+        })
+        .collect();
+    assert_eq!(admin_rules.len(), 1, "one rule admits the admin port");
+    let from = admin_rules[0]
+        .from
+        .as_ref()
+        .expect("the admin rule names who may scrape");
+    assert!(!from.is_empty());
+    // No rule opens the gRPC default port: the API is a Unix socket now.
+    assert!(
+        rules
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .all(|p| p.port != Some(IntOrString::Int(50051)))
+    );
 }
 
 #[test]
@@ -1136,24 +1263,121 @@ fn webhook_configuration_is_what_the_readme_promises() {
     assert!(hook.object_selector.is_some());
 }
 
-#[test]
-fn example_config_is_valid_apart_from_the_pending_aws_backend() {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    let text = std::fs::read_to_string(crate_path("deploy/kubernetes/app/configmap.yaml")).unwrap();
-    let cm: ConfigMap = serde_json::from_value(yaml_docs(&text).remove(0)).unwrap();
-    let toml = &cm.data.unwrap()["keybroker.toml"];
-    // Until the aws backend is merged, the only acceptable problems are "unknown backend aws"
-    // and that backend's own fields; once it is, the file must parse cleanly.
-    match keybroker::config::Config::parse(toml, "configmap", Path::new("/etc/keybroker")) {
-        Ok(config) => assert_eq!(config.keys.len(), 2),
-        Err(e) => {
-            for p in &e.problems {
-                let s = p.to_string();
-                assert!(
-                    s.contains("unknown backend \"aws\"") || s.ends_with(".region: unknown field"),
-                    "{s}"
-                );
+/// The `keybroker.toml` of every ConfigMap under deploy/kubernetes/, by file.
+fn example_configs() -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for file in manifest_files() {
+        for doc in yaml_docs(&std::fs::read_to_string(&file).unwrap()) {
+            if doc["kind"] == "ConfigMap"
+                && let Some(toml) = doc["data"]["keybroker.toml"].as_str()
+            {
+                out.push((file.clone(), toml.to_owned()));
             }
+        }
+    }
+    out
+}
+
+/// The example app's container (not the sidecar) from deployment.yaml.
+fn example_app_container() -> Container {
+    let text =
+        std::fs::read_to_string(crate_path("deploy/kubernetes/app/deployment.yaml")).unwrap();
+    let d: Deployment = serde_json::from_value(yaml_docs(&text).remove(0)).unwrap();
+    let spec = d.spec.unwrap().template.spec.unwrap();
+    spec.containers
+        .into_iter()
+        .find(|c| c.name == "orders")
+        .unwrap()
+}
+
+#[test]
+fn example_configs_are_valid_production_configs() {
+    use keybroker::audit::{AuditMode, AuditSink};
+    use keybroker::backend::BackendKind;
+    use keybroker::operation::Operation;
+
+    let configs = example_configs();
+    let files: Vec<String> = configs
+        .iter()
+        .map(|(f, _)| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        ["configmap.yaml", "configmap-aks.yaml", "configmap-gke.yaml"],
+        "{files:?}"
+    );
+    let app_uid = example_app_container()
+        .security_context
+        .and_then(|s| s.run_as_user)
+        .expect("the example app container sets runAsUser");
+    for ((file, toml), backend) in
+        configs
+            .iter()
+            .zip([BackendKind::Aws, BackendKind::Azure, BackendKind::Gcp])
+    {
+        let at = file.display();
+        // No tolerated problems: the file parses exactly as keybroker reads it in the pod.
+        let config =
+            keybroker::config::Config::parse(toml, &at.to_string(), Path::new("/etc/keybroker"))
+                .unwrap_or_else(|e| panic!("{e}"));
+
+        // Callers: the app container's uid is the caller "orders", and nothing else is named.
+        let peers = &config.identity.peers;
+        assert_eq!(peers.len(), 1, "{at}");
+        assert_eq!(peers[0].caller, "orders", "{at}");
+        assert_eq!(
+            peers[0].uid.map(i64::from),
+            Some(app_uid),
+            "{at}: the peer uid must be the app container's runAsUser in deployment.yaml"
+        );
+        assert!(config.identity.tokens.is_empty() && config.identity.mtls.is_empty());
+
+        // Audit: stdout, and requests fail when a record cannot be written.
+        assert_eq!(config.audit.sink, AuditSink::Stdout, "{at}");
+        assert_eq!(config.audit.mode, AuditMode::Required, "{at}");
+        assert!(config.audit.enabled, "{at}");
+
+        // Two cloud keys, each with a policy naming only the app.
+        let names: Vec<&str> = config.keys.keys().map(String::as_str).collect();
+        assert_eq!(names, ["audit-logs", "prod-app-data"], "{at}");
+        for k in config.keys.values() {
+            assert_eq!(k.backend.kind(), backend, "{at}: {}", k.name);
+            assert!(k.enabled, "{at}: {}", k.name);
+            let callers: Vec<&str> = k.policy.callers().collect();
+            assert_eq!(callers, ["orders"], "{at}: {}", k.name);
+        }
+        let ops = |key: &str| -> Vec<Operation> {
+            let p = &config.keys[key].policy;
+            Operation::ALL
+                .into_iter()
+                .filter(|op| {
+                    p.statements
+                        .iter()
+                        .any(|s| s.operations.contains(op) && s.callers.contains("orders"))
+                })
+                .collect()
+        };
+        assert_eq!(
+            ops("prod-app-data"),
+            [
+                Operation::Encrypt,
+                Operation::Decrypt,
+                Operation::GenerateDataKey
+            ],
+            "{at}"
+        );
+        // The audit key: write-only for the app, never cached.
+        assert_eq!(ops("audit-logs"), [Operation::Encrypt], "{at}");
+        assert!(!config.keys["audit-logs"].cache.enabled, "{at}");
+        assert!(config.keys["prod-app-data"].cache.enabled, "{at}");
+        // The AWS app-data key is configured by alias, as the comments say.
+        if backend == BackendKind::Aws {
+            assert!(
+                config.keys["prod-app-data"]
+                    .backend
+                    .key_id()
+                    .starts_with("alias/")
+            );
         }
     }
 }
@@ -1161,10 +1385,16 @@ fn example_config_is_valid_apart_from_the_pending_aws_backend() {
 // ---------------------------------------------------------------------------------------------
 // The injected environment runs the real sidecar.
 
+/// One HTTP GET, or None while nothing listens on `addr` yet.
+async fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(crate::support::http_get(addr, path).await)
+}
+
 #[tokio::test]
 async fn injected_sidecar_environment_runs_the_sidecar() {
     // The sidecar exactly as injected, with its absolute paths moved into a temp dir and its
-    // probe port onto a free loopback port (a test may only listen on loopback).
+    // admin listener onto a free loopback port (a test may only listen on loopback).
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1172,7 +1402,7 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
         .unwrap()
         .port();
     let settings = Settings {
-        grpc_port: port,
+        admin_port: port,
         ..Default::default()
     };
     let sidecar = keybroker::inject::mutate::sidecar(&settings);
@@ -1184,11 +1414,16 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
     };
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
     std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    // As in the example ConfigMap: the app's uid is a named caller with a policy; everyone else
+    // is anonymous and denied. The app here is this test process, so its uid.
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
     std::fs::write(
         dir.path().join("etc/keybroker.toml"),
         format!(
-            "[keys.default]\nbackend = \"local\"\nkey_id = \"default\"\nkeyring = \"{root}/keyring\"\ncreate = true\n\
-             [[keys.default.policy]]\ncallers = [\"anonymous\"]\noperations = [\"*\"]\n[admin]\nlisten = \"off\"\n"
+            "[[identity.peers]]\ncaller = \"app\"\nuid = {uid}\n\
+             [keys.default]\nbackend = \"local\"\nkey_id = \"default\"\nkeyring = \"{root}/keyring\"\ncreate = true\n\
+             [[keys.default.policy]]\ncallers = [\"app\"]\noperations = [\"encrypt\", \"decrypt\"]\n"
         ),
     )
     .unwrap();
@@ -1207,41 +1442,66 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
             relocate(e["value"].as_str().unwrap()),
         );
     }
-    cmd.stdout(std::process::Stdio::null())
+    // stdout carries the audit records (path "-", the default for a config file).
+    cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit());
     let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let stdout = child.0.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut s).unwrap();
+        s
+    });
 
-    // What the kubelet's startup/readiness probes ask, on the TCP port.
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut health = None;
-    for _ in 0..100 {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.clone())
+    // What the kubelet's probes ask: the probe's named port resolved through the container's
+    // ports, then an HTTP GET of its path.
+    let probe = |name: &str| -> (String, String) {
+        let get = &sidecar[name]["httpGet"];
+        let port_name = get["port"].as_str().unwrap();
+        let declared = sidecar["ports"]
+            .as_array()
             .unwrap()
-            .connect()
-            .await
-        {
-            health = Some(tonic_health::pb::health_client::HealthClient::new(ch));
-            break;
+            .iter()
+            .find(|p| p["name"] == port_name)
+            .unwrap_or_else(|| panic!("{name}: no container port named {port_name}"));
+        let number = declared["containerPort"].as_u64().unwrap();
+        assert_eq!(number, u64::from(port));
+        (
+            format!("127.0.0.1:{number}"),
+            get["path"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (addr, path) = probe("startupProbe");
+    assert_eq!(path, "/readyz");
+    let mut started = None;
+    for _ in 0..200 {
+        match try_http_get(&addr, &path).await {
+            Some((200, body)) => {
+                started = Some(body);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut health = health.expect("the sidecar did not listen on its probe port");
-    for service in ["keybroker.v1.KeyBroker", ""] {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
-    }
+    assert_eq!(
+        started.as_deref(),
+        Some("ready\n"),
+        "the startup probe never passed"
+    );
+    let (addr, path) = probe("readinessProbe");
+    assert_eq!(
+        crate::support::http_get(&addr, &path).await,
+        (200, "ready\n".to_owned())
+    );
+    let (addr, path) = probe("livenessProbe");
+    assert_eq!(path, "/healthz");
+    assert_eq!(
+        crate::support::http_get(&addr, &path).await,
+        (200, "ok\n".to_owned())
+    );
 
-    // The socket every container can open, at the address apps get in KEYBROKER_ADDR.
+    // The socket every container can open, at the address apps get in KEYBROKER_ADDR; the
+    // caller is known by its uid.
     use std::os::unix::fs::PermissionsExt;
     let socket = dir.path().join("run/keybroker.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
@@ -1268,6 +1528,29 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
         .into_inner()
         .plaintext;
     assert_eq!(pt.as_ref(), b"order 42");
+    // The policy applies to that caller: generate_data_key was not granted.
+    let denied = client
+        .generate_data_key(keybroker::proto::GenerateDataKeyRequest {
+            key: "default".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // Prometheus' view, on the port the PodMonitor selects.
+    let (metrics_addr, _) = probe("livenessProbe");
+    let (status, metrics) = crate::support::http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for op in ["encrypt", "decrypt"] {
+        let line = format!(
+            "keybroker_requests_total{{caller=\"app\",key=\"default\",operation=\"{op}\",code=\"OK\"}} 1"
+        );
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
 
     // SIGTERM (what the kubelet sends after the app containers stopped): a clean exit.
     drop(client);
@@ -1286,6 +1569,32 @@ async fn injected_sidecar_environment_runs_the_sidecar() {
     let status = status.expect("the sidecar did not stop within 30s of SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the socket file was left behind");
+
+    // The audit records on stdout name the caller and how it was identified.
+    let stdout = stdout.join().unwrap();
+    let records: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let ops: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["caller"].as_str().unwrap_or(""),
+                r["identified_by"].as_str().unwrap_or(""),
+                r["operation"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("app", "peer_credentials", "encrypt"),
+            ("app", "peer_credentials", "decrypt"),
+            ("app", "peer_credentials", "generate_data_key"),
+        ],
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod audit;
 mod aws;
 mod azure;
 mod cache;
+mod dashboard;
 mod envelope_vectors;
 mod gcp;
 mod grpcurl;

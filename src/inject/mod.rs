@@ -47,8 +47,9 @@ pub mod annotations {
     pub const MEMORY_LIMIT: &str = "keybroker.io/memory-limit";
     /// `KEYBROKER_LOG` of the sidecar (an `EnvFilter` directive such as `info` or `debug`).
     pub const LOG_LEVEL: &str = "keybroker.io/log-level";
-    /// TCP port of the sidecar's gRPC listener (health probes); change it if the app uses 50051.
-    pub const GRPC_PORT: &str = "keybroker.io/grpc-port";
+    /// TCP port of the sidecar's admin listener (kubelet probes, Prometheus scrapes); change it
+    /// if the app uses 9464.
+    pub const ADMIN_PORT: &str = "keybroker.io/admin-port";
 }
 
 /// Value of [`annotations::STATUS`] on an injected pod.
@@ -70,7 +71,12 @@ pub const CONFIG_FILE: &str = "keybroker.toml";
 pub const SOCKET_MODE: &str = "0666";
 /// uid/gid of the image's non-root user (distroless `nonroot`).
 pub const RUN_AS: i64 = 65532;
-pub const DEFAULT_GRPC_PORT: u16 = 50051;
+/// The admin listener's port in the pod (`/readyz`, `/healthz`, `/metrics`); the same as the
+/// sidecar's own loopback default, so documentation and dashboards need no second number.
+pub const DEFAULT_ADMIN_PORT: u16 = 9464;
+/// Name of the sidecar's admin container port: the probes use it, and a Prometheus PodMonitor
+/// selects it (`podMetricsEndpoints: [{port: kb-admin}]`). Port names are unique within a pod.
+pub const ADMIN_PORT_NAME: &str = "kb-admin";
 pub const DEFAULT_IMAGE: &str = concat!("keybroker:", env!("CARGO_PKG_VERSION"));
 pub const DEFAULT_CONFIG_MAP: &str = "keybroker";
 pub const DEFAULT_CPU_REQUEST: &str = "50m";
@@ -144,7 +150,8 @@ pub struct Settings {
     pub mode: SidecarMode,
     /// ConfigMap used when the pod names none.
     pub config_map: String,
-    pub grpc_port: u16,
+    /// The sidecar's admin port in the pod: the only TCP port it opens (gRPC is on the socket).
+    pub admin_port: u16,
 }
 
 impl Default for Settings {
@@ -155,7 +162,7 @@ impl Default for Settings {
             log_level: "info".to_owned(),
             mode: SidecarMode::Native,
             config_map: DEFAULT_CONFIG_MAP.to_owned(),
-            grpc_port: DEFAULT_GRPC_PORT,
+            admin_port: DEFAULT_ADMIN_PORT,
         }
     }
 }
@@ -181,7 +188,7 @@ impl Settings {
         let mode = get(annotations::SIDECAR_MODE);
         let config = get(annotations::CONFIG);
         let log = get(annotations::LOG_LEVEL);
-        let port = get(annotations::GRPC_PORT);
+        let port = get(annotations::ADMIN_PORT);
         let quantities = [
             (get(annotations::CPU_REQUEST), 0),
             (get(annotations::CPU_LIMIT), 1),
@@ -208,7 +215,7 @@ impl Settings {
             s.mode = SidecarMode::parse(&v).unwrap_or(s.mode);
         }
         if let Some(v) = port.and_then(|a| check(a, check_port)) {
-            s.grpc_port = v.parse().unwrap_or(s.grpc_port);
+            s.admin_port = v.parse().unwrap_or(s.admin_port);
         }
         for (a, slot) in quantities {
             if let Some(v) = a.and_then(|a| check(a, check_quantity_or_none)) {
@@ -249,8 +256,8 @@ impl Settings {
                 check(what, q, check_quantity);
             }
         }
-        if self.grpc_port == 0 {
-            problems.push("--grpc-port: must be 1 to 65535".to_owned());
+        if self.admin_port == 0 {
+            problems.push("--admin-port: must be 1 to 65535".to_owned());
         }
         if problems.is_empty() {
             Ok(())
@@ -392,9 +399,10 @@ pub struct SidecarArgs {
     /// KEYBROKER_LOG of the sidecar.
     #[arg(long, env = "KEYBROKER_INJECT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-    /// TCP port of the sidecar's gRPC listener, used by the kubelet's grpc probes.
-    #[arg(long, env = "KEYBROKER_INJECT_GRPC_PORT", default_value_t = DEFAULT_GRPC_PORT)]
-    pub grpc_port: u16,
+    /// TCP port of the sidecar's admin listener (/readyz and /healthz for the kubelet's probes,
+    /// /metrics for Prometheus). gRPC itself is served on the Unix socket only.
+    #[arg(long, env = "KEYBROKER_INJECT_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT)]
+    pub admin_port: u16,
 }
 
 impl SidecarArgs {
@@ -411,7 +419,7 @@ impl SidecarArgs {
             log_level: self.log_level.clone(),
             mode: self.sidecar_mode,
             config_map: self.default_config_map.clone(),
-            grpc_port: self.grpc_port,
+            admin_port: self.admin_port,
         };
         settings.validate()?;
         Ok(settings)
@@ -549,7 +557,7 @@ mod tests {
             "keybroker.io/memory-limit": "none",
             "keybroker.io/cpu-limit": "500m",
             "keybroker.io/sidecar-mode": "container",
-            "keybroker.io/grpc-port": "50052",
+            "keybroker.io/admin-port": "9465",
             "keybroker.io/config": "orders-keybroker",
             "keybroker.io/log-level": "keybroker=debug,info",
         });
@@ -559,14 +567,14 @@ mod tests {
         assert_eq!(s.resources.cpu_limit.as_deref(), Some("500m"));
         assert_eq!(s.resources.memory_request.as_deref(), Some("64Mi"));
         assert_eq!(s.mode, SidecarMode::Container);
-        assert_eq!(s.grpc_port, 50052);
+        assert_eq!(s.admin_port, 9465);
         assert_eq!(s.config_map, "orders-keybroker");
         assert_eq!(s.log_level, "keybroker=debug,info");
 
         let bad = json!({
             "keybroker.io/memory-limit": "12x",
             "keybroker.io/sidecar-mode": "sidecar",
-            "keybroker.io/grpc-port": "0",
+            "keybroker.io/admin-port": "0",
             "keybroker.io/config": "Orders_Config",
             "keybroker.io/log-level": "debug; rm -rf",
             "keybroker.io/image": "",
@@ -577,7 +585,7 @@ mod tests {
         for name in [
             "memory-limit",
             "sidecar-mode",
-            "grpc-port",
+            "admin-port",
             "config",
             "log-level",
             "image",

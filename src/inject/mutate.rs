@@ -10,10 +10,9 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CONFIG_DIR, CONFIG_FILE, CONFIG_VOLUME, CONTAINER_NAME, RUN_AS, SOCKET_ADDR, SOCKET_DIR,
-    SOCKET_MODE, SOCKET_VOLUME, STATUS_INJECTED, Settings, SidecarMode, annotations,
+    ADMIN_PORT_NAME, CONFIG_DIR, CONFIG_FILE, CONFIG_VOLUME, CONTAINER_NAME, RUN_AS, SOCKET_ADDR,
+    SOCKET_DIR, SOCKET_MODE, SOCKET_VOLUME, STATUS_INJECTED, Settings, SidecarMode, annotations,
 };
-use crate::server::SERVICE_NAME;
 
 /// Which pods are injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +164,8 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
 
     if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
         return Err(InjectError::Conflict(
-            "hostNetwork pods cannot get the keybroker sidecar: its gRPC port would listen on \
-             the node's network"
+            "hostNetwork pods cannot get the keybroker sidecar: its admin port (metrics) would \
+             listen on the node's network"
                 .into(),
         ));
     }
@@ -178,23 +177,25 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
             )));
         }
     }
+    // Containers of a pod share one network namespace, and port names are unique in a pod.
     for c in all_containers() {
-        let ports = array(
-            c.get("ports"),
-            &format!("ports of container {:?}", name_of(c).unwrap_or("")),
-        )?;
-        if ports
-            .into_iter()
-            .flatten()
-            .any(|p| p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(s.grpc_port)))
-        {
-            return Err(InjectError::Conflict(format!(
-                "container {:?} uses port {}, the keybroker sidecar's gRPC port; set the {} \
-                 annotation to a free port",
-                name_of(c).unwrap_or(""),
-                s.grpc_port,
-                annotations::GRPC_PORT
-            )));
+        let cname = name_of(c).unwrap_or("");
+        let ports = array(c.get("ports"), &format!("ports of container {cname:?}"))?;
+        for p in ports.into_iter().flatten() {
+            if p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(s.admin_port)) {
+                return Err(InjectError::Conflict(format!(
+                    "container {cname:?} uses port {}, the keybroker sidecar's admin port; set \
+                     the {} annotation to a free port",
+                    s.admin_port,
+                    annotations::ADMIN_PORT
+                )));
+            }
+            if name_of(p) == Some(ADMIN_PORT_NAME) {
+                return Err(InjectError::Conflict(format!(
+                    "container {cname:?} has a port named {ADMIN_PORT_NAME:?}, the name of the \
+                     keybroker sidecar's admin port (port names are unique in a pod)"
+                )));
+            }
         }
     }
 
@@ -309,12 +310,14 @@ fn append_all(patch: &mut Vec<PatchOp>, path: &str, exists: bool, items: &[Value
     }
 }
 
-/// The sidecar container. Probes use the kubelet's gRPC health checks against grpc.health.v1 on
-/// the TCP listener; the app uses the Unix socket.
+/// The sidecar container. gRPC is served on the Unix socket only, so the key API is reachable
+/// from this pod's containers and nothing else; the TCP port is the admin listener, which the
+/// kubelet probes over HTTP (`/readyz`, `/healthz`) and Prometheus scrapes (`/metrics`).
 pub fn sidecar(s: &Settings) -> Value {
     let env = vec![
         json!({"name": crate::config::ENV_CONFIG, "value": format!("{CONFIG_DIR}/{CONFIG_FILE}")}),
-        json!({"name": crate::config::ENV_LISTEN, "value": format!("{SOCKET_ADDR},0.0.0.0:{}", s.grpc_port)}),
+        json!({"name": crate::config::ENV_LISTEN, "value": SOCKET_ADDR}),
+        json!({"name": crate::config::ENV_ADMIN_LISTEN, "value": format!("0.0.0.0:{}", s.admin_port)}),
         json!({"name": crate::config::ENV_SOCKET_MODE, "value": SOCKET_MODE}),
         json!({"name": crate::config::ENV_LOG, "value": s.log_level}),
     ];
@@ -337,7 +340,6 @@ pub fn sidecar(s: &Settings) -> Value {
             resources.insert(key.to_owned(), Value::Object(m));
         }
     }
-    let port = s.grpc_port;
     let mut c = Map::new();
     c.insert("name".into(), json!(CONTAINER_NAME));
     c.insert("image".into(), json!(s.image));
@@ -347,22 +349,26 @@ pub fn sidecar(s: &Settings) -> Value {
     let rest = json!({
         "args": ["serve"],
         "env": env,
+        "ports": [{"name": ADMIN_PORT_NAME, "containerPort": s.admin_port, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": true},
         ],
         "resources": resources,
-        // Native sidecars: the app containers start once this passes (the socket is there).
+        // Native sidecars: the app containers start once this passes (/readyz answers 200 once
+        // the configuration is loaded, the backends are built and the socket listens).
         "startupProbe": {
-            "grpc": {"port": port, "service": SERVICE_NAME},
+            "httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME},
             "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 30,
         },
+        // 503 while draining after SIGTERM.
         "readinessProbe": {
-            "grpc": {"port": port, "service": SERVICE_NAME},
+            "httpGet": {"path": "/readyz", "port": ADMIN_PORT_NAME},
             "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3,
         },
+        // The process answers at all; never tied to a cloud KMS being reachable.
         "livenessProbe": {
-            "grpc": {"port": port},
+            "httpGet": {"path": "/healthz", "port": ADMIN_PORT_NAME},
             "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3,
         },
         "securityContext": {
@@ -537,9 +543,16 @@ mod tests {
             (
                 pod(
                     yes.clone(),
-                    json!({"containers": [{"name": "a", "ports": [{"containerPort": 50051}]}]}),
+                    json!({"containers": [{"name": "a", "ports": [{"containerPort": 9464}]}]}),
                 ),
-                "keybroker.io/grpc-port",
+                "keybroker.io/admin-port",
+            ),
+            (
+                pod(
+                    yes.clone(),
+                    json!({"containers": [{"name": "a", "ports": [{"name": "kb-admin", "containerPort": 8080}]}]}),
+                ),
+                "port names are unique",
             ),
             (
                 pod(
