@@ -20,12 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::broker::Facts;
 use crate::error::Error;
-use crate::identity::Caller;
+use crate::identity::{Caller, RequestId};
 use crate::operation::Operation;
 
 /// The `prev` of the first record of a chain.
@@ -75,11 +74,12 @@ impl Default for AuditConfig {
     }
 }
 
-/// What a request contributes to its record; the writer adds `seq`, `prev` and the time format.
+/// What a request contributes to its record; the writer adds `seq`, `prev`, formats times,
+/// ids and digests (off the request path).
 #[derive(Debug)]
 pub struct Record {
     pub time: SystemTime,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub caller: Arc<str>,
     pub identified_by: &'static str,
     pub operation: Operation,
@@ -87,48 +87,17 @@ pub struct Record {
     pub code: &'static str,
     pub reason: Option<&'static str>,
     pub latency_us: u64,
-    pub context_digest: Option<String>,
+    pub context_digest: Option<[u8; 32]>,
     pub context: Option<BTreeMap<String, String>>,
-    pub destination_context_digest: Option<String>,
+    pub destination_context_digest: Option<[u8; 32]>,
     pub destination_context: Option<BTreeMap<String, String>>,
-}
-
-/// The serialized form; field order is the line's byte order (part of the chain).
-#[derive(Serialize)]
-struct Line<'a> {
-    seq: u64,
-    prev: &'a str,
-    time: String,
-    request_id: &'a str,
-    caller: &'a str,
-    identified_by: &'a str,
-    operation: &'a str,
-    key: Option<&'a str>,
-    backend: Option<&'a str>,
-    backend_key_id: Option<&'a str>,
-    key_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source_key: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source_key_version: Option<&'a str>,
-    result: &'a str,
-    reason: Option<&'a str>,
-    cache: Option<&'a str>,
-    bytes: u64,
-    latency_us: u64,
-    context_digest: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    context: Option<&'a BTreeMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    destination_context_digest: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    destination_context: Option<&'a BTreeMap<String, String>>,
 }
 
 /// The request-side handle.
 pub struct Auditor {
-    tx: Option<mpsc::Sender<Record>>,
-    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// `None` when auditing is off or after `close`.
+    tx: arc_swap::ArcSwapOption<mpsc::Sender<Record>>,
+    enabled: bool,
     healthy: Arc<AtomicBool>,
     mode: AuditMode,
     block_timeout: Duration,
@@ -139,16 +108,16 @@ pub struct Auditor {
 impl std::fmt::Debug for Auditor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auditor")
-            .field("enabled", &self.tx.is_some())
+            .field("enabled", &self.enabled)
             .field("mode", &self.mode)
             .finish()
     }
 }
 
 /// A reserved place for one record.
-pub struct Slot<'a>(Option<mpsc::Permit<'a, Record>>);
+pub struct Slot(Option<mpsc::OwnedPermit<Record>>);
 
-impl Slot<'_> {
+impl Slot {
     pub fn send(self, record: Record) {
         if let Some(p) = self.0 {
             p.send(record);
@@ -156,60 +125,65 @@ impl Slot<'_> {
     }
 }
 
-/// The SHA-256 of a canonical context, hex (what records carry by default).
-pub fn context_digest(context: &BTreeMap<String, String>) -> String {
+/// The SHA-256 of a canonical context (what records carry by default, hex-encoded).
+pub fn context_digest_bytes(context: &BTreeMap<String, String>) -> [u8; 32] {
+    // Most requests carry no context: its digest is a constant.
+    static EMPTY: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest::digest(&digest::SHA256, &[0, 0]).as_ref());
+        out
+    });
+    if context.is_empty() {
+        return *EMPTY;
+    }
     let mut buf = Vec::with_capacity(64);
     crate::envelope::encode_context(context, &mut buf);
-    hex(digest::digest(&digest::SHA256, &buf).as_ref())
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, &buf).as_ref());
+    out
+}
+
+/// [`context_digest_bytes`] as it appears in a record.
+pub fn context_digest(context: &BTreeMap<String, String>) -> String {
+    hex(&context_digest_bytes(context))
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
     }
     s
 }
 
 impl Auditor {
-    /// Starts the writer. Returns the request-side handle and the writer's task (which ends
-    /// after [`Auditor::close`] once every queued record is written).
+    /// Starts the writer thread. Returns the request-side handle and the thread (which ends
+    /// after [`Auditor::close`] once every queued record, and every reserved slot, is written).
     pub fn start(
         config: &AuditConfig,
-    ) -> io::Result<(Arc<Self>, Option<tokio::task::JoinHandle<()>>)> {
+    ) -> io::Result<(Arc<Self>, Option<std::thread::JoinHandle<()>>)> {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let this = |tx| Self {
+            tx: arc_swap::ArcSwapOption::from_pointee(tx),
+            enabled: config.enabled,
+            healthy: Arc::clone(&healthy),
+            mode: config.mode,
+            block_timeout: config.block_timeout,
+            include_context_values: config.include_context_values,
+            dropped: AtomicU64::new(0),
+        };
         if !config.enabled {
-            return Ok((
-                Arc::new(Self {
-                    tx: None,
-                    stop: Default::default(),
-                    healthy: Arc::new(AtomicBool::new(true)),
-                    mode: config.mode,
-                    block_timeout: config.block_timeout,
-                    include_context_values: false,
-                    dropped: AtomicU64::new(0),
-                }),
-                None,
-            ));
+            return Ok((Arc::new(this(None)), None));
         }
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer::open(config)?;
         let h = Arc::clone(&healthy);
-        let task = tokio::spawn(writer.run(rx, h, stop_rx));
-        Ok((
-            Arc::new(Self {
-                tx: Some(tx),
-                stop: std::sync::Mutex::new(Some(stop_tx)),
-                healthy,
-                mode: config.mode,
-                block_timeout: config.block_timeout,
-                include_context_values: config.include_context_values,
-                dropped: AtomicU64::new(0),
-            }),
-            Some(task),
-        ))
+        let thread = std::thread::Builder::new()
+            .name("keybroker-audit".into())
+            .spawn(move || writer.run(rx, h))?;
+        Ok((Arc::new(this(Some(tx))), Some(thread)))
     }
 
     pub fn include_context_values(&self) -> bool {
@@ -223,26 +197,30 @@ impl Auditor {
 
     /// Whether the writer is currently able to write.
     pub fn healthy(&self) -> bool {
-        self.tx.is_none() || self.healthy.load(Ordering::Relaxed)
+        !self.enabled || self.healthy.load(Ordering::Relaxed)
     }
 
     /// Reserves a record slot before a key is used.
-    pub async fn reserve(&self) -> Result<Slot<'_>, Error> {
-        let Some(tx) = &self.tx else {
+    pub async fn reserve(&self) -> Result<Slot, Error> {
+        if !self.enabled {
             return Ok(Slot(None));
+        }
+        let Some(tx) = self.tx.load_full() else {
+            return Err(Error::AuditUnavailable);
         };
+        let tx = (*tx).clone();
         match self.mode {
             AuditMode::Required => {
                 if !self.healthy.load(Ordering::Relaxed) {
                     return Err(Error::AuditUnavailable);
                 }
-                let permit = match tx.try_reserve() {
+                let permit = match tx.try_reserve_owned() {
                     Ok(p) => p,
-                    Err(mpsc::error::TrySendError::Closed(())) => {
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
                         return Err(Error::AuditUnavailable);
                     }
-                    Err(mpsc::error::TrySendError::Full(())) => {
-                        match tokio::time::timeout(self.block_timeout, tx.reserve()).await {
+                    Err(mpsc::error::TrySendError::Full(tx)) => {
+                        match tokio::time::timeout(self.block_timeout, tx.reserve_owned()).await {
                             Ok(Ok(p)) => p,
                             _ => return Err(Error::AuditUnavailable),
                         }
@@ -250,7 +228,7 @@ impl Auditor {
                 };
                 Ok(Slot(Some(permit)))
             }
-            AuditMode::BestEffort => match tx.try_reserve() {
+            AuditMode::BestEffort => match tx.try_reserve_owned() {
                 Ok(p) => Ok(Slot(Some(p))),
                 Err(_) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -263,23 +241,24 @@ impl Auditor {
     /// Stops accepting records; the writer writes what is queued (and any reserved slot that is
     /// filled later) and ends.
     pub fn close(&self) {
-        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
-            let _ = stop.send(());
-        }
+        self.tx.store(None);
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
-        slot: Slot<'_>,
+        slot: Slot,
         caller: &Caller,
-        request_id: String,
+        request_id: RequestId,
         operation: Operation,
         facts: Facts,
         result: Result<(), &Error>,
         latency: Duration,
         contexts: [Option<&BTreeMap<String, String>>; 2],
     ) {
+        if slot.0.is_none() {
+            return;
+        }
         let (code, reason) = match result {
             Ok(()) => ("OK", None),
             Err(e) => {
@@ -304,12 +283,42 @@ impl Auditor {
             code,
             reason,
             latency_us: latency.as_micros() as u64,
-            context_digest: contexts[0].map(context_digest),
+            context_digest: contexts[0].map(context_digest_bytes),
             context: values(contexts[0]),
-            destination_context_digest: contexts[1].map(context_digest),
+            destination_context_digest: contexts[1].map(context_digest_bytes),
             destination_context: values(contexts[1]),
         });
     }
+}
+
+/// `,"name":"value"` (or `null`).
+fn field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    match value {
+        Some(v) => json_str(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x00..=0x1f => {
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(DIGITS[(b >> 4) as usize]);
+                out.push(DIGITS[(b & 15) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 /// gRPC code names as the gRPC spec spells them.
@@ -446,71 +455,85 @@ impl Writer {
         }
     }
 
+    /// Appends one record as a JSON line and advances the chain. Written by hand (fields in a
+    /// fixed order, strings escaped per RFC 8259): this runs once per key use.
     fn serialize(&mut self, r: &Record, out: &mut Vec<u8>) {
+        use std::io::Write as _;
         self.chain.seq += 1;
         let f = &r.facts;
-        let line = Line {
-            seq: self.chain.seq,
-            prev: &self.chain.prev,
-            time: crate::util::rfc3339(r.time),
-            request_id: &r.request_id,
-            caller: &r.caller,
-            identified_by: r.identified_by,
-            operation: r.operation.as_str(),
-            key: f.key.as_deref(),
-            backend: f.backend.map(|b| b.as_str()),
-            backend_key_id: f.backend_key_id.as_deref(),
-            key_version: f.key_version.as_deref(),
-            source_key: f.source_key.as_deref(),
-            source_key_version: f.source_key_version.as_deref(),
-            result: r.code,
-            reason: r.reason,
-            cache: f.cache.map(|c| c.as_str()),
-            bytes: f.bytes,
-            latency_us: r.latency_us,
-            context_digest: r.context_digest.as_deref(),
-            context: r.context.as_ref(),
-            destination_context_digest: r.destination_context_digest.as_deref(),
-            destination_context: r.destination_context.as_ref(),
-        };
         let start = out.len();
-        if serde_json::to_writer(&mut *out, &line).is_err() {
-            // Serializing these plain types cannot fail; keep the chain consistent regardless.
-            out.truncate(start);
-            out.extend_from_slice(b"{}");
+        let _ = write!(out, "{{\"seq\":{},\"prev\":\"", self.chain.seq);
+        out.extend_from_slice(self.chain.prev.as_bytes());
+        out.extend_from_slice(b"\",\"time\":\"");
+        crate::util::write_rfc3339(r.time, out);
+        out.extend_from_slice(b"\",\"request_id\":");
+        match &r.request_id {
+            RequestId::Client(id) => json_str(out, id),
+            generated => {
+                let _ = write!(out, "\"{generated}\"");
+            }
         }
+        field(out, "caller", Some(&r.caller));
+        field(out, "identified_by", Some(r.identified_by));
+        field(out, "operation", Some(r.operation.as_str()));
+        field(out, "key", f.key.as_deref());
+        field(out, "backend", f.backend.map(|b| b.as_str()));
+        field(out, "backend_key_id", f.backend_key_id.as_deref());
+        field(out, "key_version", f.key_version.as_deref());
+        if f.source_key.is_some() {
+            field(out, "source_key", f.source_key.as_deref());
+            field(out, "source_key_version", f.source_key_version.as_deref());
+        }
+        field(out, "result", Some(r.code));
+        field(out, "reason", r.reason);
+        field(out, "cache", f.cache.map(|c| c.as_str()));
+        let _ = write!(
+            out,
+            ",\"bytes\":{},\"latency_us\":{}",
+            f.bytes, r.latency_us
+        );
+        let contexts = [
+            ("context", "context_digest", &r.context_digest, &r.context),
+            (
+                "destination_context",
+                "destination_context_digest",
+                &r.destination_context_digest,
+                &r.destination_context,
+            ),
+        ];
+        for (i, (name, digest_name, digest, values)) in contexts.into_iter().enumerate() {
+            // `context_digest` is always present (null if none); the destination's only on
+            // ReEncrypt.
+            if i == 0 || digest.is_some() {
+                field(out, digest_name, digest.as_ref().map(|d| hex(d)).as_deref());
+            }
+            if let Some(m) = values {
+                let _ = write!(out, ",\"{name}\":");
+                if serde_json::to_writer(&mut *out, m).is_err() {
+                    out.extend_from_slice(b"null");
+                }
+            }
+        }
+        out.push(b'}');
         self.chain.prev = hex(digest::digest(&digest::SHA256, &out[start..]).as_ref());
         out.push(b'\n');
     }
 
-    /// The writer loop. Writes happen on the blocking pool, so a stuck disk or pipe never
-    /// stalls the request threads: requests keep being answered (with AUDIT_UNAVAILABLE once
-    /// the queue is full) instead of hanging.
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Record>,
-        healthy: Arc<AtomicBool>,
-        mut stop: tokio::sync::oneshot::Receiver<()>,
-    ) {
-        let mut batch = Vec::with_capacity(256);
-        let mut buf = Vec::with_capacity(64 << 10);
-        let mut stopping = false;
-        loop {
-            let n = if stopping {
-                rx.recv_many(&mut batch, 256).await
-            } else {
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, 256) => n,
-                    _ = &mut stop => {
-                        // No new slots; reserved ones can still be filled and are drained below.
-                        rx.close();
-                        stopping = true;
-                        continue;
-                    }
+    /// The writer thread: serializes, chains and writes records in batches, off the request
+    /// threads (a stuck disk or pipe blocks only this thread; requests are then refused with
+    /// AUDIT_UNAVAILABLE once the queue is full, instead of hanging). A short linger after each
+    /// wake-up gathers records into bigger writes.
+    fn run(mut self, mut rx: mpsc::Receiver<Record>, healthy: Arc<AtomicBool>) {
+        const LINGER: Duration = Duration::from_micros(500);
+        let mut batch = Vec::with_capacity(1024);
+        let mut buf = Vec::with_capacity(256 << 10);
+        while rx.blocking_recv_many(&mut batch, 1024) > 0 {
+            std::thread::sleep(LINGER);
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
-            };
-            if n == 0 {
-                break;
             }
             for r in batch.drain(..) {
                 self.serialize(&r, &mut buf);
@@ -519,22 +542,7 @@ impl Writer {
             // are refused (Required mode) and this retries.
             let mut backoff = Duration::from_millis(100);
             loop {
-                let (writer, lines, result) = match tokio::task::spawn_blocking(move || {
-                    let r = self.write(&buf);
-                    (self, buf, r)
-                })
-                .await
-                {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::error!(error = %e, "the audit writer panicked; refusing key use");
-                        healthy.store(false, Ordering::Relaxed);
-                        return;
-                    }
-                };
-                self = writer;
-                buf = lines;
-                match result {
+                match self.write(&buf) {
                     Ok(()) => {
                         if !healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!("audit log writable again");
@@ -546,7 +554,7 @@ impl Writer {
                             tracing::error!(error = %e, "cannot write the audit log; refusing key use until it can");
                         }
                         self.file = None;
-                        tokio::time::sleep(backoff).await;
+                        std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
@@ -778,5 +786,31 @@ mod tests {
         a.insert("a".to_owned(), "1".to_owned());
         assert_eq!(context_digest(&a).len(), 64);
         assert_ne!(context_digest(&a), context_digest(&BTreeMap::new()));
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[test]
+    fn empty_context_digest_matches_the_encoding() {
+        let mut buf = Vec::new();
+        crate::envelope::encode_context(&BTreeMap::new(), &mut buf);
+        assert_eq!(
+            context_digest_bytes(&BTreeMap::new()).as_slice(),
+            digest::digest(&digest::SHA256, &buf).as_ref()
+        );
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = Vec::new();
+        json_str(&mut out, "a\"b\\c\nd\u{1}é");
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            serde_json::from_str::<String>(&text).unwrap(),
+            "a\"b\\c\nd\u{1}é"
+        );
     }
 }

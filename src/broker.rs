@@ -32,7 +32,7 @@ pub const CIPHERTEXT_OVERHEAD: u64 = 128 << 10;
 pub struct Facts {
     pub key: Option<Arc<str>>,
     pub backend: Option<BackendKind>,
-    pub backend_key_id: Option<String>,
+    pub backend_key_id: Option<Arc<str>>,
     pub key_version: Option<String>,
     pub cache: Option<CacheResult>,
     /// Payload bytes (plaintext in or out).
@@ -87,7 +87,7 @@ impl Facts {
     fn entry(&mut self, entry: &KeyEntry) {
         self.key = Some(Arc::clone(&entry.name));
         self.backend = Some(entry.backend.kind());
-        self.backend_key_id = Some(entry.backend.key_id().to_owned());
+        self.backend_key_id = Some(Arc::clone(&entry.backend_key_id));
     }
 }
 

@@ -444,11 +444,13 @@ fn copy_digest(copy: &WrappedCopy<'_>, ctx: &BackendContext<'_>) -> [u8; 32] {
     let mut h = digest::Context::new(&digest::SHA256);
     h.update(b"keybroker decrypt cache v1");
     h.update(&[copy.backend.code()]);
+    let mut aad = Vec::with_capacity(96);
+    ctx.encode_aad(&mut aad);
     for part in [
         copy.key_id.as_bytes(),
         copy.key_version.as_bytes(),
         copy.wrapped,
-        &ctx.to_aad(),
+        &aad,
     ] {
         h.update(&(part.len() as u64).to_be_bytes());
         h.update(part);

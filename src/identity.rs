@@ -11,7 +11,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -313,11 +312,28 @@ impl Identifier {
 /// Request id header a client may set (kept if sane), echoed in logs and audit records.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// The id tying a request's log lines and audit record together.
+/// The id tying a request's log lines and audit record together. Generated ids are a
+/// per-process random prefix and a counter, formatted only when written out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub String);
+pub enum RequestId {
+    Generated {
+        prefix: u32,
+        n: u64,
+    },
+    /// A sane `x-request-id` from the client.
+    Client(Arc<str>),
+}
 
-/// Unique, cheap request ids: a random per-process prefix and a counter.
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Generated { prefix, n } => write!(f, "{prefix:08x}-{n:012x}"),
+            Self::Client(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Hands out request ids.
 #[derive(Debug)]
 pub struct RequestIds {
     prefix: u32,
@@ -340,23 +356,24 @@ impl RequestIds {
         }
     }
 
-    pub fn next(&self) -> String {
-        format!(
-            "{:08x}-{:012x}",
-            self.prefix,
-            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )
+    pub fn next(&self) -> RequestId {
+        RequestId::Generated {
+            prefix: self.prefix,
+            n: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The client's `x-request-id` when it is sane (printable ASCII, at most 128 bytes), else
     /// a new id.
-    pub fn for_request(&self, headers: &http::HeaderMap) -> String {
-        headers
+    pub fn for_request(&self, headers: &http::HeaderMap) -> RequestId {
+        match headers
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.next())
+        {
+            Some(v) => RequestId::Client(Arc::from(v)),
+            None => self.next(),
+        }
     }
 }
 
@@ -397,8 +414,6 @@ pub struct IdentityService<S> {
     ids: Arc<RequestIds>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
 impl<S, B> tower::Service<http::Request<B>> for IdentityService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -410,7 +425,11 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    // No allocation per request: either the inner future or a ready refusal.
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Self::Response, Self::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -427,16 +446,16 @@ where
         match identified {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
-                req.extensions_mut().insert(RequestId(request_id));
+                req.extensions_mut().insert(request_id);
                 // The clone-and-swap dance keeps the service that was polled ready.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                futures_util::future::Either::Left(inner.call(req))
             }
             Err(e) => {
                 let status = tracing::debug_span!("request", request_id = %request_id, path = req.uri().path())
                     .in_scope(|| e.to_status());
-                Box::pin(async move { Ok(status.into_http()) })
+                futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }
     }

@@ -22,6 +22,8 @@ pub struct KeyEntry {
     /// Switched off in the configuration (checked before anything else).
     pub enabled: bool,
     pub backend: Arc<dyn KeyBackend>,
+    /// `backend.key_id()`, shared (every request's audit record names it).
+    pub backend_key_id: Arc<str>,
     /// What the backend was built from (a reload reuses it when unchanged).
     pub backend_config: BackendConfig,
     pub cache: CacheLimits,
@@ -180,6 +182,7 @@ impl Registry {
                             name,
                             description: kc.description.clone(),
                             enabled: kc.enabled,
+                            backend_key_id: Arc::from(backend.key_id()),
                             backend,
                             backend_config: kc.backend.clone(),
                             cache: kc.cache,

@@ -298,7 +298,7 @@ pub struct Running {
     /// Applies configuration changes (SIGHUP, file change, or a direct call).
     pub reloader: Arc<Reloader>,
     admin_server: Option<AdminServer>,
-    audit_writer: Option<JoinHandle<()>>,
+    audit_writer: Option<std::thread::JoinHandle<()>>,
     /// Keeps the certificate files watched while the server runs.
     _tls_watch: Option<crate::tls::WatchGuard>,
     background: Vec<JoinHandle<()>>,
@@ -627,10 +627,11 @@ impl Running {
         } else {
             Duration::from_millis(500)
         };
-        if let Some(w) = self.audit_writer.take()
-            && tokio::time::timeout(audit_wait, w).await.is_err()
-        {
-            tracing::error!(?audit_wait, "the audit writer did not finish in time");
+        if let Some(w) = self.audit_writer.take() {
+            let joined = tokio::task::spawn_blocking(move || w.join());
+            if tokio::time::timeout(audit_wait, joined).await.is_err() {
+                tracing::error!(?audit_wait, "the audit writer did not finish in time");
+            }
         }
         if let Some(a) = self.admin_server.take() {
             a.stop().await;

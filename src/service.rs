@@ -49,22 +49,10 @@ impl KeyBrokerService {
         async {
             let started = Instant::now();
             let mut facts = Facts::default();
-            let result = match self.audit.reserve().await {
-                Err(e) => Err(e),
-                Ok(slot) => {
-                    let result = f(&mut facts).await;
-                    self.audit.record(
-                        slot,
-                        &meta.caller,
-                        meta.request_id.clone(),
-                        op,
-                        facts.clone(),
-                        result.as_ref().map(|_| ()),
-                        started.elapsed(),
-                        contexts,
-                    );
-                    result
-                }
+            // The audit slot is reserved before any key is used; without one, nothing happens.
+            let (result, slot) = match self.audit.reserve().await {
+                Ok(slot) => (f(&mut facts).await, Some(slot)),
+                Err(e) => (Err(e), None),
             };
             let latency = started.elapsed();
             let code = match &result {
@@ -73,13 +61,19 @@ impl KeyBrokerService {
             };
             self.metrics
                 .observe_request(&meta.caller, op, &facts, code, latency);
-            tracing::debug!(
-                code = crate::audit::code_name(code),
-                key = facts.key.as_deref().unwrap_or(""),
-                cache = facts.cache.map(|c| c.as_str()).unwrap_or(""),
-                latency_us = latency.as_micros() as u64,
-                "request"
-            );
+            log_request(code, &facts, latency);
+            if let Some(slot) = slot {
+                self.audit.record(
+                    slot,
+                    &meta.caller,
+                    meta.request_id.clone(),
+                    op,
+                    facts,
+                    result.as_ref().map(|_| ()),
+                    latency,
+                    contexts,
+                );
+            }
             result.map_err(|e| e.to_status())
         }
         .instrument(span)
@@ -95,16 +89,27 @@ impl KeyBrokerService {
         let request_id = req
             .extensions()
             .get::<RequestId>()
-            .map(|r| r.0.clone())
+            .cloned()
             .unwrap_or_else(|| self.ids.next());
         Meta { caller, request_id }
     }
 }
 
+/// The one debug line per request (inside the request's span, so it carries the request id).
+fn log_request(code: tonic::Code, facts: &Facts, latency: std::time::Duration) {
+    tracing::debug!(
+        code = crate::audit::code_name(code),
+        key = facts.key.as_deref().unwrap_or(""),
+        cache = facts.cache.map(|c| c.as_str()).unwrap_or(""),
+        latency_us = latency.as_micros() as u64,
+        "request"
+    );
+}
+
 /// Who asked, and the id that ties the request's log lines and audit record together.
 struct Meta {
     caller: Caller,
-    request_id: String,
+    request_id: RequestId,
 }
 
 #[tonic::async_trait]

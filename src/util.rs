@@ -9,17 +9,40 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Formats a time as RFC 3339 UTC with microseconds, e.g. `2026-11-29T23:45:08.123456Z`.
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut out = Vec::with_capacity(27);
+    write_rfc3339(t, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`rfc3339`] appended to a buffer, digit by digit (it runs once per audit record).
+pub fn write_rfc3339(t: SystemTime, out: &mut Vec<u8>) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let (y, m, day) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    fn num(out: &mut Vec<u8>, v: u64, width: usize) {
+        let mut digits = [b'0'; 20];
+        let mut v = v;
+        for i in (0..width).rev() {
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&digits[..width]);
+    }
+    num(out, y.clamp(0, 9999) as u64, 4);
+    out.push(b'-');
+    num(out, m as u64, 2);
+    out.push(b'-');
+    num(out, day as u64, 2);
+    out.push(b'T');
+    num(out, rem / 3600, 2);
+    out.push(b':');
+    num(out, (rem / 60) % 60, 2);
+    out.push(b':');
+    num(out, rem % 60, 2);
+    out.push(b'.');
+    num(out, d.subsec_micros() as u64, 6);
+    out.push(b'Z');
 }
 
 pub fn rfc3339_now() -> String {

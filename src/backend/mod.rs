@@ -14,7 +14,6 @@
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -94,16 +93,25 @@ impl BackendContext<'_> {
     }
 
     /// The canonical byte encoding of [`Self::pairs`] (same encoding as message contexts), used
-    /// as AAD by backends that take bytes (local, Cloud KMS).
+    /// as AAD by backends that take bytes (local, Cloud KMS) and in the decrypt-cache digest.
     pub fn to_aad(&self) -> Vec<u8> {
-        let map: BTreeMap<String, String> = self
-            .pairs()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut out = Vec::with_capacity(64);
-        crate::envelope::encode_context(&map, &mut out);
+        let mut out = Vec::with_capacity(2 + 8 + 29 + self.caller.len() + self.key_name.len());
+        self.encode_aad(&mut out);
         out
+    }
+
+    /// Appends [`Self::to_aad`] to `out` (no intermediate map: [`Self::pairs`] is already in
+    /// canonical, sorted order).
+    pub fn encode_aad(&self, out: &mut Vec<u8>) {
+        let pairs = self.pairs();
+        out.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
+        for (k, v) in pairs {
+            for part in [k.as_bytes(), v.as_bytes()] {
+                let len = part.len().min(u16::MAX as usize);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+                out.extend_from_slice(&part[..len]);
+            }
+        }
     }
 }
 
@@ -306,5 +314,27 @@ impl BackendError {
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Arc::new(source));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The direct encoding is exactly the canonical context encoding of the two pairs.
+    #[test]
+    fn backend_context_aad_is_the_canonical_encoding() {
+        let ctx = BackendContext {
+            key_name: "default",
+            caller: "spiffe://example.org/a",
+        };
+        let map: std::collections::BTreeMap<String, String> = ctx
+            .pairs()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut want = Vec::new();
+        crate::envelope::encode_context(&map, &mut want);
+        assert_eq!(ctx.to_aad(), want);
     }
 }

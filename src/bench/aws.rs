@@ -140,6 +140,7 @@ async fn bench(args: BenchAwsArgs) -> CliResult {
         client_cpu: args.client_cpu,
         server_config: Some(config),
         compare_metrics: false,
+        target: None,
     };
     let server = super::spawn_server(ServerMode::Keybroker, &bench_args, "keybroker-aws", false)?;
     let mut kb = crate::client::client(crate::client::connect(&server.addr).await?, 8 << 20);

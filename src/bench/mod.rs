@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// cost in throughput.
     #[arg(long)]
     pub compare_metrics: bool,
+    /// Drive an already running keybroker at this address instead of starting one (e.g. one
+    /// under a profiler); its key `default` must allow `anonymous` to encrypt and decrypt.
+    #[arg(long)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -433,7 +437,20 @@ pub fn run(args: BenchArgs) -> CliResult {
             .status();
     }
     let echo = spawn_server(ServerMode::Echo, &args, "echo", false)?;
-    let kb = spawn_server(ServerMode::Keybroker, &args, "keybroker", false)?;
+    let kb = match &args.target {
+        Some(_) => None,
+        None => Some(spawn_server(
+            ServerMode::Keybroker,
+            &args,
+            "keybroker",
+            false,
+        )?),
+    };
+    let kb_addr = match (&args.target, &kb) {
+        (Some(t), _) => t.clone(),
+        (None, Some(k)) => k.addr.clone(),
+        (None, None) => return Err("no keybroker to measure".into()),
+    };
     let kb_off = if args.compare_metrics {
         Some(spawn_server(
             ServerMode::Keybroker,
@@ -449,7 +466,7 @@ pub fn run(args: BenchArgs) -> CliResult {
         .build()?;
     rt.block_on(async {
         let echo_clients = clients(&echo.addr, args.connections).await?;
-        let kb_clients = clients(&kb.addr, args.connections).await?;
+        let kb_clients = clients(&kb_addr, args.connections).await?;
         let off_clients = match &kb_off {
             Some(s) => Some(clients(&s.addr, args.connections).await?),
             None => None,
