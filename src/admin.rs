@@ -87,7 +87,15 @@ impl AdminServer {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(route(&state, req)) }
+                        async move {
+                            // Settle the caches' pending bookkeeping so entry counts are exact.
+                            if req.uri().path() == "/metrics"
+                                && let Some((_, broker, _)) = state.parts.get()
+                            {
+                                broker.cache().entry_counts().await;
+                            }
+                            Ok::<_, Infallible>(route(&state, req))
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)

@@ -47,7 +47,7 @@ pub enum Cmd {
     Bench(crate::bench::BenchArgs),
     /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
     Inject(crate::inject::InjectArgs),
-    /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks-aws.md).
+    /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks.md).
     BenchAws(crate::bench::aws::BenchAwsArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
@@ -258,7 +258,13 @@ fn print_banner(
         .next()
         .map(String::as_str)
         .unwrap_or(config::DEFAULT_KEY);
-    let mut out = std::io::stdout().lock();
+    // With the audit log on stdout, stdout must carry nothing but audit records.
+    let mut out: Box<dyn Write> =
+        if config.audit.enabled && config.audit.sink == crate::audit::AuditSink::Stdout {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
     let _ = writeln!(
         out,
         "keybroker {} serving {} key(s) from {}",
