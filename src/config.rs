@@ -367,7 +367,7 @@ impl Config {
                 sink: AuditSink::File(PathBuf::from(DEFAULT_AUDIT_LOG)),
                 ..AuditConfig::default()
             },
-            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             metrics: MetricsConfig::default(),
             azure: Default::default(),
             keys,
@@ -689,19 +689,6 @@ impl Config {
             );
         }
         names
-    }
-
-    /// A one-line summary of a key's cache limits, for logs.
-    pub fn describe_limits(l: &CacheLimits) -> String {
-        if !l.enabled {
-            return "caching off".to_owned();
-        }
-        format!(
-            "ttl {}, max {} messages, max {} bytes",
-            format_duration(l.ttl),
-            l.max_messages,
-            l.max_bytes
-        )
     }
 }
 
