@@ -186,10 +186,6 @@ impl Auditor {
         Ok((Arc::new(this(Some(tx))), Some(thread)))
     }
 
-    pub fn include_context_values(&self) -> bool {
-        self.include_context_values
-    }
-
     /// Records dropped in best-effort mode.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

@@ -174,10 +174,6 @@ impl Broker {
         &self.cache
     }
 
-    pub fn max_plaintext(&self) -> u64 {
-        self.max_plaintext
-    }
-
     pub async fn encrypt(
         &self,
         caller: &Caller,

@@ -194,10 +194,6 @@ impl Identifier {
         })
     }
 
-    pub fn config(&self) -> &IdentityConfig {
-        &self.config
-    }
-
     /// Re-reads token files that changed. A file that can no longer be read revokes its token
     /// (fail closed) until it is readable again.
     pub fn refresh(&self) {

@@ -54,6 +54,12 @@ pub enum StartError {
     },
     #[error("cannot build the gRPC services: {0}")]
     Services(String),
+    #[error("cannot open the audit log {sink:?}: {source}")]
+    Audit {
+        sink: crate::audit::AuditSink,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How a connection reached us; attached to every request on it.
@@ -364,8 +370,8 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         config.server.max_request_bytes,
     ));
     let (audit, audit_writer) =
-        Auditor::start(&config.audit).map_err(|source| StartError::Listen {
-            addr: format!("{:?} (audit log)", config.audit.sink),
+        Auditor::start(&config.audit).map_err(|source| StartError::Audit {
+            sink: config.audit.sink.clone(),
             source,
         })?;
     let metrics = Arc::new(Metrics::new(

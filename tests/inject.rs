@@ -887,28 +887,17 @@ spec:
     );
 
     // --all also injects the Job; stdin works.
-    let mut child = std::process::Command::new(keybroker_bin())
-        .args([
+    let result = crate::support::run_with_stdin(
+        std::process::Command::new(keybroker_bin()).args([
             "inject",
             "file",
             "-",
             "--all",
             "--image",
             "registry.example.com/keybroker:9",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let result = child.wait_with_output().unwrap();
+        ]),
+        text.as_bytes(),
+    );
     assert!(result.status.success());
     let out = yaml_docs(&String::from_utf8(result.stdout).unwrap());
     let job = out.iter().find(|d| d["kind"] == "Job").unwrap();

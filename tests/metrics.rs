@@ -207,21 +207,10 @@ async fn scripted_workload_gives_exact_counts_and_costs() {
 
     // promtool (Debian `prometheus`, installed by scripts/test-setup) accepts the exposition.
     let promtool = which("promtool").expect("promtool is missing: run scripts/test-setup");
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::support::run_with_stdin(
+        std::process::Command::new(promtool).args(["check", "metrics"]),
+        body.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "promtool: {}{}",

@@ -2,9 +2,8 @@
 //! client, Unix sockets, and graceful shutdown on SIGTERM.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,15 +130,7 @@ async fn cli_encrypt_decrypt_datakey_round_trip() {
     let addr = server.addr.clone();
     let payload: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let run = move |args: Vec<String>, input: Vec<u8>| {
-        let mut child = Command::new(keybroker_bin())
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&input).unwrap();
-        child.wait_with_output().unwrap()
+        crate::support::run_with_stdin(Command::new(keybroker_bin()).args(&args), &input)
     };
     let a = |s: &str| s.to_owned();
     let (addr2, p2) = (addr.clone(), payload.clone());

@@ -68,10 +68,6 @@ impl LocalKeyring {
         }))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Re-reads the file if it changed since the last load. Returns whether a new keyring was
     /// swapped in.
     pub fn reload_if_changed(&self) -> bool {

@@ -75,18 +75,7 @@ const STEADY_KEYS: [(&str, &str); 2] = [
 ];
 
 pub fn run(args: BenchAwsArgs) -> CliResult {
-    if args.client_cpu >= 0 {
-        let _ = std::process::Command::new("taskset")
-            .args([
-                "-a",
-                "-p",
-                "-c",
-                &args.client_cpu.to_string(),
-                &std::process::id().to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .status();
-    }
+    super::pin_self(args.client_cpu);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

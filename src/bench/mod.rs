@@ -422,20 +422,25 @@ async fn backend_calls(client: &mut KeyBrokerClient<Channel>) -> u64 {
     }
 }
 
-pub fn run(args: BenchArgs) -> CliResult {
-    if args.client_cpu >= 0 {
-        // Pin this process (all threads) to the load-generator core before starting any.
+/// Pins this process (all its threads) to `cpu` with `taskset`, before the load generator
+/// starts any; a negative `cpu` leaves it unpinned.
+fn pin_self(cpu: i32) {
+    if cpu >= 0 {
         let _ = Command::new("taskset")
             .args([
                 "-a",
                 "-p",
                 "-c",
-                &args.client_cpu.to_string(),
+                &cpu.to_string(),
                 &std::process::id().to_string(),
             ])
             .stdout(Stdio::null())
             .status();
     }
+}
+
+pub fn run(args: BenchArgs) -> CliResult {
+    pin_self(args.client_cpu);
     let echo = spawn_server(ServerMode::Echo, &args, "echo", false)?;
     let kb = match &args.target {
         Some(_) => None,

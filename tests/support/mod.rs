@@ -333,3 +333,16 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     };
     (status, body)
 }
+
+/// Runs a command with `input` on stdin and returns its output (stdout and stderr captured).
+pub fn run_with_stdin(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
