@@ -10,6 +10,7 @@
 //! (rustls server configs that follow rotated files), `inject` (the Kubernetes sidecar injector).
 
 pub mod admin;
+pub mod admission;
 pub mod audit;
 pub mod backend;
 pub mod bench;
@@ -33,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod tls;
+pub mod transport;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.

@@ -29,6 +29,17 @@ pub struct KeyEntry {
     pub cache: CacheLimits,
     pub policy: Policy,
     pub stats: Arc<KeyStats>,
+    /// Part of every cache entry's identity: a reload that changes the key's backend or cache
+    /// limits gives it a new epoch, so no data key cached before (or inserted afterwards by a
+    /// request still running on the old registry) is ever served under the new configuration.
+    pub cache_epoch: u64,
+}
+
+/// Process-wide, so that no two registries ever hand out the same epoch.
+static NEXT_CACHE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn new_cache_epoch() -> u64 {
+    NEXT_CACHE_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -161,10 +172,13 @@ impl Registry {
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in &config.keys {
-            let reused = previous
+            let same_backend = previous
                 .and_then(|p| p.get(name))
-                .filter(|e| e.backend_config == kc.backend)
-                .map(|e| Arc::clone(&e.backend));
+                .filter(|e| e.backend_config == kc.backend);
+            let reused = same_backend.map(|e| Arc::clone(&e.backend));
+            let cache_epoch = same_backend
+                .filter(|e| e.cache == kc.cache)
+                .map_or_else(new_cache_epoch, |e| e.cache_epoch);
             let built = match reused {
                 Some(b) => Ok(b),
                 None => factory.build(&kc.backend).await.map(|backend| match layer {
@@ -187,6 +201,7 @@ impl Registry {
                             backend_config: kc.backend.clone(),
                             cache: kc.cache,
                             policy: kc.policy.clone(),
+                            cache_epoch,
                         }),
                     );
                 }
