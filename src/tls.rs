@@ -1,9 +1,9 @@
 //! TLS server configuration that follows its files on disk: a certificate chain, its private key
-//! and, for mutual TLS, a client CA bundle. cert-manager, SPIRE and Kubernetes secret mounts
-//! rotate these files while the process runs; [`ReloadingTls`] notices (a poll of inode, size and
-//! times, which also sees the atomic `..data` symlink swap of secret and ConfigMap volumes) and
-//! swaps in a new [`rustls::ServerConfig`] for the *next* handshake. Listeners and established
-//! connections are never touched.
+//! and, for mutual TLS, a client CA bundle and optionally CRLs. cert-manager, SPIRE and
+//! Kubernetes secret mounts rotate these files while the process runs; [`ReloadingTls`] notices
+//! (a poll of inode, size and times, which also sees the atomic `..data` symlink swap of secret
+//! and ConfigMap volumes) and swaps in a new [`rustls::ServerConfig`] for the *next* handshake.
+//! Listeners and established connections are never touched.
 //!
 //! It must never: replace a working configuration by one built from a broken or half-written
 //! file (the old one stays and the failure is logged), block the accept path on file I/O, or put
