@@ -19,15 +19,11 @@ use tonic::metadata::MetadataValue;
 use crate::support::h2raw::{self, RawH2};
 use crate::support::{TestServer, client_for, keybroker_bin, local_config, reason};
 
-fn addr_of(s: &TestServer) -> String {
-    s.addr.clone()
-}
-
 #[tokio::test]
 async fn the_server_advertises_its_stream_and_header_limits() {
     // Defaults: a stream limit is always advertised (tonic alone advertises none).
     let s = TestServer::local("").await;
-    let mut c = RawH2::connect(&addr_of(&s)).await;
+    let mut c = RawH2::connect(&s.addr).await;
     let settings = c.server_settings().await;
     assert!(
         settings.contains(&(h2raw::SETTINGS_MAX_CONCURRENT_STREAMS, 128)),
@@ -44,7 +40,7 @@ async fn the_server_advertises_its_stream_and_header_limits() {
         local_config("")
     ))
     .await;
-    let mut c = RawH2::connect(&addr_of(&s)).await;
+    let mut c = RawH2::connect(&s.addr).await;
     let settings = c.server_settings().await;
     assert!(
         settings.contains(&(h2raw::SETTINGS_MAX_CONCURRENT_STREAMS, 7)),
@@ -129,6 +125,65 @@ async fn a_client_that_makes_the_server_reset_streams_gets_a_goaway() {
         );
         assert!(resets <= limit, "{resets} resets with a limit of {limit}");
     }
+}
+
+/// Opens `n` ListKeys streams and cancels each at once, all in one write, then pings: the
+/// GOAWAY code if the server gave up on the connection before answering the ping.
+async fn rapid_resets(addr: &str, n: u32) -> Option<u32> {
+    let mut c = RawH2::connect(addr).await;
+    c.server_settings().await;
+    let mut block = h2raw::indexed(&[3, 6]); // :method POST, :scheme http
+    block.extend(h2raw::literal(4, "/keybroker.v1.KeyBroker/ListKeys"));
+    block.extend(h2raw::literal(1, "localhost"));
+    block.extend(h2raw::literal(31, "application/grpc"));
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let id = 2 * i + 1;
+        burst.extend(h2raw::encode(
+            h2raw::HEADERS,
+            h2raw::END_HEADERS,
+            id,
+            &block,
+        ));
+        burst.extend(h2raw::encode(
+            h2raw::RST_STREAM,
+            0,
+            id,
+            &h2raw::CANCEL.to_be_bytes(),
+        ));
+    }
+    burst.extend(h2raw::encode(h2raw::PING, 0, 0, b"12345678"));
+    c.send_raw(&burst).await;
+    while let Some(f) = c.frame().await {
+        match f.kind {
+            h2raw::GOAWAY => return f.error_code(),
+            h2raw::PING if f.flags & h2raw::ACK != 0 => return None,
+            _ => {}
+        }
+    }
+    panic!("neither a GOAWAY nor the ping's answer");
+}
+
+/// Rapid reset (CVE-2023-44487): streams the client opens and resets before the server accepted
+/// them count against `max_pending_accept_reset_streams`; past it, GOAWAY ENHANCE_YOUR_CALM.
+#[tokio::test]
+async fn rapid_reset_past_the_limit_gets_a_goaway() {
+    let limited = TestServer::start(&format!(
+        "{}\n[server.limits]\nmax_pending_accept_reset_streams = 5\n",
+        local_config("")
+    ))
+    .await;
+    assert_eq!(
+        rapid_resets(&limited.addr, 12).await,
+        Some(h2raw::ENHANCE_YOUR_CALM)
+    );
+    // The default (20) tolerates 12, and stops 100.
+    let default = TestServer::local("").await;
+    assert_eq!(rapid_resets(&default.addr, 12).await, None);
+    assert_eq!(
+        rapid_resets(&default.addr, 100).await,
+        Some(h2raw::ENHANCE_YOUR_CALM)
+    );
 }
 
 #[tokio::test]

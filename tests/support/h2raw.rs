@@ -14,7 +14,11 @@ pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
+pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
+
+/// RST_STREAM error code CANCEL.
+pub const CANCEL: u32 = 0x8;
 
 pub const END_STREAM: u8 = 0x1;
 pub const ACK: u8 = 0x1;
@@ -62,14 +66,15 @@ impl RawH2 {
     }
 
     pub async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let len = payload.len() as u32;
-        let mut head = [0u8; 9];
-        head[..3].copy_from_slice(&len.to_be_bytes()[1..]);
-        head[3] = kind;
-        head[4] = flags;
-        head[5..].copy_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-        self.io.write_all(&head).await.unwrap();
-        self.io.write_all(payload).await.unwrap();
+        self.io
+            .write_all(&encode(kind, flags, stream, payload))
+            .await
+            .unwrap();
+    }
+
+    /// Writes already encoded frames in one go (so the server reads them together).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
     }
 
     /// The next frame, or `None` when the server closed the connection or said nothing for 10 s
@@ -113,6 +118,32 @@ impl RawH2 {
             }
         }
     }
+}
+
+/// One frame, encoded.
+pub fn encode(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A literal header field without indexing whose name is static-table entry `name_index`
+/// (RFC 7541 §6.2.2; plain string, no Huffman).
+pub fn literal(name_index: u8, value: &str) -> Vec<u8> {
+    let mut out = if name_index < 15 {
+        vec![name_index]
+    } else {
+        vec![15, name_index - 15]
+    };
+    assert!(value.len() < 127);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+    out
 }
 
 /// A header block of HPACK static-table entries (RFC 7541 Appendix A), by index: e.g. 6 is
