@@ -6,7 +6,7 @@
 //!
 //! Small messages from such callers are still decoded and denied by the broker, per key, with
 //! the usual message naming the key. Callers with a grant somewhere pass straight through (one
-//! registry scan that stops at the first grant). Refusals are audited and counted like every
+//! lookup in a table the registry builds with each configuration). Refusals are audited and counted like every
 //! other request (`KeyBrokerService::refuse`). This layer never grants anything: it can only
 //! refuse earlier what the broker would refuse anyway.
 
@@ -105,11 +105,7 @@ where
             .get::<Caller>()
             .cloned()
             .unwrap_or_else(Caller::anonymous);
-        let granted = self
-            .broker
-            .registry()
-            .iter()
-            .any(|e| need.check(&e.policy, &caller));
+        let granted = self.broker.registry().grants_anywhere(&caller, need);
         if granted {
             return Either::Left(inner.call(req));
         }

@@ -12,7 +12,9 @@ use crate::backend::KeyBackend;
 use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
 use crate::backend::local::{LocalBackend, LocalKeyring};
 use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
-use crate::policy::Policy;
+use crate::identity::Caller;
+use crate::operation::Operation;
+use crate::policy::{Need, Policy};
 use crate::stats::KeyStats;
 
 /// One configured key.
@@ -71,6 +73,50 @@ impl StatsBook {
 #[derive(Debug)]
 pub struct Registry {
     keys: BTreeMap<Arc<str>, Arc<KeyEntry>>,
+    grants: Grants,
+}
+
+/// Which operations each caller holds on at least one key, so that `admission` can tell in one
+/// lookup (whatever the number of keys) whether any key's policy grants a caller an operation.
+#[derive(Debug, Default)]
+struct Grants {
+    /// Per caller name named in a statement: a bit per `Operation::index()`.
+    named: HashMap<String, u8>,
+    /// What `*` grants every identified caller.
+    any_identified: u8,
+}
+
+impl Grants {
+    fn of<'a>(policies: impl Iterator<Item = &'a Policy>) -> Self {
+        let mut g = Self::default();
+        for s in policies.flat_map(|p| &p.statements) {
+            let ops = s
+                .operations
+                .iter()
+                .fold(0u8, |bits, op| bits | 1 << op.index());
+            for c in &s.callers {
+                if c == crate::policy::ANY_IDENTIFIED {
+                    g.any_identified |= ops;
+                } else {
+                    *g.named.entry(c.clone()).or_default() |= ops;
+                }
+            }
+        }
+        g
+    }
+
+    fn allow(&self, caller: &Caller, need: Need) -> bool {
+        let mut ops = self.named.get(&*caller.name).copied().unwrap_or(0);
+        if &*caller.name != crate::identity::ANONYMOUS {
+            ops |= self.any_identified;
+        }
+        let has = |op: Operation| ops & (1 << op.index()) != 0;
+        match need {
+            Need::Op(op) => has(op),
+            Need::ReEncryptFrom => has(Operation::Decrypt) || has(Operation::ReEncrypt),
+            Need::ReEncryptTo { .. } => has(Operation::Encrypt) || has(Operation::ReEncrypt),
+        }
+    }
 }
 
 /// Builds backends, sharing what can be shared between keys.
@@ -217,7 +263,8 @@ impl Registry {
                 problems,
             });
         }
-        Ok(Self { keys })
+        let grants = Grants::of(keys.values().map(|e| &e.policy));
+        Ok(Self { keys, grants })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<KeyEntry>> {
@@ -227,5 +274,55 @@ impl Registry {
     /// Keys in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
         self.keys.values()
+    }
+
+    /// Whether some key's policy grants `caller` what `need` asks for (ReEncrypt: `decrypt` or
+    /// `re_encrypt` on a source). Whether it holds on the key a request names is for the broker.
+    pub fn grants_anywhere(&self, caller: &Caller, need: Need) -> bool {
+        self.grants.allow(caller, need)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentitySource;
+    use crate::policy::Statement;
+
+    fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
+        Policy {
+            statements: vec![Statement {
+                callers: callers.iter().map(|c| c.to_string()).collect(),
+                operations: ops.iter().copied().collect(),
+            }],
+        }
+    }
+
+    /// The table answers exactly what checking every key's policy would.
+    #[test]
+    fn grants_anywhere_matches_a_scan_of_every_policy() {
+        let policies = [
+            policy(&["billing"], &[Operation::Encrypt]),
+            policy(&["*"], &[Operation::List, Operation::Decrypt]),
+            policy(&["rekeyer"], &[Operation::ReEncrypt]),
+            policy(&["anonymous"], &[Operation::GenerateDataKey]),
+        ];
+        let table = Grants::of(policies.iter());
+        let callers = [
+            Caller::new("billing", IdentitySource::BearerToken),
+            Caller::new("rekeyer", IdentitySource::Mtls),
+            Caller::new("stranger", IdentitySource::Mtls),
+            Caller::anonymous(),
+        ];
+        let needs = Operation::ALL
+            .into_iter()
+            .map(Need::Op)
+            .chain([Need::ReEncryptFrom]);
+        for need in needs {
+            for c in &callers {
+                let scan = policies.iter().any(|p| need.check(p, c));
+                assert_eq!(table.allow(c, need), scan, "{c:?} {need:?}");
+            }
+        }
     }
 }
