@@ -330,8 +330,16 @@ impl Broker {
         } else {
             destination_key
         };
-        // Both keys are resolved and checked before any backend work.
-        let dest = self.usable_key(&registry, caller, dest_name, Need::ReEncryptTo, facts)?;
+        // Both keys are resolved and checked before any backend work. Whether the caller can
+        // read the source decides what it needs on the destination (see `Need`).
+        let source_readable = source.policy.allows(caller, Operation::Decrypt);
+        let dest = self.usable_key(
+            &registry,
+            caller,
+            dest_name,
+            Need::ReEncryptTo { source_readable },
+            facts,
+        )?;
 
         let (copy, data_key, _) = self
             .unwrap_any(source, &env, Operation::ReEncrypt, facts)
@@ -422,7 +430,8 @@ impl Broker {
     }
 
     /// Looks up a key, counts the request, checks permission and state (in that order: the
-    /// policy is checked before anything about the key's data keys is touched).
+    /// policy is checked before anything about the key's data keys is touched). An unknown key
+    /// and a key the caller has no grant on are answered alike (docs/api.md).
     fn usable_key<'r>(
         &self,
         registry: &'r Registry,
@@ -436,16 +445,29 @@ impl Broker {
                 "key: a key name is required".to_owned(),
             ));
         }
-        let entry = registry.get(name).ok_or_else(|| Error::KeyNotFound {
-            key: name.to_owned(),
-        })?;
+        let Some(entry) = registry.get(name) else {
+            return Err(Error::KeyNotFound {
+                key: name.to_owned(),
+                caller: caller.name.to_string(),
+                operation: need.describe(),
+            });
+        };
         facts.entry(entry);
         let op = match need {
             Need::Op(op) => op,
-            Need::ReEncryptFrom | Need::ReEncryptTo => Operation::ReEncrypt,
+            Need::ReEncryptFrom | Need::ReEncryptTo { .. } => Operation::ReEncrypt,
         };
         bump(&entry.stats.op(op).requests);
         if !need.check(&entry.policy, caller) {
+            // Without any grant on the key the caller must not learn that it exists: the same
+            // answer as for an unknown name (Error::KeyNotFound).
+            if !entry.policy.grants_any(caller) {
+                return Err(Error::NoGrant {
+                    caller: caller.name.to_string(),
+                    key: Some(name.to_owned()),
+                    operation: need.describe(),
+                });
+            }
             return Err(Error::PolicyDenied {
                 caller: caller.name.to_string(),
                 key: name.to_owned(),

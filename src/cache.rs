@@ -1,12 +1,12 @@
 //! The data-key caches: the lever that keeps most requests away from the (paid, rate-limited,
 //! milliseconds-away) backend. docs/caching.md explains the limits and their defaults.
 //!
-//! - Encrypt side: per (key, caller, purpose) one active data key, made by ONE backend call and
+//! - Encrypt side: per (key, caller, purpose, epoch) one active data key, made by ONE backend call and
 //!   reused until the first of TTL, max messages, max bytes, a change of the key's generation
 //!   (rotation, disable). Concurrent misses share one backend call (moka's single flight); a
 //!   failed call is not cached and every waiter gets its error.
 //! - Decrypt side: unwrapped data keys by a digest of (backend, key id, version, wrapped key,
-//!   backend context), so N decrypts of messages under one data key cost one backend call. A hit
+//!   backend context, epoch), so N decrypts of messages under one data key cost one backend call. A hit
 //!   only ever happens after the envelope header named the key (and the policy was checked by
 //!   the caller of this module), and the message is still authenticated with the cached key.
 //!
@@ -88,9 +88,12 @@ impl Purpose {
     }
 }
 
+/// An encrypt-side cache slot. The key's cache epoch (see `KeyEntry::cache_epoch`) is part of it:
+/// after a reload that changed the key's backend, old slots are unreachable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Slot {
     key: Arc<str>,
+    epoch: u64,
     caller: Arc<str>,
     purpose: Purpose,
 }
@@ -154,6 +157,8 @@ pub struct UnwrappedKey {
     data_key: SecretKey,
     expires: Instant,
     stats: Arc<KeyStats>,
+    /// The configured key name it was cached for (so `forget_key` can find it).
+    key: Arc<str>,
 }
 
 impl UnwrappedKey {
@@ -222,6 +227,7 @@ impl DataKeyCache {
             .name("keybroker-decrypt-keys")
             .max_capacity(capacity)
             .expire_after(TtlExpiry)
+            .support_invalidation_closures()
             .eviction_listener(|_k, v: Arc<UnwrappedKey>, cause| {
                 if cause != RemovalCause::Replaced {
                     bump(&v.stats.op(Operation::Decrypt).evictions);
@@ -252,6 +258,7 @@ impl DataKeyCache {
         }
         let slot = Slot {
             key: Arc::clone(&entry.name),
+            epoch: entry.cache_epoch,
             caller: Arc::clone(caller),
             purpose,
         };
@@ -318,11 +325,12 @@ impl DataKeyCache {
         let now = Instant::now();
         let backend = entry.backend.kind();
         if seed_decrypt {
-            let digest = copy_digest(&wrapped.as_copy(backend), &ctx);
+            let digest = copy_digest(&wrapped.as_copy(backend), &ctx, entry.cache_epoch);
             let unwrapped = UnwrappedKey {
                 data_key: data_key.duplicate(),
                 expires: now + entry.cache.ttl,
                 stats: Arc::clone(&entry.stats),
+                key: Arc::clone(&entry.name),
             };
             self.decrypt.insert(digest, Arc::new(unwrapped)).await;
         }
@@ -360,6 +368,7 @@ impl DataKeyCache {
                 data_key,
                 expires: Instant::now() + entry.cache.ttl,
                 stats: Arc::clone(&entry.stats),
+                key: Arc::clone(&entry.name),
             }))
         };
         if !entry.cache.enabled {
@@ -367,7 +376,7 @@ impl DataKeyCache {
             count(entry, op, CacheResult::Bypass);
             return Ok((key, CacheResult::Bypass));
         }
-        let digest = copy_digest(copy, ctx);
+        let digest = copy_digest(copy, ctx, entry.cache_epoch);
         let got = self
             .decrypt
             .entry(digest)
@@ -400,20 +409,29 @@ impl DataKeyCache {
             data_key: data_key.duplicate(),
             expires: Instant::now() + entry.cache.ttl,
             stats: Arc::clone(&entry.stats),
+            key: Arc::clone(&entry.name),
         };
         self.decrypt
-            .insert(copy_digest(copy, ctx), Arc::new(unwrapped))
+            .insert(
+                copy_digest(copy, ctx, entry.cache_epoch),
+                Arc::new(unwrapped),
+            )
             .await;
     }
 
-    /// Drops every cached data key of `key` (both sides), e.g. when it is disabled.
+    /// Drops every cached data key of `key`, on both sides and of every epoch (after a reload
+    /// changed its backend or limits). Entries of older epochs are already unreachable (the
+    /// epoch is part of their identity); this frees and zeroizes them now rather than at their
+    /// TTL.
     pub fn forget_key(&self, key: &str) {
         let name: Arc<str> = Arc::from(key);
+        let encrypt_name = Arc::clone(&name);
         let _ = self
             .encrypt
-            .invalidate_entries_if(move |slot, _| slot.key == name);
-        // Decrypt-side entries are keyed by digest; they expire by TTL and are unusable while
-        // the key is disabled (the state is checked before the cache).
+            .invalidate_entries_if(move |slot, _| slot.key == encrypt_name);
+        let _ = self
+            .decrypt
+            .invalidate_entries_if(move |_, unwrapped| unwrapped.key == name);
     }
 
     /// Approximate entry counts (encrypt side, decrypt side), without waiting.
@@ -439,10 +457,12 @@ fn count(entry: &KeyEntry, op: Operation, result: CacheResult) {
     });
 }
 
-/// SHA-256 over the length-prefixed identity of a wrapped copy and its backend context.
-fn copy_digest(copy: &WrappedCopy<'_>, ctx: &BackendContext<'_>) -> [u8; 32] {
+/// SHA-256 over the length-prefixed identity of a wrapped copy, its backend context and the
+/// key's cache epoch.
+fn copy_digest(copy: &WrappedCopy<'_>, ctx: &BackendContext<'_>, epoch: u64) -> [u8; 32] {
     let mut h = digest::Context::new(&digest::SHA256);
-    h.update(b"keybroker decrypt cache v1");
+    h.update(b"keybroker decrypt cache v2");
+    h.update(&epoch.to_be_bytes());
     h.update(&[copy.backend.code()]);
     let mut aad = Vec::with_capacity(96);
     ctx.encode_aad(&mut aad);
@@ -501,6 +521,7 @@ mod tests {
             data_key: SecretKey::from_slice(&bytes),
             expires: Instant::now(),
             stats,
+            key: Arc::from("k"),
         };
         let response = crate::proto::GenerateDataKeyResponse {
             plaintext_key: bytes.clone().into(),

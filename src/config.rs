@@ -146,6 +146,11 @@ pub struct ServerConfig {
     pub worker_threads: usize,
     /// TLS for `tls://` listeners (`[server.tls]`).
     pub tls: Option<ServerTls>,
+    /// Serve plaintext gRPC on addresses other than loopback (refused otherwise; env
+    /// `KEYBROKER_ALLOW_INSECURE_REMOTE`).
+    pub allow_insecure_remote: bool,
+    /// `[server.limits]`: connection, handshake and HTTP/2 limits.
+    pub limits: crate::transport::ServerLimits,
 }
 
 /// `[server.tls]`: the server certificate and, for mutual TLS, the client CA bundle. The files
@@ -156,6 +161,8 @@ pub struct ServerTls {
     pub client_auth: crate::tls::ClientAuth,
     /// Which name in a client certificate becomes the caller.
     pub caller_from: CallerFrom,
+    /// CRLs that client certificates are checked against (`client_crl`), re-read on change.
+    pub revocation: Option<crate::tls::Revocation>,
 }
 
 /// Where a client certificate's caller name comes from.
@@ -347,6 +354,8 @@ impl Config {
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
                 worker_threads: 0,
                 tls: None,
+                allow_insecure_remote: false,
+                limits: crate::transport::ServerLimits::default(),
             },
             cache: CacheConfig {
                 defaults: CacheLimits::default(),
@@ -457,6 +466,12 @@ impl Config {
             }
             config.server.worker_threads = n as usize;
         }
+        if let Some(b) = server.bool("allow_insecure_remote", p) {
+            config.server.allow_insecure_remote = b;
+        }
+        let limits = server.section("limits", p);
+        config.server.limits = crate::transport::ServerLimits::parse(&limits, p);
+        limits.finish(p);
         let tls = server.section("tls", p);
         if tls.table.is_some() {
             let cert = tls.req_str("cert", p).map(|c| resolve(base, c));
@@ -485,6 +500,13 @@ impl Config {
                     CallerFrom::Spiffe
                 }
             };
+            let revocation = crate::tls::Revocation::parse(&tls, base, p);
+            if revocation.is_some() && client_ca.is_none() {
+                p.push(
+                    tls.at("client_crl"),
+                    "needs client_ca (CRLs check client certificates)",
+                );
+            }
             if let (Some(cert), Some(key)) = (cert, key) {
                 config.server.tls = Some(ServerTls {
                     files: crate::tls::TlsFiles {
@@ -494,6 +516,7 @@ impl Config {
                     },
                     client_auth,
                     caller_from,
+                    revocation,
                 });
             }
         }
@@ -616,8 +639,8 @@ impl Config {
     }
 
     /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_ADMIN_LISTEN`,
-    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`); problems are reported
-    /// like file problems.
+    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`,
+    /// `KEYBROKER_ALLOW_INSECURE_REMOTE`); problems are reported like file problems.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if let Ok(v) = std::env::var(ENV_ADMIN_LISTEN) {
@@ -646,6 +669,16 @@ impl Config {
         }
         if let Ok(v) = std::env::var(ENV_LOG) {
             self.log.level = v;
+        }
+        if let Ok(v) = std::env::var(crate::transport::ENV_ALLOW_INSECURE_REMOTE) {
+            match v.trim() {
+                "true" | "1" => self.server.allow_insecure_remote = true,
+                "false" | "0" | "" => self.server.allow_insecure_remote = false,
+                _ => problems.push(Problem {
+                    at: crate::transport::ENV_ALLOW_INSECURE_REMOTE.to_owned(),
+                    message: "must be \"true\" or \"false\"".to_owned(),
+                }),
+            }
         }
         if let Ok(v) = std::env::var(ENV_SOCKET_MODE) {
             match u32::from_str_radix(v.trim().trim_start_matches("0o"), 8) {

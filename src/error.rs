@@ -18,9 +18,24 @@ pub const ERROR_DOMAIN: &str = "keybroker.io";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The request names a key the configuration does not have.
+    /// The request names a key the configuration does not have. The caller is answered exactly
+    /// as for a key it has no grant on ([`Error::NoGrant`]), so key names cannot be enumerated;
+    /// this variant (KEY_NOT_FOUND) is what the log, the metrics and the audit record keep.
     #[error("key {key:?} is not configured")]
-    KeyNotFound { key: String },
+    KeyNotFound {
+        key: String,
+        caller: String,
+        operation: &'static str,
+    },
+    /// The caller holds no grant at all on the key: the answer does not reveal whether the key
+    /// exists. With `key: None`, no key's policy grants the caller this operation, and the
+    /// request was refused before its body was read (`admission`).
+    #[error("{}", no_grant_message(caller, key.as_deref(), operation))]
+    NoGrant {
+        caller: String,
+        key: Option<String>,
+        operation: &'static str,
+    },
     /// The key is switched off in the configuration or in its backend.
     #[error("key {key:?} is disabled")]
     KeyDisabled { key: String },
@@ -76,6 +91,7 @@ impl Error {
     pub fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
             Error::KeyNotFound { .. } => (Code::NotFound, "KEY_NOT_FOUND"),
+            Error::NoGrant { .. } => (Code::PermissionDenied, "POLICY_DENIED"),
             Error::KeyDisabled { .. } => (Code::FailedPrecondition, "KEY_DISABLED"),
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Error::InvalidCiphertext(_) => (Code::InvalidArgument, "INVALID_CIPHERTEXT"),
@@ -109,12 +125,42 @@ impl Error {
         }
     }
 
-    pub fn to_status(&self) -> Status {
-        let (code, reason) = self.code_and_reason();
-        let mut metadata = HashMap::new();
+    /// What the caller is told: an unknown key looks like a key without a grant.
+    fn public(&self) -> std::borrow::Cow<'_, Error> {
         match self {
-            Error::KeyNotFound { key } | Error::KeyDisabled { key } => {
+            Error::KeyNotFound {
+                key,
+                caller,
+                operation,
+            } => std::borrow::Cow::Owned(Error::NoGrant {
+                caller: caller.clone(),
+                key: Some(key.clone()),
+                operation,
+            }),
+            other => std::borrow::Cow::Borrowed(other),
+        }
+    }
+
+    pub fn to_status(&self) -> Status {
+        self.log(self.code_and_reason().0);
+        let public = self.public();
+        let public = public.as_ref();
+        let (code, reason) = public.code_and_reason();
+        let mut metadata = HashMap::new();
+        match public {
+            Error::KeyNotFound { key, .. } | Error::KeyDisabled { key } => {
                 metadata.insert("key".to_owned(), key.clone());
+            }
+            Error::NoGrant {
+                caller,
+                key,
+                operation,
+            } => {
+                metadata.insert("caller".to_owned(), caller.clone());
+                if let Some(key) = key {
+                    metadata.insert("key".to_owned(), key.clone());
+                }
+                metadata.insert("operation".to_owned(), (*operation).to_owned());
             }
             Error::PolicyDenied {
                 caller,
@@ -134,10 +180,9 @@ impl Error {
             }
             _ => {}
         }
-        self.log(code);
         Status::with_error_details(
             code,
-            self.to_string(),
+            public.to_string(),
             ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
         )
     }
@@ -165,6 +210,18 @@ impl Error {
     }
 }
 
+fn no_grant_message(caller: &str, key: Option<&str>, operation: &str) -> String {
+    match key {
+        // Worded for both cases it covers: no grant on an existing key, and no such key.
+        Some(key) => format!(
+            "caller {caller:?} is not allowed to {operation} with key {key:?} (no grant, or no such key)"
+        ),
+        None => format!(
+            "caller {caller:?} is not allowed to {operation} with any key: no key's policy grants it"
+        ),
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         e.to_status()
@@ -178,12 +235,36 @@ mod tests {
 
     #[test]
     fn statuses_carry_reason_details() {
-        let s = Error::KeyNotFound { key: "k".into() }.to_status();
-        assert_eq!(s.code(), Code::NotFound);
+        let s = Error::KeyDisabled { key: "k".into() }.to_status();
+        assert_eq!(s.code(), Code::FailedPrecondition);
         let info = s.get_details_error_info().unwrap();
-        assert_eq!(info.reason, "KEY_NOT_FOUND");
+        assert_eq!(info.reason, "KEY_DISABLED");
         assert_eq!(info.domain, ERROR_DOMAIN);
         assert_eq!(info.metadata["key"], "k");
+    }
+
+    #[test]
+    fn an_unknown_key_is_answered_like_a_key_without_a_grant() {
+        let unknown = Error::KeyNotFound {
+            key: "k".into(),
+            caller: "c".into(),
+            operation: "encrypt",
+        };
+        assert_eq!(unknown.code_and_reason(), (Code::NotFound, "KEY_NOT_FOUND"));
+        let no_grant = Error::NoGrant {
+            caller: "c".into(),
+            key: Some("k".into()),
+            operation: "encrypt",
+        };
+        let (a, b) = (unknown.to_status(), no_grant.to_status());
+        assert_eq!((a.code(), a.message()), (b.code(), b.message()));
+        assert_eq!(a.code(), Code::PermissionDenied);
+        let (ia, ib) = (
+            a.get_details_error_info().unwrap(),
+            b.get_details_error_info().unwrap(),
+        );
+        assert_eq!((&ia.reason, &ia.metadata), (&ib.reason, &ib.metadata));
+        assert_eq!(a.get_details_error_info().unwrap().reason, "POLICY_DENIED");
     }
 
     #[test]

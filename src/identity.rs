@@ -27,6 +27,34 @@ pub const ANONYMOUS: &str = "anonymous";
 
 static ANONYMOUS_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(ANONYMOUS));
 
+/// Whether `id` is a SPIFFE ID as the SPIFFE standard defines it: `spiffe://`, a trust domain of
+/// lowercase letters, digits, `.`, `-`, `_`, and an optional path of non-empty segments of
+/// letters, digits, `.`, `-`, `_` that are not `.` or `..` (no trailing slash, port, user info,
+/// query or fragment).
+pub fn is_spiffe_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (domain, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    let path_ok = path.is_empty()
+        || path[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        });
+    id.len() <= 2048 && domain_ok && path_ok
+}
+
 /// How a caller was identified, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IdentitySource {
@@ -144,6 +172,11 @@ struct LoadedToken {
 /// The runtime side of [`IdentityConfig`].
 pub struct Identifier {
     config: IdentityConfig,
+    /// Names an unmapped client certificate may not take: `anonymous`, `*` and every caller
+    /// that a token, peer or mTLS mapping rule produces. Certificate names share the caller
+    /// namespace with those sources; without this, any certificate from the client CA named
+    /// `billing` would be the token caller `billing` (its grants and its cache partition).
+    reserved: BTreeSet<String>,
     tokens: ArcSwap<Vec<LoadedToken>>,
     refresh_lock: Mutex<()>,
 }
@@ -187,8 +220,11 @@ impl Identifier {
             .iter()
             .map(load_token)
             .collect::<Result<Vec<_>, _>>()?;
+        let mut reserved = config.caller_names();
+        reserved.insert(crate::policy::ANY_IDENTIFIED.to_owned());
         Ok(Self {
             config,
+            reserved,
             tokens: ArcSwap::from_pointee(tokens),
             refresh_lock: Mutex::new(()),
         })
@@ -255,14 +291,19 @@ impl Identifier {
                 return Err(Error::Unauthenticated(problem.to_owned()));
             }
             if let Some(id) = &conn.peer_identity {
-                let name = self
-                    .config
-                    .mtls
-                    .iter()
-                    .find(|r| &r.id == id)
-                    .map(|r| r.caller.as_str())
-                    .unwrap_or(id);
-                return Ok(Caller::new(name, IdentitySource::Mtls));
+                // An explicit mapping may name any caller (that is the operator's decision); an
+                // unmapped certificate name must not be one another source owns.
+                if let Some(rule) = self.config.mtls.iter().find(|r| &r.id == id) {
+                    return Ok(Caller::new(rule.caller.as_str(), IdentitySource::Mtls));
+                }
+                if self.reserved.contains(id.as_str()) {
+                    return Err(Error::Unauthenticated(format!(
+                        "the client certificate's name {id:?} is reserved (it is `anonymous`, \
+                         or a token, peer or mapping rule owns that caller name); map the \
+                         certificate with [[identity.mtls]] to use it"
+                    )));
+                }
+                return Ok(Caller::new(id.as_str(), IdentitySource::Mtls));
             }
             if let Some(cred) = conn.peer_cred {
                 let rule = self.config.peers.iter().find(|r| {
@@ -489,6 +530,87 @@ mod tests {
             peer_identity: None,
             peer_cert_error: None,
         }
+    }
+
+    fn tls_conn(id: &str) -> ConnInfo {
+        ConnInfo {
+            peer_addr: None,
+            peer_cred: None,
+            peer_identity: Some(id.to_owned()),
+            peer_cert_error: None,
+        }
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        for ok in [
+            "spiffe://example.org",
+            "spiffe://example.org/ns/shop/sa/api",
+            "spiffe://td-1.example_2/A.b-c_d",
+        ] {
+            assert!(is_spiffe_id(ok), "{ok}");
+        }
+        for bad in [
+            "https://example.org/x",
+            "SPIFFE://example.org/x",
+            "spiffe://",
+            "spiffe:///x",
+            "spiffe://Example.org/x",
+            "spiffe://example.org:443/x",
+            "spiffe://user@example.org/x",
+            "spiffe://example.org/",
+            "spiffe://example.org//x",
+            "spiffe://example.org/a/./b",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a?b",
+            "spiffe://example.org/a#b",
+            "spiffe://example.org/a%20b",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn certificate_names_owned_by_other_sources_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t");
+        std::fs::write(&file, "tok").unwrap();
+        let id = Identifier::new(IdentityConfig {
+            tokens: vec![TokenRule {
+                caller: "billing".into(),
+                file,
+            }],
+            peers: vec![PeerRule {
+                caller: "local-app".into(),
+                uid: Some(1),
+                gid: None,
+            }],
+            mtls: vec![
+                MtlsRule {
+                    caller: "shop-api".into(),
+                    id: "spiffe://example.org/shop".into(),
+                },
+                MtlsRule {
+                    caller: "billing".into(),
+                    id: "billing.example".into(),
+                },
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let who = |name: &str| {
+            id.identify(Some(&tls_conn(name)), None)
+                .map(|c| c.name.to_string())
+        };
+        for taken in ["billing", "local-app", "shop-api", "anonymous", "*"] {
+            assert!(
+                matches!(who(taken), Err(Error::Unauthenticated(_))),
+                "{taken}"
+            );
+        }
+        assert_eq!(who("spiffe://example.org/shop").unwrap(), "shop-api");
+        assert_eq!(who("billing.example").unwrap(), "billing");
+        assert_eq!(who("app.example").unwrap(), "app.example");
     }
 
     #[test]

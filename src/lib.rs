@@ -6,10 +6,13 @@
 //! Module map (one concern each): `proto` (generated API), `config`, `registry` (key names →
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
-//! shutdown), `error` (the one error → status mapping), `secret` (key material types), `tls`
-//! (rustls server configs that follow rotated files), `inject` (the Kubernetes sidecar injector).
+//! shutdown), `transport` (connection and HTTP/2 limits, exposure and socket-mode checks),
+//! `admission` (refusing ungranted callers before their body is read), `error` (the one
+//! error → status mapping), `secret` (key material types), `tls` (rustls server configs that
+//! follow rotated files and CRLs), `inject` (the Kubernetes sidecar injector).
 
 pub mod admin;
+pub mod admission;
 pub mod audit;
 pub mod backend;
 pub mod bench;
@@ -33,6 +36,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod tls;
+pub mod transport;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.

@@ -21,6 +21,13 @@ pub struct Statement {
     pub operations: BTreeSet<Operation>,
 }
 
+impl Statement {
+    fn names(&self, caller: &Caller) -> bool {
+        let name: &str = &caller.name;
+        self.callers.contains(name) || (name != ANONYMOUS && self.callers.contains(ANY_IDENTIFIED))
+    }
+}
+
 /// A key's policy. The empty policy denies everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -39,12 +46,17 @@ impl Policy {
     }
 
     pub fn allows(&self, caller: &Caller, op: Operation) -> bool {
-        let name: &str = &caller.name;
-        self.statements.iter().any(|s| {
-            s.operations.contains(&op)
-                && (s.callers.contains(name)
-                    || (name != ANONYMOUS && s.callers.contains(ANY_IDENTIFIED)))
-        })
+        self.statements
+            .iter()
+            .any(|s| s.operations.contains(&op) && s.names(caller))
+    }
+
+    /// Whether the caller holds any grant at all on this key (then it may learn that the key
+    /// exists; without one, an unknown key and this key must look the same to it).
+    pub fn grants_any(&self, caller: &Caller) -> bool {
+        self.statements
+            .iter()
+            .any(|s| !s.operations.is_empty() && s.names(caller))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,14 +71,21 @@ impl Policy {
     }
 }
 
-/// What one operation on one key needs. ReEncrypt needs `decrypt` on the source key and
-/// `encrypt` on the destination; holding `re_encrypt` on a key grants either side instead, so a
-/// re-keying job can re-encrypt without ever being able to read plaintext.
+/// What one operation on one key needs. ReEncrypt needs `decrypt` (or `re_encrypt`) on the
+/// source key. On the destination it needs `encrypt` (or `re_encrypt`) when the caller can
+/// decrypt the source anyway; when its only grant on the source is `re_encrypt`, it needs
+/// `re_encrypt` on the destination *and must not be able to decrypt it*. Otherwise
+/// `re_encrypt` on a key would be a read grant (re-encrypt into a key you can decrypt, then
+/// decrypt); with this rule data under a key a caller cannot decrypt only ever moves to keys it
+/// cannot decrypt either, so a re-keying job never reads plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     Op(Operation),
     ReEncryptFrom,
-    ReEncryptTo,
+    ReEncryptTo {
+        /// The caller may decrypt the source key.
+        source_readable: bool,
+    },
 }
 
 impl Need {
@@ -77,9 +96,17 @@ impl Need {
                 policy.allows(caller, Operation::Decrypt)
                     || policy.allows(caller, Operation::ReEncrypt)
             }
-            Need::ReEncryptTo => {
+            Need::ReEncryptTo {
+                source_readable: true,
+            } => {
                 policy.allows(caller, Operation::Encrypt)
                     || policy.allows(caller, Operation::ReEncrypt)
+            }
+            Need::ReEncryptTo {
+                source_readable: false,
+            } => {
+                policy.allows(caller, Operation::ReEncrypt)
+                    && !policy.allows(caller, Operation::Decrypt)
             }
         }
     }
@@ -89,7 +116,15 @@ impl Need {
         match self {
             Need::Op(op) => op.as_str(),
             Need::ReEncryptFrom => "re_encrypt from (needs decrypt or re_encrypt)",
-            Need::ReEncryptTo => "re_encrypt to (needs encrypt or re_encrypt)",
+            Need::ReEncryptTo {
+                source_readable: true,
+            } => "re_encrypt to (needs encrypt or re_encrypt)",
+            Need::ReEncryptTo {
+                source_readable: false,
+            } => {
+                "re_encrypt to (with only re_encrypt on the source: needs re_encrypt, and no \
+                 decrypt, on the destination)"
+            }
         }
     }
 }
@@ -139,7 +174,21 @@ mod tests {
         assert!(Need::ReEncryptFrom.check(&p, &billing));
         assert!(Need::ReEncryptFrom.check(&p, &rekeyer));
         assert!(!p.allows(&rekeyer, Operation::Decrypt));
-        assert!(!Need::ReEncryptTo.check(&p, &other));
+        let to = |readable| Need::ReEncryptTo {
+            source_readable: readable,
+        };
+        assert!(!to(true).check(&p, &other));
+        // re_encrypt only on the source: the destination needs re_encrypt and no decrypt.
+        assert!(to(false).check(&p, &rekeyer));
+        assert!(!to(false).check(&p, &billing), "billing can decrypt here");
+        let reader = policy(&[(&["rekeyer"], &[Operation::ReEncrypt, Operation::Decrypt])]);
+        assert!(!to(false).check(&reader, &rekeyer));
+        assert!(to(true).check(&reader, &rekeyer));
+        let writer = policy(&[(&["rekeyer"], &[Operation::Encrypt])]);
+        assert!(!to(false).check(&writer, &rekeyer));
+        // Standing: any grant at all, with the same caller matching as `allows`.
+        assert!(p.grants_any(&rekeyer) && p.grants_any(&other));
+        assert!(!p.grants_any(&anon));
         assert!(!Policy::default().allows(&billing, Operation::Encrypt));
         assert!(Policy::allow_anonymous_everything().allows(&anon, Operation::GenerateDataKey));
     }

@@ -12,7 +12,9 @@ use crate::backend::KeyBackend;
 use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
 use crate::backend::local::{LocalBackend, LocalKeyring};
 use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
-use crate::policy::Policy;
+use crate::identity::Caller;
+use crate::operation::Operation;
+use crate::policy::{Need, Policy};
 use crate::stats::KeyStats;
 
 /// One configured key.
@@ -29,6 +31,17 @@ pub struct KeyEntry {
     pub cache: CacheLimits,
     pub policy: Policy,
     pub stats: Arc<KeyStats>,
+    /// Part of every cache entry's identity: a reload that changes the key's backend or cache
+    /// limits gives it a new epoch, so no data key cached before (or inserted afterwards by a
+    /// request still running on the old registry) is ever served under the new configuration.
+    pub cache_epoch: u64,
+}
+
+/// Process-wide, so that no two registries ever hand out the same epoch.
+static NEXT_CACHE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn new_cache_epoch() -> u64 {
+    NEXT_CACHE_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -60,6 +73,50 @@ impl StatsBook {
 #[derive(Debug)]
 pub struct Registry {
     keys: BTreeMap<Arc<str>, Arc<KeyEntry>>,
+    grants: Grants,
+}
+
+/// Which operations each caller holds on at least one key, so that `admission` can tell in one
+/// lookup (whatever the number of keys) whether any key's policy grants a caller an operation.
+#[derive(Debug, Default)]
+struct Grants {
+    /// Per caller name named in a statement: a bit per `Operation::index()`.
+    named: HashMap<String, u8>,
+    /// What `*` grants every identified caller.
+    any_identified: u8,
+}
+
+impl Grants {
+    fn of<'a>(policies: impl Iterator<Item = &'a Policy>) -> Self {
+        let mut g = Self::default();
+        for s in policies.flat_map(|p| &p.statements) {
+            let ops = s
+                .operations
+                .iter()
+                .fold(0u8, |bits, op| bits | 1 << op.index());
+            for c in &s.callers {
+                if c == crate::policy::ANY_IDENTIFIED {
+                    g.any_identified |= ops;
+                } else {
+                    *g.named.entry(c.clone()).or_default() |= ops;
+                }
+            }
+        }
+        g
+    }
+
+    fn allow(&self, caller: &Caller, need: Need) -> bool {
+        let mut ops = self.named.get(&*caller.name).copied().unwrap_or(0);
+        if &*caller.name != crate::identity::ANONYMOUS {
+            ops |= self.any_identified;
+        }
+        let has = |op: Operation| ops & (1 << op.index()) != 0;
+        match need {
+            Need::Op(op) => has(op),
+            Need::ReEncryptFrom => has(Operation::Decrypt) || has(Operation::ReEncrypt),
+            Need::ReEncryptTo { .. } => has(Operation::Encrypt) || has(Operation::ReEncrypt),
+        }
+    }
 }
 
 /// Builds backends, sharing what can be shared between keys.
@@ -161,10 +218,13 @@ impl Registry {
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in &config.keys {
-            let reused = previous
+            let same_backend = previous
                 .and_then(|p| p.get(name))
-                .filter(|e| e.backend_config == kc.backend)
-                .map(|e| Arc::clone(&e.backend));
+                .filter(|e| e.backend_config == kc.backend);
+            let reused = same_backend.map(|e| Arc::clone(&e.backend));
+            let cache_epoch = same_backend
+                .filter(|e| e.cache == kc.cache)
+                .map_or_else(new_cache_epoch, |e| e.cache_epoch);
             let built = match reused {
                 Some(b) => Ok(b),
                 None => factory.build(&kc.backend).await.map(|backend| match layer {
@@ -187,6 +247,7 @@ impl Registry {
                             backend_config: kc.backend.clone(),
                             cache: kc.cache,
                             policy: kc.policy.clone(),
+                            cache_epoch,
                         }),
                     );
                 }
@@ -202,7 +263,8 @@ impl Registry {
                 problems,
             });
         }
-        Ok(Self { keys })
+        let grants = Grants::of(keys.values().map(|e| &e.policy));
+        Ok(Self { keys, grants })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<KeyEntry>> {
@@ -212,5 +274,55 @@ impl Registry {
     /// Keys in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
         self.keys.values()
+    }
+
+    /// Whether some key's policy grants `caller` what `need` asks for (ReEncrypt: `decrypt` or
+    /// `re_encrypt` on a source). Whether it holds on the key a request names is for the broker.
+    pub fn grants_anywhere(&self, caller: &Caller, need: Need) -> bool {
+        self.grants.allow(caller, need)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentitySource;
+    use crate::policy::Statement;
+
+    fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
+        Policy {
+            statements: vec![Statement {
+                callers: callers.iter().map(|c| c.to_string()).collect(),
+                operations: ops.iter().copied().collect(),
+            }],
+        }
+    }
+
+    /// The table answers exactly what checking every key's policy would.
+    #[test]
+    fn grants_anywhere_matches_a_scan_of_every_policy() {
+        let policies = [
+            policy(&["billing"], &[Operation::Encrypt]),
+            policy(&["*"], &[Operation::List, Operation::Decrypt]),
+            policy(&["rekeyer"], &[Operation::ReEncrypt]),
+            policy(&["anonymous"], &[Operation::GenerateDataKey]),
+        ];
+        let table = Grants::of(policies.iter());
+        let callers = [
+            Caller::new("billing", IdentitySource::BearerToken),
+            Caller::new("rekeyer", IdentitySource::Mtls),
+            Caller::new("stranger", IdentitySource::Mtls),
+            Caller::anonymous(),
+        ];
+        let needs = Operation::ALL
+            .into_iter()
+            .map(Need::Op)
+            .chain([Need::ReEncryptFrom]);
+        for need in needs {
+            for c in &callers {
+                let scan = policies.iter().any(|p| need.check(p, c));
+                assert_eq!(table.allow(c, need), scan, "{c:?} {need:?}");
+            }
+        }
     }
 }

@@ -78,17 +78,24 @@ impl Reloader {
         let identifier = Identifier::new(new.identity.clone())
             .map_err(|m| problem(&new.source_name, "identity.tokens", m))?;
 
-        // Everything validated and built: apply.
-        for (name, was) in &old.keys {
-            let keep = new
-                .keys
-                .get(name)
-                .is_some_and(|now| now.backend == was.backend && now.cache == was.cache);
-            if !keep {
-                self.broker.cache().forget_key(name);
-            }
-        }
+        // Everything validated and built: apply. Keys whose backend or cache limits changed got a
+        // new cache epoch, so their old data keys (both sides) are unreachable from the new
+        // registry even if a request still running on the old one inserts another; they are
+        // dropped after the swap to free (and zeroize) them now.
+        let previous = self.broker.registry();
+        let stale: Vec<String> = previous
+            .iter()
+            .filter(|was| {
+                registry
+                    .get(&was.name)
+                    .is_none_or(|now| now.cache_epoch != was.cache_epoch)
+            })
+            .map(|was| was.name.to_string())
+            .collect();
         self.broker.replace_registry(registry);
+        for name in &stale {
+            self.broker.cache().forget_key(name);
+        }
         self.identifier.store(Arc::new(identifier));
         self.metrics
             .reconfigure(new.known_callers(), new.metrics.prices.clone());

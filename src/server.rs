@@ -6,7 +6,7 @@
 //! the configured grace period; then Unix socket files we created are removed.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,6 +36,7 @@ use crate::registry::{BackendLayer, Registry, StatsBook};
 use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
 use crate::tls::{ReloadingTls, TlsOptions};
+use crate::transport::{ConnGate, Limited};
 
 /// The gRPC service name, as health checks and grpcurl know it.
 pub const SERVICE_NAME: &str = "keybroker.v1.KeyBroker";
@@ -54,6 +55,8 @@ pub enum StartError {
     },
     #[error("cannot build the gRPC services: {0}")]
     Services(String),
+    #[error(transparent)]
+    Exposure(#[from] crate::transport::ExposureError),
     #[error("cannot open the audit log {sink:?}: {source}")]
     Audit {
         sink: crate::audit::AuditSink,
@@ -179,13 +182,13 @@ impl AsyncWrite for Conn {
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
-    Tls(TcpListener, Arc<ReloadingTls>, CallerFrom),
+    Tls(TcpListener, Arc<ReloadingTls>, CallerFrom, Duration),
 }
 
-/// How long a client may take to complete a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The caller name a verified client certificate carries, per `caller_from`.
+/// The caller name a verified client certificate carries, per `caller_from`. Ambiguous
+/// certificates have none: in SPIFFE mode anything but exactly one URI SAN holding a
+/// well-formed SPIFFE ID (an X.509-SVID carries exactly one), with `subject_cn` a subject with
+/// several common names. With `dns` the first DNS SAN is the name.
 pub fn certificate_identity(der: &[u8], from: CallerFrom) -> Result<String, &'static str> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -197,36 +200,61 @@ pub fn certificate_identity(der: &[u8], from: CallerFrom) -> Result<String, &'st
             .map(|san| san.value.general_names.clone())
             .unwrap_or_default()
     };
-    let found = match from {
-        CallerFrom::Spiffe => names().into_iter().find_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_owned()),
-            _ => None,
-        }),
-        CallerFrom::Dns => names().into_iter().find_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_owned()),
-            _ => None,
-        }),
-        CallerFrom::SubjectCn => cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_owned),
+    let name = match from {
+        CallerFrom::Spiffe => {
+            let uris: Vec<&str> = names()
+                .into_iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u),
+                    _ => None,
+                })
+                .collect();
+            match uris.as_slice() {
+                [] => return Err("the client certificate has no spiffe:// URI SAN"),
+                [one] if crate::identity::is_spiffe_id(one) => (*one).to_owned(),
+                [_] => return Err("the client certificate's URI SAN is not a valid SPIFFE ID"),
+                _ => {
+                    return Err(
+                        "the client certificate has several URI SANs; a SPIFFE X.509-SVID carries exactly one",
+                    );
+                }
+            }
+        }
+        CallerFrom::Dns => names()
+            .into_iter()
+            .find_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_owned()),
+                _ => None,
+            })
+            .ok_or("the client certificate has no DNS SAN")?,
+        CallerFrom::SubjectCn => {
+            let mut cns = cert.subject().iter_common_name();
+            let first = cns
+                .next()
+                .ok_or("the client certificate has no subject CN")?;
+            if cns.next().is_some() {
+                return Err("the client certificate's subject has several CNs");
+            }
+            first
+                .as_str()
+                .map_err(|_| "the client certificate's subject CN is not a string")?
+                .to_owned()
+        }
     };
-    let name = found.ok_or(match from {
-        CallerFrom::Spiffe => "the client certificate has no spiffe:// URI SAN",
-        CallerFrom::Dns => "the client certificate has no DNS SAN",
-        CallerFrom::SubjectCn => "the client certificate has no subject CN",
-    })?;
     crate::util::check_name(&name)
         .map_err(|_| "the client certificate's name is not a valid caller name")?;
     Ok(name)
 }
 
 /// Completes a TLS handshake and records who the client is.
-async fn handshake(tls: &ReloadingTls, from: CallerFrom, tcp: TcpStream) -> io::Result<Conn> {
+async fn handshake(
+    tls: &ReloadingTls,
+    from: CallerFrom,
+    timeout: Duration,
+    tcp: TcpStream,
+) -> io::Result<Conn> {
     let peer_addr = tcp.peer_addr().ok();
-    let stream = tls.accept(tcp, TLS_HANDSHAKE_TIMEOUT).await?;
+    let stream = tls.accept(tcp, timeout).await?;
     let (peer_identity, peer_cert_error) = match stream.get_ref().1.peer_certificates() {
         Some([leaf, ..]) => match certificate_identity(leaf.as_ref(), from) {
             Ok(id) => (Some(id), None),
@@ -278,8 +306,7 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<(UnixListener, OwnedSocket)> 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let listener = crate::transport::bind_unix_with_mode(path, mode)?;
     let ino = std::fs::metadata(path)?.ino();
     Ok((
         listener,
@@ -335,6 +362,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 }
 
 pub async fn start_with(config: &Config, options: StartOptions) -> Result<Running, StartError> {
+    // Before anything is bound: plaintext gRPC beyond loopback needs the explicit opt-in.
+    crate::transport::check_exposure(&config.server.listen, config.server.allow_insecure_remote)?;
     // The admin listener comes first, so probes get "not ready" (not "refused") while the rest
     // starts.
     let admin = Arc::new(AdminState::default());
@@ -420,7 +449,8 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
                         let t = Arc::new(
                             ReloadingTls::load(
                                 TlsOptions::new(tls_config.files.clone())
-                                    .with_client_auth(tls_config.client_auth),
+                                    .with_client_auth(tls_config.client_auth)
+                                    .with_revocation(tls_config.revocation.clone()),
                             )
                             .map_err(|e| StartError::Services(format!("[server.tls]: {e}")))?,
                         );
@@ -431,14 +461,23 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
                 };
                 let l = TcpListener::bind(a).await.map_err(listen_err)?;
                 addrs.push(ListenAddr::Tls(l.local_addr().map_err(listen_err)?));
-                listeners.push(Listener::Tls(l, tls, tls_config.caller_from));
+                listeners.push(Listener::Tls(
+                    l,
+                    tls,
+                    tls_config.caller_from,
+                    config.server.limits.tls_handshake_timeout,
+                ));
             }
         }
     }
-    let (conn_tx, conn_rx) = mpsc::channel::<io::Result<Conn>>(64);
+    let (conn_tx, conn_rx) = mpsc::channel::<io::Result<Limited<Conn>>>(64);
     let accept_tasks = listeners
         .into_iter()
-        .map(|l| tokio::spawn(accept_loop(l, conn_tx.clone())))
+        .zip(&addrs)
+        .map(|(l, a)| {
+            let gate = ConnGate::new(a, &config.server.limits);
+            tokio::spawn(accept_loop(l, gate, conn_tx.clone()))
+        })
         .collect();
     drop(conn_tx);
 
@@ -459,13 +498,20 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         .map_err(|e| StartError::Services(e.to_string()))?;
     let decode_limit =
         (config.server.max_request_bytes + CIPHERTEXT_OVERHEAD + REQUEST_FIELDS_SLACK) as usize;
-    let keybroker = KeyBrokerServer::new(KeyBrokerService::new(
+    let keybroker_service = Arc::new(KeyBrokerService::new(
         Arc::clone(&broker),
         Arc::clone(&audit),
         Arc::clone(&metrics),
-    ))
-    .max_decoding_message_size(decode_limit)
-    .max_encoding_message_size(decode_limit);
+    ));
+    // Callers without any grant for the operation are refused before a large body is decoded.
+    let keybroker = crate::admission::Admission::new(
+        KeyBrokerServer::from_arc(Arc::clone(&keybroker_service))
+            .max_decoding_message_size(decode_limit)
+            .max_encoding_message_size(decode_limit),
+        keybroker_service,
+        Arc::clone(&broker),
+        config.server.limits.ungranted_request_bytes,
+    );
 
     let identifier = Arc::new(ArcSwap::from_pointee(
         Identifier::new(config.identity.clone()).map_err(|message| ConfigError {
@@ -499,7 +545,10 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     }
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let router = config
+        .server
+        .limits
+        .http2(tonic::transport::Server::builder())
         // Identify every request (or refuse a bad credential) before any service sees it.
         .layer(IdentityLayer::new(Arc::clone(&identifier)))
         .add_service(health_service)
@@ -540,7 +589,11 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     })
 }
 
-async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
+async fn accept_loop(
+    listener: Listener,
+    gate: Arc<ConnGate>,
+    tx: mpsc::Sender<io::Result<Limited<Conn>>>,
+) {
     loop {
         let conn = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -556,15 +609,22 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
                 });
                 Conn::Unix(s, cred)
             }),
-            Listener::Tls(l, tls, from) => match l.accept().await {
+            Listener::Tls(l, tls, from, timeout) => match l.accept().await {
                 Ok((s, peer)) => {
+                    // Over either limit the connection is closed right away (dropped).
+                    let Some(slot) = gate.admit() else { continue };
+                    let Some(handshaking) = gate.admit_handshake() else {
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
                     // Handshakes run on their own tasks: a slow client must not hold up others.
-                    let (tls, from, tx) = (Arc::clone(tls), *from, tx.clone());
+                    let (tls, from, timeout, tx) = (Arc::clone(tls), *from, *timeout, tx.clone());
                     tokio::spawn(async move {
-                        match handshake(&tls, from, s).await {
+                        let done = handshake(&tls, from, timeout, s).await;
+                        drop(handshaking);
+                        match done {
                             Ok(conn) => {
-                                let _ = tx.send(Ok(conn)).await;
+                                let _ = tx.send(Ok(Limited::new(conn, slot))).await;
                             }
                             Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         }
@@ -574,13 +634,17 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
                 Err(e) => Err(e),
             },
         };
-        if let Err(e) = &conn {
-            tracing::warn!(error = %e, "accept failed");
-            // EMFILE and friends: back off instead of spinning.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
-        if tx.send(conn).await.is_err() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = gate.admit() else { continue };
+        if tx.send(Ok(Limited::new(conn, slot))).await.is_err() {
             return; // the server stopped accepting
         }
     }

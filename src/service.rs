@@ -80,6 +80,30 @@ impl KeyBrokerService {
         .await
     }
 
+    /// Answers a request refused before its body was read (`admission`): audited, counted and
+    /// mapped to a status like every other request.
+    pub async fn refuse(
+        &self,
+        caller: Caller,
+        request_id: Option<RequestId>,
+        op: Operation,
+        error: Error,
+    ) -> Status {
+        let meta = Meta {
+            caller,
+            request_id: request_id.unwrap_or_else(|| self.ids.next()),
+        };
+        let refused = self
+            .observe(&meta, op, [None, None], async |_facts| {
+                Err::<std::convert::Infallible, _>(error)
+            })
+            .await;
+        match refused {
+            Err(status) => status,
+            Ok(never) => match never {},
+        }
+    }
+
     fn meta<T>(&self, req: &Request<T>) -> Meta {
         let caller = req
             .extensions()

@@ -1,9 +1,9 @@
 //! TLS server configuration that follows its files on disk: a certificate chain, its private key
-//! and, for mutual TLS, a client CA bundle. cert-manager, SPIRE and Kubernetes secret mounts
-//! rotate these files while the process runs; [`ReloadingTls`] notices (a poll of inode, size and
-//! times, which also sees the atomic `..data` symlink swap of secret and ConfigMap volumes) and
-//! swaps in a new [`rustls::ServerConfig`] for the *next* handshake. Listeners and established
-//! connections are never touched.
+//! and, for mutual TLS, a client CA bundle and optionally CRLs. cert-manager, SPIRE and
+//! Kubernetes secret mounts rotate these files while the process runs; [`ReloadingTls`] notices
+//! (a poll of inode, size and times, which also sees the atomic `..data` symlink swap of secret
+//! and ConfigMap volumes) and swaps in a new [`rustls::ServerConfig`] for the *next* handshake.
+//! Listeners and established connections are never touched.
 //!
 //! It must never: replace a working configuration by one built from a broken or half-written
 //! file (the old one stays and the failure is logged), block the accept path on file I/O, or put
@@ -25,7 +25,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -61,6 +61,66 @@ pub enum ClientAuth {
     Optional,
 }
 
+/// Certificate revocation lists that client certificates are checked against (`[server.tls]
+/// client_crl`). The files are watched like the certificates: a new CRL applies to the next
+/// handshake. By default every certificate of the client's chain below the trust anchor must
+/// have a known status (a CRL from its issuer) and expired CRLs are refused: revocation fails
+/// closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// PEM (`X509 CRL` blocks) or DER files.
+    pub crls: Vec<PathBuf>,
+    /// Check only the client's own certificate, not its intermediates.
+    pub end_entity_only: bool,
+    /// Accept a certificate none of the CRLs covers.
+    pub allow_unknown: bool,
+    /// Accept a CRL whose nextUpdate has passed.
+    pub allow_expired: bool,
+}
+
+impl Revocation {
+    /// Reads `client_crl`, `crl_check`, `crl_allow_unknown` and `crl_allow_expired` from
+    /// `[server.tls]`; `None` without `client_crl`.
+    pub fn parse(
+        s: &crate::config::Section<'_>,
+        base: &Path,
+        p: &mut crate::config::Problems,
+    ) -> Option<Self> {
+        let crls = s.str_list("client_crl", p);
+        let end_entity_only = match s.str("crl_check", p) {
+            None | Some("chain") => false,
+            Some("end_entity") => true,
+            Some(_) => {
+                p.push(s.at("crl_check"), "must be \"chain\" or \"end_entity\"");
+                false
+            }
+        };
+        let allow_unknown = s.bool("crl_allow_unknown", p).unwrap_or(false);
+        let allow_expired = s.bool("crl_allow_expired", p).unwrap_or(false);
+        let crls = crls?;
+        if crls.is_empty() {
+            p.push(s.at("client_crl"), "needs at least one CRL file");
+            return None;
+        }
+        Some(Self {
+            crls: crls
+                .iter()
+                .map(|c| {
+                    let path = PathBuf::from(c);
+                    if path.is_absolute() {
+                        path
+                    } else {
+                        base.join(path)
+                    }
+                })
+                .collect(),
+            end_entity_only,
+            allow_unknown,
+            allow_expired,
+        })
+    }
+}
+
 /// Everything that defines the server configuration.
 #[derive(Debug, Clone)]
 pub struct TlsOptions {
@@ -69,6 +129,8 @@ pub struct TlsOptions {
     pub client_auth: ClientAuth,
     /// ALPN protocols in server preference order; empty means no ALPN.
     pub alpn: Vec<Vec<u8>>,
+    /// CRLs for client certificates (needs `files.client_ca`).
+    pub revocation: Option<Revocation>,
 }
 
 impl TlsOptions {
@@ -78,7 +140,13 @@ impl TlsOptions {
             files,
             client_auth: ClientAuth::Required,
             alpn: vec![ALPN_H2.to_vec()],
+            revocation: None,
         }
+    }
+
+    pub fn with_revocation(mut self, revocation: Option<Revocation>) -> Self {
+        self.revocation = revocation;
+        self
     }
 
     pub fn with_alpn(mut self, protocols: &[&[u8]]) -> Self {
@@ -114,7 +182,9 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    #[error("client CA {}: {source}", path.display())]
+    #[error("{}: no X509 CRL block (and not a DER CRL)", path.display())]
+    NoCrl { path: PathBuf },
+    #[error("client CA {} (or its CRLs): {source}", path.display())]
     ClientVerifier {
         path: PathBuf,
         #[source]
@@ -203,10 +273,14 @@ fn stamp(path: &Path) -> Stamp {
     }
 }
 
-fn stamps(files: &TlsFiles) -> Vec<Stamp> {
+fn stamps(options: &TlsOptions) -> Vec<Stamp> {
+    let files = &options.files;
     let mut out = vec![stamp(&files.cert), stamp(&files.key)];
     if let Some(ca) = &files.client_ca {
         out.push(stamp(ca));
+    }
+    if let Some(r) = &options.revocation {
+        out.extend(r.crls.iter().map(|c| stamp(c)));
     }
     out
 }
@@ -263,7 +337,7 @@ impl ReloadingTls {
     /// Builds the configuration from the files; at startup a bad file is an error, not a log line.
     pub fn load(options: TlsOptions) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let seen = stamps(&options.files);
+        let seen = stamps(&options);
         let config = build(&options, &provider)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -349,7 +423,7 @@ impl ReloadingTls {
 
 impl Inner {
     fn check(&self) -> Reload {
-        let now = stamps(&self.options.files);
+        let now = stamps(&self.options);
         {
             let Ok(mut seen) = self.seen.lock() else {
                 return Reload::Unchanged;
@@ -411,6 +485,27 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The CRLs in a file: PEM `X509 CRL` blocks, or one DER CRL.
+fn revocation_lists(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bytes = read(path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            kind: PemProblem::from(&e),
+        })?;
+    if !crls.is_empty() {
+        return Ok(crls);
+    }
+    // DER: an ASN.1 SEQUENCE (the verifier builder parses and checks it).
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    Err(TlsError::NoCrl {
+        path: path.to_owned(),
+    })
+}
+
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     // The bytes are key material: drop them as soon as the DER is out (PrivateKeyDer zeroizes).
     let bytes = zeroize::Zeroizing::new(read(path)?);
@@ -447,8 +542,24 @@ fn build(options: &TlsOptions, provider: &Arc<CryptoProvider>) -> Result<ServerC
                     source,
                 })?;
             }
-            let verifier =
+            let mut verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+            if let Some(r) = &options.revocation {
+                let mut crls = Vec::new();
+                for path in &r.crls {
+                    crls.extend(revocation_lists(path)?);
+                }
+                verifier = verifier.with_crls(crls);
+                if r.end_entity_only {
+                    verifier = verifier.only_check_end_entity_revocation();
+                }
+                if r.allow_unknown {
+                    verifier = verifier.allow_unknown_revocation_status();
+                }
+                if !r.allow_expired {
+                    verifier = verifier.enforce_revocation_expiration();
+                }
+            }
             let verifier = match options.client_auth {
                 ClientAuth::Required => verifier,
                 ClientAuth::Optional => verifier.allow_unauthenticated(),

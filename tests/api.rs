@@ -243,13 +243,14 @@ async fn wrong_context_and_tampering_never_yield_plaintext() {
         *reasons.entry(reason(&err)).or_default() += 1;
         assert!(!err.message().contains("attack"), "{}", err.message());
     }
-    // Only the documented reasons appear (key-name flips may name a key that does not exist).
+    // Only the documented reasons appear (key-name flips may name a key that does not exist,
+    // answered like a key without a grant).
     for r in reasons.keys() {
         assert!(
             [
                 "DECRYPTION_FAILED",
                 "INVALID_CIPHERTEXT",
-                "KEY_NOT_FOUND",
+                "POLICY_DENIED",
                 "BACKEND_KEY_NOT_FOUND"
             ]
             .contains(&r.as_str()),
@@ -303,10 +304,11 @@ operations = ["*"]
         assert_eq!(reason(&err), "INVALID_CIPHERTEXT", "{garbage:?}");
     }
 
+    // An unknown key is answered like a key without a grant (no key-name enumeration).
     let err = c.encrypt(enc("nope", 1)).await.unwrap_err();
     assert_eq!(
         (err.code(), reason(&err).as_str()),
-        (Code::NotFound, "KEY_NOT_FOUND")
+        (Code::PermissionDenied, "POLICY_DENIED")
     );
     assert!(err.message().contains("nope"));
 

@@ -395,3 +395,63 @@ async fn generate_data_key_reuses_its_cached_key_within_limits() {
     assert_eq!(keys[0], keys[2]);
     assert_ne!(keys[2], keys[3]);
 }
+
+/// A reload that changes a key's backend drops its data keys on both sides: a ciphertext made
+/// under the old backend key is no longer opened from the decrypt cache (the new backend refuses
+/// it), while an unchanged key keeps its warm cache (no backend call after the reload).
+#[tokio::test]
+async fn a_reload_that_changes_a_keys_backend_drops_both_cache_sides() {
+    let key = |name: &str, key_id: &str| {
+        format!(
+            "[keys.{name}]\nbackend = \"local\"\nkey_id = \"{key_id}\"\nkeyring = \"{{dir}}/keyring\"\ncreate = true\n{}",
+            crate::support::allow_anonymous(name)
+        )
+    };
+    // Both keyring keys exist from the start (`other` creates key_id "b").
+    let before = key("default", "a") + &key("other", "b");
+    let (s, counting) = TestServer::counted(&before).await;
+    let mut c = s.client().await;
+    let dec = |ct: bytes::Bytes| DecryptRequest {
+        ciphertext: ct,
+        context: BTreeMap::new(),
+    };
+    let ct = c.encrypt(enc(5)).await.unwrap().into_inner().ciphertext;
+    let other_ct = c
+        .encrypt(EncryptRequest {
+            key: "other".into(),
+            plaintext: b"kept".to_vec().into(),
+            context: BTreeMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    c.decrypt(dec(ct.clone())).await.unwrap();
+    c.decrypt(dec(other_ct.clone())).await.unwrap();
+    let other_calls = counting.key("other").total();
+
+    // `default` now routes to keyring key "b".
+    let after = key("default", "b") + &key("other", "b");
+    let path = s.path("keybroker.toml");
+    std::fs::write(
+        &path,
+        after.replace("{dir}", &s.dir.path().display().to_string()),
+    )
+    .unwrap();
+    s.running.as_ref().unwrap().reloader.reload().await.unwrap();
+
+    let e = c.decrypt(dec(ct.clone())).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::InvalidArgument, "DECRYPTION_FAILED"),
+        "a data key cached under the old backend key was served after the reload"
+    );
+    let fresh = c.encrypt(enc(5)).await.unwrap().into_inner().ciphertext;
+    assert_eq!(
+        keybroker::envelope::parse(&fresh).unwrap().copies[0].key_id,
+        "b"
+    );
+    // The unchanged key's decrypt-side entry survived: no backend call.
+    c.decrypt(dec(other_ct)).await.unwrap();
+    assert_eq!(counting.key("other").total(), other_calls);
+}

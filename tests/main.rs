@@ -21,3 +21,4 @@ mod mtls;
 mod policy;
 mod process;
 mod rotation;
+mod transport;

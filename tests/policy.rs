@@ -541,3 +541,220 @@ async fn sighup_reloads_the_binary() {
     assert!(status.success());
     assert!(stderr.contains("configuration rejected"), "{stderr}");
 }
+
+/// Keys and grants for the re-encryption and key-enumeration tests: `mover` re-keys data out of
+/// `payments` (re_encrypt only there); `reports` may decrypt `payments` and nothing else.
+fn rekey_config(dir: &std::path::Path) -> String {
+    for (name, token) in [
+        ("billing", "tok-billing"),
+        ("reports", "tok-reports"),
+        ("mover", "tok-mover"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.token")), format!("{token}\n")).unwrap();
+    }
+    let key = |name: &str, grants: &[(&str, &str)]| {
+        let mut s = format!(
+            "[keys.{name}]\nbackend = \"local\"\nkey_id = \"{name}\"\nkeyring = \"keyring\"\ncreate = true\n"
+        );
+        for (caller, ops) in grants {
+            s.push_str(&format!(
+                "[[keys.{name}.policy]]\ncallers = [\"{caller}\"]\noperations = [{ops}]\n"
+            ));
+        }
+        s
+    };
+    let mut text = String::from(
+        "[audit]\npath = \"audit.jsonl\"\n[identity]\n\
+         [[identity.tokens]]\ncaller = \"billing\"\nfile = \"billing.token\"\n\
+         [[identity.tokens]]\ncaller = \"reports\"\nfile = \"reports.token\"\n\
+         [[identity.tokens]]\ncaller = \"mover\"\nfile = \"mover.token\"\n",
+    );
+    text += &key(
+        "payments",
+        &[
+            ("billing", "\"encrypt\", \"decrypt\""),
+            ("mover", "\"re_encrypt\""),
+            ("reports", "\"decrypt\""),
+        ],
+    );
+    // mover can read scratch and mirror: moving payments data there would be reading it.
+    text += &key(
+        "scratch",
+        &[
+            ("mover", "\"encrypt\", \"decrypt\""),
+            ("billing", "\"encrypt\""),
+        ],
+    );
+    text += &key("mirror", &[("mover", "\"re_encrypt\", \"decrypt\"")]);
+    // archive: mover may only re-encrypt into it.
+    text += &key("archive", &[("mover", "\"re_encrypt\"")]);
+    text
+}
+
+fn reencrypt(ct: bytes::Bytes, to: &str) -> ReEncryptRequest {
+    ReEncryptRequest {
+        ciphertext: ct,
+        source_context: BTreeMap::new(),
+        destination_key: to.into(),
+        destination_context: BTreeMap::new(),
+    }
+}
+
+/// `re_encrypt` on a key is not a way to read it: a caller whose only grant on the source is
+/// `re_encrypt` may move its data only to keys where it holds `re_encrypt` and cannot decrypt.
+#[tokio::test]
+async fn re_encrypt_on_the_source_is_never_a_read_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = rekey_config(dir.path());
+    let s = TestServer::start_in(dir, &text).await;
+    let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+    let mut mover = client_as(&s.addr, Some("tok-mover")).await;
+    let ct = billing
+        .encrypt(enc("payments"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+
+    // Into a key mover can encrypt and decrypt (the read path the review found), or one where
+    // it holds re_encrypt but can decrypt too: refused, before any backend work.
+    for to in ["scratch", "mirror"] {
+        let e = mover
+            .re_encrypt(reencrypt(ct.clone(), to))
+            .await
+            .unwrap_err();
+        denied(&e, "mover", to, "re_encrypt to");
+        assert!(e.message().contains("decrypt"), "{}", e.message());
+    }
+    // Into archive (re_encrypt only): allowed, and mover still cannot read the result.
+    let moved = mover
+        .re_encrypt(reencrypt(ct.clone(), "archive"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.key, "archive");
+    denied(
+        &mover
+            .decrypt(DecryptRequest {
+                ciphertext: moved.ciphertext.clone(),
+                context: BTreeMap::new(),
+            })
+            .await
+            .unwrap_err(),
+        "mover",
+        "archive",
+        "decrypt",
+    );
+    // A caller that can decrypt the source keeps the old rule: encrypt on the destination.
+    let into_scratch = billing
+        .re_encrypt(reencrypt(ct.clone(), "scratch"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(into_scratch.key, "scratch");
+}
+
+/// A caller without any grant on a key cannot tell whether it exists: an unknown key and a key
+/// it has no grant on get the same status, reason, message and metadata (but for the name).
+/// The audit log keeps the operator's view (KEY_NOT_FOUND).
+#[tokio::test]
+async fn unknown_keys_and_keys_without_a_grant_answer_alike() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let text = rekey_config(dir.path());
+    let s = TestServer::start_in(dir, &text).await;
+    let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+    let mut reports = client_as(&s.addr, Some("tok-reports")).await;
+
+    let shape = |e: &tonic::Status, name: &str| {
+        let info = e.get_details_error_info().unwrap();
+        let mut meta: Vec<(String, String)> = info.metadata.into_iter().collect();
+        meta.sort();
+        (
+            e.code(),
+            info.reason,
+            e.message().replace(name, "NAME"),
+            format!("{meta:?}").replace(name, "NAME"),
+        )
+    };
+    // Encrypt: `archive` exists (reports has no grant), `nothere` does not.
+    let existing = reports.encrypt(enc("archive")).await.unwrap_err();
+    let unknown = reports.encrypt(enc("nothere")).await.unwrap_err();
+    assert_eq!(shape(&existing, "archive"), shape(&unknown, "nothere"));
+    denied(&unknown, "reports", "nothere", "encrypt");
+
+    // Decrypt: ciphertexts whose header names a key without a grant / an unknown key (same
+    // length, so the envelope still parses).
+    let ct = billing
+        .encrypt(enc("scratch"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext
+        .to_vec();
+    let renamed = |name: &str| {
+        let env = keybroker::envelope::parse(&ct).unwrap();
+        let at = env.key_name.as_ptr() as usize - ct.as_ptr() as usize;
+        let mut out = ct.clone();
+        out[at..at + name.len()].copy_from_slice(name.as_bytes());
+        bytes::Bytes::from(out)
+    };
+    let dec = |c: bytes::Bytes| DecryptRequest {
+        ciphertext: c,
+        context: BTreeMap::new(),
+    };
+    let existing = reports.decrypt(dec(renamed("archive"))).await.unwrap_err();
+    let unknown = reports.decrypt(dec(renamed("nothere"))).await.unwrap_err();
+    assert_eq!(shape(&existing, "archive"), shape(&unknown, "nothere"));
+
+    // ReEncrypt into an unknown destination vs one without a grant.
+    let pay = billing
+        .encrypt(enc("payments"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let existing = reports
+        .re_encrypt(reencrypt(pay.clone(), "archive"))
+        .await
+        .unwrap_err();
+    let unknown = reports
+        .re_encrypt(reencrypt(pay.clone(), "nothere"))
+        .await
+        .unwrap_err();
+    assert_eq!(shape(&existing, "archive"), shape(&unknown, "nothere"));
+
+    // With a grant on the key, the denial is the plain one (the caller knows the key exists).
+    let e = reports.encrypt(enc("payments")).await.unwrap_err();
+    denied(&e, "reports", "payments", "encrypt");
+
+    // The audit log says what really happened.
+    let log = s.path("audit.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let reasons: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["caller"] == "reports")
+            .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
+            .collect();
+        if reasons.len() >= 7 {
+            assert_eq!(
+                reasons,
+                [
+                    "POLICY_DENIED",
+                    "KEY_NOT_FOUND",
+                    "POLICY_DENIED",
+                    "KEY_NOT_FOUND",
+                    "POLICY_DENIED",
+                    "KEY_NOT_FOUND",
+                    "POLICY_DENIED"
+                ]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "audit records: {reasons:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

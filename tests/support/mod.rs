@@ -8,6 +8,7 @@ pub mod azure_fake;
 pub mod conformance;
 pub mod counting;
 pub mod gcp_fake;
+pub mod h2raw;
 pub mod moto;
 
 use std::collections::BTreeMap;
