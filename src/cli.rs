@@ -413,11 +413,7 @@ fn keys(args: KeysArgs) -> CliResult {
                 "NAME", "ENABLED", "PRIMARY", "VERSIONS"
             );
             for (name, k) in &ring.keys {
-                let created = k
-                    .versions
-                    .get(&k.primary)
-                    .map(|v| v.created.as_str())
-                    .unwrap_or("");
+                let created = ring.created(name).unwrap_or("");
                 println!(
                     "{name:<32} {:<8} {:>7} {:>8}  {created}",
                     k.enabled,

@@ -7,7 +7,8 @@
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
 //! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
 //! shutdown), `error` (the one error → status mapping), `secret` (key material types), `tls`
-//! (rustls server configs that follow rotated files), `inject` (the Kubernetes sidecar injector).
+//! (rustls server configs that follow rotated files), `uds_authority` (HTTP/2 `:authority`
+//! repair on the Unix socket), `inject` (the Kubernetes sidecar injector).
 
 pub mod admin;
 pub mod audit;
@@ -33,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod stats;
 pub mod tls;
+pub mod uds_authority;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.

@@ -36,6 +36,7 @@ use crate::registry::{BackendLayer, Registry, StatsBook};
 use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
 use crate::tls::{ReloadingTls, TlsOptions};
+use crate::uds_authority::AuthorityFix;
 
 /// The gRPC service name, as health checks and grpcurl know it.
 pub const SERVICE_NAME: &str = "keybroker.v1.KeyBroker";
@@ -85,7 +86,9 @@ pub struct PeerCred {
 /// An accepted connection from any listener.
 pub enum Conn {
     Tcp(TcpStream),
-    Unix(UnixStream, Option<PeerCred>),
+    /// Behind the `:authority` repair that lets every gRPC client use the socket
+    /// (`uds_authority`).
+    Unix(AuthorityFix<UnixStream>, Option<PeerCred>),
     /// A TLS connection and what its handshake established.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnInfo),
 }
@@ -554,7 +557,7 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<io::Result<Conn>>) {
                     gid: c.gid(),
                     pid: c.pid(),
                 });
-                Conn::Unix(s, cred)
+                Conn::Unix(AuthorityFix::new(s), cred)
             }),
             Listener::Tls(l, tls, from) => match l.accept().await {
                 Ok((s, peer)) => {
