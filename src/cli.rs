@@ -114,7 +114,17 @@ pub struct ConnArgs {
     /// Encryption context pair (repeatable).
     #[arg(long = "context", value_parser = parse_pair)]
     pub context: Vec<(String, String)>,
+    /// Bearer token for a caller with an [[identity.tokens]] rule [env: KEYBROKER_TOKEN].
+    /// Prefer the variable or --token-file: other local users can read a command line.
+    #[arg(long, env = ENV_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (what the server's token file holds); wins over --token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
+
+/// The CLI client's bearer token variable.
+pub const ENV_TOKEN: &str = "KEYBROKER_TOKEN";
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -297,11 +307,8 @@ fn print_banner(
                 "-cacert CA.pem -cert CLIENT.pem -key CLIENT-KEY.pem".to_owned(),
                 t.to_string(),
             ),
-            // grpcurl would send the socket path as :authority, which HTTP/2 servers refuse.
-            config::ListenAddr::Unix(p) => (
-                "-plaintext -unix -authority localhost".to_owned(),
-                p.display().to_string(),
-            ),
+            // No -authority needed: the socket repairs the path grpcurl sends (uds_authority).
+            config::ListenAddr::Unix(p) => ("-plaintext -unix".to_owned(), p.display().to_string()),
         };
         let _ = writeln!(
             out,
@@ -331,8 +338,9 @@ fn config_check(file: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Policies that can never apply are errors here (serve only warns about them).
+    let mut problems: Vec<String> = config.warnings().iter().map(|p| p.to_string()).collect();
     // Local keyrings are files: check them too (without creating anything).
-    let mut problems = Vec::new();
     for k in config.keys.values() {
         let BackendConfig::Local {
             keyring,
@@ -343,7 +351,11 @@ fn config_check(file: &Path) -> ExitCode {
             continue;
         };
         match Keyring::load(keyring) {
-            Ok(r) if r.keys.contains_key(key_id.as_str()) => {}
+            Ok(r) if r.keys.contains_key(key_id.as_str()) => {
+                for w in r.warnings {
+                    eprintln!("warning: keys.{}.keyring: {w}", k.name);
+                }
+            }
             Ok(_) => problems.push(format!(
                 "keys.{}.key_id: key {key_id:?} is not in keyring {}",
                 k.name,
@@ -479,6 +491,28 @@ fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
     conn.context.iter().cloned().collect()
 }
 
+/// `msg` as a request carrying the caller's bearer token, when one is given.
+fn request<T>(conn: &ConnArgs, msg: T) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
+    let mut req = tonic::Request::new(msg);
+    let token = match (&conn.token_file, &conn.token) {
+        (Some(path), _) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?,
+        ),
+        (None, Some(t)) => zeroize::Zeroizing::new(t.clone()),
+        (None, None) => return Ok(req),
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the bearer token is empty".into());
+    }
+    // The token is never echoed, not even in this error.
+    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| "the bearer token contains characters a header cannot carry")?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
 /// A status as one readable line: code, reason, message.
 fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
     let reason = s
@@ -491,12 +525,13 @@ fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
 async fn encrypt(args: ClientArgs) -> CliResult {
     let plaintext = read_stdin()?;
     let mut client = connect(&args.conn).await?;
+    let msg = proto::EncryptRequest {
+        key: args.key,
+        plaintext: plaintext.into(),
+        context: context(&args.conn),
+    };
     let resp = client
-        .encrypt(proto::EncryptRequest {
-            key: args.key,
-            plaintext: plaintext.into(),
-            context: context(&args.conn),
-        })
+        .encrypt(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -517,11 +552,12 @@ async fn decrypt(args: DecryptArgs) -> CliResult {
         input
     };
     let mut client = connect(&args.conn).await?;
+    let msg = proto::DecryptRequest {
+        ciphertext: ciphertext.into(),
+        context: context(&args.conn),
+    };
     let resp = client
-        .decrypt(proto::DecryptRequest {
-            ciphertext: ciphertext.into(),
-            context: context(&args.conn),
-        })
+        .decrypt(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -535,12 +571,13 @@ async fn datakey(args: DatakeyArgs) -> CliResult {
         _ => proto::DataKeySpec::Aes256,
     };
     let mut client = connect(&args.conn).await?;
+    let msg = proto::GenerateDataKeyRequest {
+        key: args.key,
+        spec: spec as i32,
+        context: context(&args.conn),
+    };
     let resp = client
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            key: args.key,
-            spec: spec as i32,
-            context: context(&args.conn),
-        })
+        .generate_data_key(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();

@@ -18,14 +18,18 @@ pub const ERROR_DOMAIN: &str = "keybroker.io";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The request names a key the configuration does not have.
-    #[error("key {key:?} is not configured")]
+    /// The request (or a ciphertext) names a key the configuration does not have.
+    #[error("key {:?} is not configured", crate::util::Capped(key))]
     KeyNotFound { key: String },
     /// The key is switched off in the configuration or in its backend.
     #[error("key {key:?} is disabled")]
     KeyDisabled { key: String },
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request body is not a valid protobuf message of the method's type (wire format, or
+    /// a string field that is not UTF-8).
+    #[error("the request is not a valid protobuf message: {0}")]
+    MalformedRequest(String),
     /// The bytes are not a keybroker ciphertext at all.
     #[error("invalid ciphertext: {0}")]
     InvalidCiphertext(#[from] FormatError),
@@ -38,6 +42,10 @@ pub enum Error {
         size: u64,
         limit: u64,
     },
+    /// The request message is larger than the service decodes at all (checked by the
+    /// transport before the message is read; same reason as [`Error::RequestTooLarge`]).
+    #[error("the request message is larger than the limit of {limit} bytes")]
+    MessageTooLarge { limit: u64 },
     #[error("caller {caller:?} is not allowed to {operation} with key {key:?}")]
     PolicyDenied {
         caller: String,
@@ -78,6 +86,8 @@ impl Error {
             Error::KeyNotFound { .. } => (Code::NotFound, "KEY_NOT_FOUND"),
             Error::KeyDisabled { .. } => (Code::FailedPrecondition, "KEY_DISABLED"),
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            Error::MalformedRequest(_) => (Code::InvalidArgument, "MALFORMED_REQUEST"),
+            Error::MessageTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
             Error::InvalidCiphertext(_) => (Code::InvalidArgument, "INVALID_CIPHERTEXT"),
             Error::DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
             Error::RequestTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
@@ -114,7 +124,8 @@ impl Error {
         let mut metadata = HashMap::new();
         match self {
             Error::KeyNotFound { key } | Error::KeyDisabled { key } => {
-                metadata.insert("key".to_owned(), key.clone());
+                // A name from a ciphertext is not checked against the name rules: cap it.
+                metadata.insert("key".to_owned(), crate::util::Capped(key).to_string());
             }
             Error::PolicyDenied {
                 caller,
@@ -129,7 +140,7 @@ impl Error {
                 metadata.insert("key".to_owned(), key.clone());
                 metadata.insert("backend".to_owned(), source.backend.as_str().to_owned());
             }
-            Error::RequestTooLarge { limit, .. } => {
+            Error::RequestTooLarge { limit, .. } | Error::MessageTooLarge { limit } => {
                 metadata.insert("limit_bytes".to_owned(), limit.to_string());
             }
             _ => {}

@@ -5,7 +5,8 @@
 //!
 //! Module map (one concern each): `proto` (generated API), `config`, `registry` (key names →
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
-//! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
+//! (data keys), `broker` (the operations), `service` (gRPC glue), `codec`
+//! (request decoding errors shaped like every other), `server` (listeners and
 //! shutdown), `error` (the one error → status mapping), `secret` (key material types), `tls`
 //! (rustls server configs that follow rotated files), `uds_authority` (HTTP/2 `:authority`
 //! repair on the Unix socket), `inject` (the Kubernetes sidecar injector).
@@ -18,9 +19,11 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod health;
 pub mod identity;
 pub mod inject;
 pub mod keyring;
@@ -45,6 +48,10 @@ pub mod proto {
     /// The encoded descriptors served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keybroker_descriptor");
+
+    /// `google.rpc` error details (ErrorInfo, ...) for reflection: tools decode error reasons.
+    pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("error_details_descriptor");
 
     use std::fmt;
 

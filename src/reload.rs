@@ -78,6 +78,9 @@ impl Reloader {
         let identifier = Identifier::new(new.identity.clone())
             .map_err(|m| problem(&new.source_name, "identity.tokens", m))?;
 
+        for w in new.warnings() {
+            tracing::warn!(at = %w.at, "{}", w.message);
+        }
         // Everything validated and built: apply.
         for (name, was) in &old.keys {
             let keep = new
