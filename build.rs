@@ -42,11 +42,16 @@ fn error_details_descriptors(out: &std::path::Path) -> Result<(), Box<dyn std::e
             out.join("error_details_descriptor.bin").display()
         ))
         .arg("-Iproto")
-        .arg(format!("-I{}", protoc_bin_vendored::include_path()?.display()))
+        .arg(format!(
+            "-I{}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
         .arg("proto/google/rpc/error_details.proto")
         .status()?;
     if !status.success() {
-        return Err(format!("protoc failed on proto/google/rpc/error_details.proto: {status}").into());
+        return Err(
+            format!("protoc failed on proto/google/rpc/error_details.proto: {status}").into(),
+        );
     }
     Ok(())
 }

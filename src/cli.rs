@@ -243,6 +243,8 @@ fn serve(args: ServeArgs) -> CliResult {
     }
     init_logging(config.log.format, &config.log.level);
     runtime(config.server.worker_threads)?.block_on(async move {
+        // Handlers first: a SIGTERM right after the banner must drain, not kill.
+        let signal = Signals::install()?;
         let options = crate::server::StartOptions {
             config_path: args.config.clone(),
             listen_override: (!args.listen.is_empty()).then(|| config.server.listen.clone()),
@@ -250,7 +252,7 @@ fn serve(args: ServeArgs) -> CliResult {
         };
         let running = crate::server::start_with(&config, options).await?;
         print_banner(&config, &running.addrs, running.admin_addr);
-        wait_for_signal().await?;
+        signal.wait().await;
         tracing::info!("shutdown signal received; draining");
         running.shutdown().await;
         Ok(())
@@ -320,14 +322,32 @@ fn print_banner(
 
 /// Resolves on SIGTERM or SIGINT (what Kubernetes and a terminal send).
 pub async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Signals::install()?.wait().await;
     Ok(())
+}
+
+/// SIGTERM and SIGINT handlers, installed (so the default action, exit, no longer applies)
+/// before they are waited on.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn config_check(file: &Path) -> ExitCode {

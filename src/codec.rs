@@ -150,7 +150,10 @@ where
 
 /// A trailers-only OUT_OF_RANGE without details: only tonic's transport answers so (keybroker
 /// never uses OUT_OF_RANGE, and its own statuses always carry details).
-fn reshape(resp: http::Response<tonic::body::Body>, limit: u64) -> http::Response<tonic::body::Body> {
+fn reshape(
+    resp: http::Response<tonic::body::Body>,
+    limit: u64,
+) -> http::Response<tonic::body::Body> {
     let h = resp.headers();
     let transport_refusal = h.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11")
         && !h.contains_key("grpc-status-details-bin");

@@ -1434,7 +1434,10 @@ mod tests {
     fn toml_syntax_errors_say_where() {
         for (text, place) in [
             ("[server]\nlisten = \"x\"\n[admin\n", "line 3, column"),
-            ("[keys.a]\nbackend = \"local\"\n\n[keys.a]\nkey_id = \"a\"\n", "line 4, column"),
+            (
+                "[keys.a]\nbackend = \"local\"\n\n[keys.a]\nkey_id = \"a\"\n",
+                "line 4, column",
+            ),
             ("[keys.é]\nbackend = = 1\n", "line 2, column"),
         ] {
             let e = parse(text).unwrap_err();
@@ -1463,7 +1466,12 @@ mod tests {
         .unwrap();
         let w: Vec<String> = c.warnings().iter().map(|p| p.to_string()).collect();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].starts_with("keys.a.policy[0].callers: no identity source produces caller \"ghost\""), "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "keys.a.policy[0].callers: no identity source produces caller \"ghost\""
+            ),
+            "{w:?}"
+        );
 
         // With verified client certificates, a certificate may carry the name itself.
         let tls = |from: &str, callers: &str| {

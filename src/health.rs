@@ -21,7 +21,11 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
 /// The reporter (set statuses), the service to mount, and the switch that starts draining.
-pub fn service() -> (HealthReporter, HealthServer<DrainingHealth>, watch::Sender<bool>) {
+pub fn service() -> (
+    HealthReporter,
+    HealthServer<DrainingHealth>,
+    watch::Sender<bool>,
+) {
     let reporter = HealthReporter::new();
     let (drain_tx, drain_rx) = watch::channel(false);
     let service = DrainingHealth {

@@ -481,8 +481,7 @@ impl Scrape {
         // Counted in calls, priced once at the end (see `usd`).
         // Values: (calls, price per 10k calls).
         let mut spent: BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)> = BTreeMap::new();
-        let mut avoided: BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)> =
-            BTreeMap::new();
+        let mut avoided: BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)> = BTreeMap::new();
         for (k, c) in &cells {
             let Some(backend) = k.backend else { continue };
             let per_10k = prices.get(backend).per_10k_requests;

@@ -131,8 +131,8 @@ pub fn inject_text(
     for p in &pieces {
         parsed.push(parse_documents(p.body).ok().filter(|d| d.len() <= 1));
     }
-    let agrees = parsed.iter().all(Option::is_some)
-        && parsed.iter().flatten().flatten().eq(docs.iter());
+    let agrees =
+        parsed.iter().all(Option::is_some) && parsed.iter().flatten().flatten().eq(docs.iter());
     let mut reports = Vec::new();
     if !agrees {
         let mut docs = docs;
@@ -158,9 +158,10 @@ pub fn inject_text(
         if reports[before..].iter().any(|r| r.result.is_ok()) {
             let mut yaml =
                 serde_saphyr::to_string(&doc).map_err(|e| FileError::Emit(e.to_string()))?;
-            let yaml = yaml.strip_prefix("---\n").map(str::to_owned).unwrap_or_else(|| {
-                std::mem::take(&mut yaml)
-            });
+            let yaml = yaml
+                .strip_prefix("---\n")
+                .map(str::to_owned)
+                .unwrap_or_else(|| std::mem::take(&mut yaml));
             out.push_str(&yaml);
             if !out.ends_with('\n') {
                 out.push('\n');
@@ -337,7 +338,10 @@ spec:
         let pieces = split_documents(MANIFEST);
         assert_eq!(pieces.len(), 3);
         assert!(out.starts_with(pieces[0].body), "{out}");
-        assert!(out.ends_with(&format!("{}{}", pieces[2].marker, pieces[2].body)), "{out}");
+        assert!(
+            out.ends_with(&format!("{}{}", pieces[2].marker, pieces[2].body)),
+            "{out}"
+        );
 
         let commented = "# a comment kept\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}  # trailing\ndata:\n  mode: 0644\n  q: 'single'\n--- # next\nkind: Pod\nmetadata:\n  name: p # the pod\nspec:\n  containers:\n  - name: a\n...\n";
         let (out, reports) =
@@ -350,7 +354,14 @@ spec:
         assert!(out.contains("keybroker"), "{out}");
         assert_eq!(parse_documents(&out).unwrap().len(), 2);
         // Concatenating the pieces is the text.
-        for text in [MANIFEST, commented, "", "---\n", "a: 1\n---\n---\nb: 2", "--- {a: 1}\n"] {
+        for text in [
+            MANIFEST,
+            commented,
+            "",
+            "---\n",
+            "a: 1\n---\n---\nb: 2",
+            "--- {a: 1}\n",
+        ] {
             let joined: String = split_documents(text)
                 .iter()
                 .map(|p| format!("{}{}", p.marker, p.body))

@@ -246,7 +246,14 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
     let env = json!({"name": crate::client::ENV_ADDR, "value": SOCKET_ADDR});
     for (i, c) in containers.iter().enumerate() {
         let at = format!("spec.containers[{i}]");
-        wire(&mut patch, c, &at, &format!("/spec/containers/{i}"), &mount, &env)?;
+        wire(
+            &mut patch,
+            c,
+            &at,
+            &format!("/spec/containers/{i}"),
+            &mount,
+            &env,
+        )?;
     }
     // A native sidecar is the first init container, so every init container after it (all the
     // pod's own) can call it too: they get the socket and the address like app containers. As a
@@ -290,11 +297,12 @@ fn wire(
 ) -> Result<(), InjectError> {
     let cname = name_of(c).unwrap_or("");
     let mounts = array(c.get("volumeMounts"), &format!("{at}.volumeMounts"))?;
-    if mounts
-        .into_iter()
-        .flatten()
-        .any(|m| m.get("mountPath").and_then(Value::as_str).map(|p| p.trim_end_matches('/')) == Some(SOCKET_DIR))
-    {
+    if mounts.into_iter().flatten().any(|m| {
+        m.get("mountPath")
+            .and_then(Value::as_str)
+            .map(|p| p.trim_end_matches('/'))
+            == Some(SOCKET_DIR)
+    }) {
         return Err(InjectError::Conflict(format!(
             "container {cname:?} already mounts something at {SOCKET_DIR}, where the \
              keybroker socket goes"
@@ -626,8 +634,14 @@ mod tests {
         assert_eq!(spec["initContainers"][0]["restartPolicy"], "Always");
         assert_eq!(spec["initContainers"][1]["name"], "migrate");
         // Init containers after the native sidecar can use it.
-        assert_eq!(spec["initContainers"][1]["volumeMounts"][0]["mountPath"], SOCKET_DIR);
-        assert_eq!(spec["initContainers"][1]["env"][0]["name"], "KEYBROKER_ADDR");
+        assert_eq!(
+            spec["initContainers"][1]["volumeMounts"][0]["mountPath"],
+            SOCKET_DIR
+        );
+        assert_eq!(
+            spec["initContainers"][1]["env"][0]["name"],
+            "KEYBROKER_ADDR"
+        );
         assert_eq!(spec["initContainers"][1]["env"][0]["value"], SOCKET_ADDR);
         assert_eq!(spec["volumes"].as_array().unwrap().len(), 3);
         assert_eq!(spec["containers"][0]["env"][1]["name"], "KEYBROKER_ADDR");
@@ -669,10 +683,15 @@ mod tests {
         // Init containers run before a plain sidecar starts: they are left alone, even with a
         // mount at the socket's place.
         let mut with_init = p.clone();
-        with_init["spec"]["initContainers"] =
-            json!([{"name": "setup", "volumeMounts": [{"name": "x", "mountPath": "/run/keybroker"}]}]);
+        with_init["spec"]["initContainers"] = json!([{"name": "setup", "volumeMounts": [{"name": "x", "mountPath": "/run/keybroker"}]}]);
         let out = patched(&with_init);
-        assert_eq!(out["spec"]["initContainers"][0]["volumeMounts"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            out["spec"]["initContainers"][0]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(out["spec"]["initContainers"][0].get("env").is_none());
         // The sidecar itself does not get KEYBROKER_ADDR.
         assert!(
