@@ -479,9 +479,10 @@ impl Scrape {
         let mut calls: BTreeMap<(&'static str, Arc<str>, &'static str, &'static str), u64> =
             BTreeMap::new();
         // Counted in calls, priced once at the end (see `usd`).
-        // Values: (calls, price per 10k calls).
-        let mut spent: BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)> = BTreeMap::new();
-        let mut avoided: BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)> = BTreeMap::new();
+        // (caller, key, backend) -> (calls, price per 10k calls).
+        type Priced = BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)>;
+        let mut spent = Priced::new();
+        let mut avoided = Priced::new();
         for (k, c) in &cells {
             let Some(backend) = k.backend else { continue };
             let per_10k = prices.get(backend).per_10k_requests;
