@@ -74,6 +74,9 @@ pub struct AuthorityFix<S> {
     block: Option<Pending>,
     decoder: hpack::Decoder,
     repaired: u64,
+    /// Where socket reads land before `inbuf` (zeroed once, not per read: safe code cannot
+    /// read into uninitialized capacity).
+    scratch: Option<Box<[u8; READ_CHUNK]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +106,7 @@ impl<S> AuthorityFix<S> {
             block: None,
             decoder: hpack::Decoder::default(),
             repaired: 0,
+            scratch: None,
         }
     }
 
@@ -338,12 +342,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let start = this.inbuf.len();
-            this.inbuf.resize(start + READ_CHUNK, 0);
-            let mut rb = ReadBuf::new(&mut this.inbuf[start..]);
+            let scratch = this
+                .scratch
+                .get_or_insert_with(|| Box::new([0; READ_CHUNK]));
+            let mut rb = ReadBuf::new(&mut scratch[..]);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
             let n = rb.filled().len();
-            this.inbuf.truncate(start + n);
+            this.inbuf.extend_from_slice(rb.filled());
             match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),

@@ -657,3 +657,54 @@ fn keys_list_shows_the_keys_creation_time() {
     let line = listing.lines().find(|l| l.starts_with("app ")).unwrap();
     assert!(line.ends_with(&v[&1].created), "{listing}");
 }
+
+/// A keyring that stops parsing while the server runs is reported by kind and place only (it
+/// may hold key material), and the previous keyring stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_broken_at_run_time_is_reported_without_its_content() {
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cwd.path().join("kb.toml"),
+        local_config("\n[local]\npoll_interval = \"100ms\"\n[audit]\npath = \"{dir}/audit.jsonl\"")
+            .replace("{dir}", &cwd.path().display().to_string()),
+    )
+    .unwrap();
+    let serve = ServeProcess::start(
+        cwd.path(),
+        &["--config", "kb.toml"],
+        &[("KEYBROKER_LISTEN", "127.0.0.1:0")],
+    );
+    let mut c = client_for(&serve.addr).await;
+    let enc = |c: &mut keybroker::client::KeyBrokerClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.encrypt(EncryptRequest {
+                key: "default".into(),
+                plaintext: b"x".to_vec().into(),
+                context: BTreeMap::new(),
+            })
+            .await
+        }
+    };
+    enc(&mut c).await.unwrap();
+    // serde_json would quote this string in its error ("invalid type: string ...").
+    let marker = "TOP-SECRET-KEY-MATERIAL-c2VjcmV0";
+    let ring = cwd.path().join("keyring");
+    let broken = format!(
+        r#"{{"format":"keybroker-keyring/v1","keys":{{"default":{{"enabled":true,"primary":1,"versions":[{{"version":"{marker}","created":"x","material":"{marker}"}}]}}}}}}"#
+    );
+    let tmp = cwd.path().join("keyring.new");
+    std::fs::write(&tmp, broken).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, &ring).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    enc(&mut c)
+        .await
+        .expect("the previous keyring stays in force");
+    serve.signal("TERM");
+    let (status, stderr) = serve.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("keeping the previous one"), "{stderr}");
+    assert!(stderr.contains("line 1 column"), "{stderr}");
+    assert!(!stderr.contains("TOP-SECRET"), "{stderr}");
+}
