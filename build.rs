@@ -21,9 +21,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keybroker.v1.DecryptResponse",
             "keybroker.v1.GenerateDataKeyResponse",
         ])
+        // Decode failures are the caller's (INVALID_ARGUMENT), not prost's INTERNAL: src/codec.rs.
+        .codec_path("crate::codec::Codec")
         .compile_with_config(config, &["proto/keybroker/v1/keybroker.proto"], &["proto"])?;
+    error_details_descriptors(&out)?;
     println!("cargo:rerun-if-changed=proto");
     cloud_kms_fake_server();
+    Ok(())
+}
+
+/// Descriptors of `google.rpc.ErrorInfo` and its siblings (with `google.protobuf.Duration`),
+/// served by reflection so that grpcurl can print the ErrorInfo every keybroker error carries
+/// instead of "google.rpc.ErrorInfo is not recognized". Descriptors only: tonic-types has the
+/// Rust types.
+fn error_details_descriptors(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)
+        .arg("--include_imports")
+        .arg(format!(
+            "--descriptor_set_out={}",
+            out.join("error_details_descriptor.bin").display()
+        ))
+        .arg("-Iproto")
+        .arg(format!(
+            "-I{}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
+        .arg("proto/google/rpc/error_details.proto")
+        .status()?;
+    if !status.success() {
+        return Err(
+            format!("protoc failed on proto/google/rpc/error_details.proto: {status}").into(),
+        );
+    }
     Ok(())
 }
 

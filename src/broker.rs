@@ -185,6 +185,7 @@ impl Broker {
         facts.bytes = plaintext.len() as u64;
         self.check_size("plaintext", plaintext.len(), self.max_plaintext)?;
         check_context(context, "context")?;
+        check_key_field(key, "key")?;
         let registry = self.registry.load();
         let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::Encrypt), facts)?;
         let (active, result) = self
@@ -258,6 +259,7 @@ impl Broker {
         facts: &mut Facts,
     ) -> Result<DataKeyOutput, Error> {
         check_context(context, "context")?;
+        check_key_field(key, "key")?;
         let registry = self.registry.load();
         let entry = self.usable_key(
             &registry,
@@ -319,6 +321,9 @@ impl Broker {
         )?;
         check_context(source_context, "source_context")?;
         check_context(destination_context, "destination_context")?;
+        if !destination_key.is_empty() {
+            check_key_field(destination_key, "destination_key")?;
+        }
         let env = envelope::parse(ciphertext)?;
         facts.bytes = env.payload_len() as u64;
         let registry = self.registry.load();
@@ -547,6 +552,19 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// A key name from a request field: the name rules (docs/api.md) before any lookup, so a
+/// malformed name is INVALID_ARGUMENT and never echoed whole. Names read from a ciphertext are
+/// not checked here: they are bounded by the format, and a name no configured key has is
+/// KEY_NOT_FOUND.
+fn check_key_field(name: &str, field: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: a key name is required"
+        )));
+    }
+    crate::util::check_name(name).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
 }
 
 fn check_context(context: &BTreeMap<String, String>, field: &str) -> Result<(), Error> {

@@ -114,7 +114,17 @@ pub struct ConnArgs {
     /// Encryption context pair (repeatable).
     #[arg(long = "context", value_parser = parse_pair)]
     pub context: Vec<(String, String)>,
+    /// Bearer token for a caller with an [[identity.tokens]] rule [env: KEYBROKER_TOKEN].
+    /// Prefer the variable or --token-file: other local users can read a command line.
+    #[arg(long, env = ENV_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (what the server's token file holds); wins over --token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
+
+/// The CLI client's bearer token variable.
+pub const ENV_TOKEN: &str = "KEYBROKER_TOKEN";
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -233,6 +243,8 @@ fn serve(args: ServeArgs) -> CliResult {
     }
     init_logging(config.log.format, &config.log.level);
     runtime(config.server.worker_threads)?.block_on(async move {
+        // Handlers first: a SIGTERM right after the banner must drain, not kill.
+        let signal = Signals::install()?;
         let options = crate::server::StartOptions {
             config_path: args.config.clone(),
             listen_override: (!args.listen.is_empty()).then(|| config.server.listen.clone()),
@@ -240,7 +252,7 @@ fn serve(args: ServeArgs) -> CliResult {
         };
         let running = crate::server::start_with(&config, options).await?;
         print_banner(&config, &running.addrs, running.admin_addr);
-        wait_for_signal().await?;
+        signal.wait().await;
         tracing::info!("shutdown signal received; draining");
         running.shutdown().await;
         Ok(())
@@ -297,11 +309,8 @@ fn print_banner(
                 "-cacert CA.pem -cert CLIENT.pem -key CLIENT-KEY.pem".to_owned(),
                 t.to_string(),
             ),
-            // grpcurl would send the socket path as :authority, which HTTP/2 servers refuse.
-            config::ListenAddr::Unix(p) => (
-                "-plaintext -unix -authority localhost".to_owned(),
-                p.display().to_string(),
-            ),
+            // No -authority needed: the socket repairs the path grpcurl sends (uds_authority).
+            config::ListenAddr::Unix(p) => ("-plaintext -unix".to_owned(), p.display().to_string()),
         };
         let _ = writeln!(
             out,
@@ -313,14 +322,32 @@ fn print_banner(
 
 /// Resolves on SIGTERM or SIGINT (what Kubernetes and a terminal send).
 pub async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Signals::install()?.wait().await;
     Ok(())
+}
+
+/// SIGTERM and SIGINT handlers, installed (so the default action, exit, no longer applies)
+/// before they are waited on.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn config_check(file: &Path) -> ExitCode {
@@ -331,8 +358,9 @@ fn config_check(file: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Policies that can never apply are errors here (serve only warns about them).
+    let mut problems: Vec<String> = config.warnings().iter().map(|p| p.to_string()).collect();
     // Local keyrings are files: check them too (without creating anything).
-    let mut problems = Vec::new();
     for k in config.keys.values() {
         let BackendConfig::Local {
             keyring,
@@ -343,7 +371,11 @@ fn config_check(file: &Path) -> ExitCode {
             continue;
         };
         match Keyring::load(keyring) {
-            Ok(r) if r.keys.contains_key(key_id.as_str()) => {}
+            Ok(r) if r.keys.contains_key(key_id.as_str()) => {
+                for w in r.warnings {
+                    eprintln!("warning: keys.{}.keyring: {w}", k.name);
+                }
+            }
             Ok(_) => problems.push(format!(
                 "keys.{}.key_id: key {key_id:?} is not in keyring {}",
                 k.name,
@@ -413,11 +445,7 @@ fn keys(args: KeysArgs) -> CliResult {
                 "NAME", "ENABLED", "PRIMARY", "VERSIONS"
             );
             for (name, k) in &ring.keys {
-                let created = k
-                    .versions
-                    .get(&k.primary)
-                    .map(|v| v.created.as_str())
-                    .unwrap_or("");
+                let created = ring.created(name).unwrap_or("");
                 println!(
                     "{name:<32} {:<8} {:>7} {:>8}  {created}",
                     k.enabled,
@@ -483,6 +511,28 @@ fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
     conn.context.iter().cloned().collect()
 }
 
+/// `msg` as a request carrying the caller's bearer token, when one is given.
+fn request<T>(conn: &ConnArgs, msg: T) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
+    let mut req = tonic::Request::new(msg);
+    let token = match (&conn.token_file, &conn.token) {
+        (Some(path), _) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?,
+        ),
+        (None, Some(t)) => zeroize::Zeroizing::new(t.clone()),
+        (None, None) => return Ok(req),
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the bearer token is empty".into());
+    }
+    // The token is never echoed, not even in this error.
+    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| "the bearer token contains characters a header cannot carry")?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
 /// A status as one readable line: code, reason, message.
 fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
     let reason = s
@@ -495,12 +545,13 @@ fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
 async fn encrypt(args: ClientArgs) -> CliResult {
     let plaintext = read_stdin()?;
     let mut client = connect(&args.conn).await?;
+    let msg = proto::EncryptRequest {
+        key: args.key,
+        plaintext: plaintext.into(),
+        context: context(&args.conn),
+    };
     let resp = client
-        .encrypt(proto::EncryptRequest {
-            key: args.key,
-            plaintext: plaintext.into(),
-            context: context(&args.conn),
-        })
+        .encrypt(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -521,11 +572,12 @@ async fn decrypt(args: DecryptArgs) -> CliResult {
         input
     };
     let mut client = connect(&args.conn).await?;
+    let msg = proto::DecryptRequest {
+        ciphertext: ciphertext.into(),
+        context: context(&args.conn),
+    };
     let resp = client
-        .decrypt(proto::DecryptRequest {
-            ciphertext: ciphertext.into(),
-            context: context(&args.conn),
-        })
+        .decrypt(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -539,12 +591,13 @@ async fn datakey(args: DatakeyArgs) -> CliResult {
         _ => proto::DataKeySpec::Aes256,
     };
     let mut client = connect(&args.conn).await?;
+    let msg = proto::GenerateDataKeyRequest {
+        key: args.key,
+        spec: spec as i32,
+        context: context(&args.conn),
+    };
     let resp = client
-        .generate_data_key(proto::GenerateDataKeyRequest {
-            key: args.key,
-            spec: spec as i32,
-            context: context(&args.conn),
-        })
+        .generate_data_key(request(&args.conn, msg)?)
         .await
         .map_err(status_error)?
         .into_inner();

@@ -405,8 +405,11 @@ impl Config {
         };
         let table: Table = text.parse().map_err(|e: toml::de::Error| {
             fail(vec![Problem {
-                at: String::new(),
-                message: format!("not valid TOML: {}", e.message()),
+                at: match e.span() {
+                    Some(span) => line_column(text, span.start),
+                    None => String::new(),
+                },
+                message: format!("not valid TOML: {}", e.message().trim_end()),
             }])
         })?;
         let mut p = Problems::default();
@@ -707,6 +710,66 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// Problems that do not stop a server but make a configuration wrong: policy statements
+    /// naming a caller that no identity source of this configuration can produce (a typo, or
+    /// a missing `[[identity.*]]` rule), so the grant can never apply. `config check` reports
+    /// them as errors; `serve` and reloads log them as warnings.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let rules = self.identity.caller_names();
+        for k in self.keys.values() {
+            for (i, st) in k.policy.statements.iter().enumerate() {
+                for c in &st.callers {
+                    if c == crate::policy::ANY_IDENTIFIED
+                        || rules.contains(c)
+                        || self.certificates_can_name(c)
+                    {
+                        continue;
+                    }
+                    out.push(Problem {
+                        at: format!("keys.{}.policy[{i}].callers", k.name),
+                        message: format!(
+                            "no identity source produces caller {c:?}: add an [[identity.tokens]], \
+                             [[identity.peers]] or [[identity.mtls]] rule for it{}",
+                            if self.verifies_client_certificates() {
+                                ""
+                            } else {
+                                " (or a tls:// listener with client_ca)"
+                            }
+                        ),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether some listener verifies client certificates (so their names can be callers).
+    fn verifies_client_certificates(&self) -> bool {
+        self.server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.files.client_ca.is_some())
+            && self
+                .server
+                .listen
+                .iter()
+                .any(|l| matches!(l, ListenAddr::Tls(_)))
+    }
+
+    /// Whether a client certificate without an `[[identity.mtls]]` mapping can carry `name`
+    /// (its SPIFFE ID, DNS SAN or subject CN becomes the caller as it is).
+    fn certificates_can_name(&self, name: &str) -> bool {
+        let Some(tls) = &self.server.tls else {
+            return false;
+        };
+        self.verifies_client_certificates()
+            && match tls.caller_from {
+                CallerFrom::Spiffe => name.starts_with("spiffe://"),
+                CallerFrom::Dns | CallerFrom::SubjectCn => true,
+            }
     }
 
     /// Caller names that may appear as metric labels: those the identity rules can produce and
@@ -1014,6 +1077,14 @@ fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
             )),
         },
     }
+}
+
+/// `line L, column C` (1-based, columns in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> String {
+    let before = &text[..text.floor_char_boundary(at.min(text.len()))];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}")
 }
 
 fn resolve(base: &Path, s: &str) -> PathBuf {
@@ -1390,6 +1461,77 @@ mod tests {
             (Duration::from_secs(60), 10, 1 << 20)
         );
         assert!(!c.keys["b"].cache.enabled);
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        for (text, place) in [
+            ("[server]\nlisten = \"x\"\n[admin\n", "line 3, column"),
+            (
+                "[keys.a]\nbackend = \"local\"\n\n[keys.a]\nkey_id = \"a\"\n",
+                "line 4, column",
+            ),
+            ("[keys.é]\nbackend = = 1\n", "line 2, column"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.problems.len(), 1);
+            let p = e.problems[0].to_string();
+            assert!(p.starts_with(place), "{p}");
+            assert!(p.contains("not valid TOML"), "{p}");
+        }
+    }
+
+    #[test]
+    fn policies_naming_unknown_callers_are_flagged() {
+        let c = parse(
+            r#"
+            [[identity.tokens]]
+            caller = "billing"
+            file = "billing.token"
+            [keys.a]
+            backend = "local"
+            key_id = "a"
+            [[keys.a.policy]]
+            callers = ["billing", "anonymous", "*", "ghost"]
+            operations = ["encrypt"]
+            "#,
+        )
+        .unwrap();
+        let w: Vec<String> = c.warnings().iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "keys.a.policy[0].callers: no identity source produces caller \"ghost\""
+            ),
+            "{w:?}"
+        );
+
+        // With verified client certificates, a certificate may carry the name itself.
+        let tls = |from: &str, callers: &str| {
+            parse(&format!(
+                r#"
+                [server]
+                listen = ["tls://127.0.0.1:0"]
+                [server.tls]
+                cert = "c.pem"
+                key = "k.pem"
+                client_ca = "ca.pem"
+                caller_from = "{from}"
+                [keys.a]
+                backend = "local"
+                key_id = "a"
+                [[keys.a.policy]]
+                callers = [{callers}]
+                operations = ["encrypt"]
+                "#
+            ))
+            .unwrap()
+            .warnings()
+            .len()
+        };
+        assert_eq!(tls("spiffe", r#""spiffe://td/ns/a/sa/b""#), 0);
+        assert_eq!(tls("spiffe", r#""ghost""#), 1);
+        assert_eq!(tls("dns", r#""orders.internal""#), 0);
     }
 
     #[test]

@@ -150,7 +150,8 @@ pub fn check_context(context: &BTreeMap<String, String>) -> Result<(), String> {
         }
         if v.len() > MAX_CONTEXT_VALUE_LEN {
             return Err(format!(
-                "context value of key {k:?} is {} bytes; at most {MAX_CONTEXT_VALUE_LEN} are allowed",
+                "context value of key {:?} is {} bytes; at most {MAX_CONTEXT_VALUE_LEN} are allowed",
+                crate::util::Capped(k),
                 v.len()
             ));
         }

@@ -21,7 +21,7 @@ pub enum Error {
     /// The request names a key the configuration does not have. The caller is answered exactly
     /// as for a key it has no grant on ([`Error::NoGrant`]), so key names cannot be enumerated;
     /// this variant (KEY_NOT_FOUND) is what the log, the metrics and the audit record keep.
-    #[error("key {key:?} is not configured")]
+    #[error("key {:?} is not configured", crate::util::Capped(key))]
     KeyNotFound {
         key: String,
         caller: String,
@@ -41,6 +41,10 @@ pub enum Error {
     KeyDisabled { key: String },
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request body is not a valid protobuf message of the method's type (wire format, or
+    /// a string field that is not UTF-8).
+    #[error("the request is not a valid protobuf message: {0}")]
+    MalformedRequest(String),
     /// The bytes are not a keybroker ciphertext at all.
     #[error("invalid ciphertext: {0}")]
     InvalidCiphertext(#[from] FormatError),
@@ -53,6 +57,10 @@ pub enum Error {
         size: u64,
         limit: u64,
     },
+    /// The request message is larger than the service decodes at all (checked by the
+    /// transport before the message is read; same reason as [`Error::RequestTooLarge`]).
+    #[error("the request message is larger than the limit of {limit} bytes")]
+    MessageTooLarge { limit: u64 },
     #[error("caller {caller:?} is not allowed to {operation} with key {key:?}")]
     PolicyDenied {
         caller: String,
@@ -94,6 +102,8 @@ impl Error {
             Error::NoGrant { .. } => (Code::PermissionDenied, "POLICY_DENIED"),
             Error::KeyDisabled { .. } => (Code::FailedPrecondition, "KEY_DISABLED"),
             Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            Error::MalformedRequest(_) => (Code::InvalidArgument, "MALFORMED_REQUEST"),
+            Error::MessageTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
             Error::InvalidCiphertext(_) => (Code::InvalidArgument, "INVALID_CIPHERTEXT"),
             Error::DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
             Error::RequestTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
@@ -149,7 +159,8 @@ impl Error {
         let mut metadata = HashMap::new();
         match public {
             Error::KeyNotFound { key, .. } | Error::KeyDisabled { key } => {
-                metadata.insert("key".to_owned(), key.clone());
+                // A name from a ciphertext is not checked against the name rules: cap it.
+                metadata.insert("key".to_owned(), crate::util::Capped(key).to_string());
             }
             Error::NoGrant {
                 caller,
@@ -158,7 +169,7 @@ impl Error {
             } => {
                 metadata.insert("caller".to_owned(), caller.clone());
                 if let Some(key) = key {
-                    metadata.insert("key".to_owned(), key.clone());
+                    metadata.insert("key".to_owned(), crate::util::Capped(key).to_string());
                 }
                 metadata.insert("operation".to_owned(), (*operation).to_owned());
             }
@@ -175,7 +186,7 @@ impl Error {
                 metadata.insert("key".to_owned(), key.clone());
                 metadata.insert("backend".to_owned(), source.backend.as_str().to_owned());
             }
-            Error::RequestTooLarge { limit, .. } => {
+            Error::RequestTooLarge { limit, .. } | Error::MessageTooLarge { limit } => {
                 metadata.insert("limit_bytes".to_owned(), limit.to_string());
             }
             _ => {}
@@ -214,7 +225,8 @@ fn no_grant_message(caller: &str, key: Option<&str>, operation: &str) -> String 
     match key {
         // Worded for both cases it covers: no grant on an existing key, and no such key.
         Some(key) => format!(
-            "caller {caller:?} is not allowed to {operation} with key {key:?} (no grant, or no such key)"
+            "caller {caller:?} is not allowed to {operation} with key {:?} (no grant, or no such key)",
+            crate::util::Capped(key)
         ),
         None => format!(
             "caller {caller:?} is not allowed to {operation} with any key: no key's policy grants it"

@@ -490,7 +490,7 @@ where
                 futures_util::future::Either::Left(inner.call(req))
             }
             Err(e) => {
-                let status = tracing::debug_span!("request", request_id = %request_id, path = req.uri().path())
+                let status = tracing::debug_span!("request", request_id = %request_id, path = %crate::util::Capped(req.uri().path()))
                     .in_scope(|| e.to_status());
                 futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }

@@ -3,14 +3,23 @@
 //!
 //! Edits (the `keybroker keys` admin commands) are serialized by an exclusive lock on a sibling
 //! `.lock` file and written with [`crate::util::write_atomic`]: a crash at any instant leaves
-//! either the old or the new keyring, and an edit never drops a version. The gRPC API never
-//! changes keys. This module must never print key material: versions have a redacting `Debug`.
+//! either the old or the new keyring, and an edit never drops a version. A write killed in the
+//! instant between naming its temporary file and renaming it leaves that file (a full copy of
+//! the keys); the next edit and the next server start delete such files under the same lock.
+//! The gRPC API never changes keys.
+//!
+//! Access: [`Keyring::load`] refuses a keyring any other user could read or change (see
+//! [`check_access`]) before reading a byte of it.
+//!
+//! This module must never print key material or any other part of the file: versions have a
+//! redacting `Debug`, and a file that does not parse is reported by error kind, line and column
+//! only.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -37,6 +46,9 @@ pub enum KeyringError {
     },
     #[error("keyring {path} is not valid: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// Other users could read or replace the keys (see [`check_access`]).
+    #[error("keyring {path} refused: {reason}")]
+    Insecure { path: PathBuf, reason: String },
     #[error("key {0:?} is not in the keyring")]
     NoSuchKey(String),
     #[error("key {0:?} already exists in the keyring")]
@@ -78,6 +90,8 @@ pub struct RingKey {
 #[derive(Debug, Default)]
 pub struct Keyring {
     pub keys: BTreeMap<String, RingKey>,
+    /// What [`check_access`] tolerated but a reader should hear about (logged by `load`).
+    pub warnings: Vec<String>,
 }
 
 /// The on-disk form. Key material is base64 in `Zeroizing` strings so the text form is wiped too.
@@ -105,7 +119,7 @@ struct FileVersion {
 }
 
 impl Keyring {
-    /// Reads and validates a keyring file.
+    /// Reads and validates a keyring file, refusing one that other users could read or replace.
     pub fn load(path: &Path) -> Result<Self, KeyringError> {
         let io_err = |source| KeyringError::Io {
             path: path.to_owned(),
@@ -115,25 +129,46 @@ impl Keyring {
             path: path.to_owned(),
             reason,
         };
-        let len = fs::metadata(path).map_err(io_err)?.len();
+        // Checked on the open descriptor, so the file checked is the file read.
+        let mut file = fs::File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        let warnings = check_access(&meta).map_err(|reason| KeyringError::Insecure {
+            path: path.to_owned(),
+            reason,
+        })?;
+        for w in &warnings {
+            tracing::warn!(keyring = %path.display(), "{w}");
+        }
+        let len = meta.len();
         if len > MAX_FILE_LEN {
             return Err(invalid(format!(
                 "file is {len} bytes; the limit is {MAX_FILE_LEN}"
             )));
         }
-        let text = Zeroizing::new(fs::read(path).map_err(io_err)?);
-        // serde_json's error text names a position, never the content.
+        let mut text = Zeroizing::new(Vec::with_capacity(len as usize + 1));
+        (&mut file)
+            .take(MAX_FILE_LEN + 1)
+            .read_to_end(&mut text)
+            .map_err(io_err)?;
         let form: FileForm =
-            serde_json::from_slice(&text).map_err(|e| invalid(format!("not keyring JSON: {e}")))?;
+            serde_json::from_slice(&text).map_err(|e| invalid(json_problem(&e)))?;
         if form.format != FORMAT {
-            return Err(invalid(format!(
-                "format is {:?}, expected {FORMAT:?}",
-                form.format
-            )));
+            return Err(invalid(format!("\"format\" is not {FORMAT:?}")));
         }
-        let mut ring = Keyring::default();
+        let mut ring = Keyring {
+            warnings,
+            ..Keyring::default()
+        };
         for (name, fk) in form.keys {
-            check_name(&name).map_err(|e| invalid(format!("key name {e}")))?;
+            // The name is not echoed: a name that fails the rules may be anything (even key
+            // material pasted into the wrong place).
+            check_name(&name).map_err(|_| {
+                invalid(
+                    "a key name is not valid (names are 1 to 128 bytes of letters, digits and \
+                     . _ - : / @)"
+                        .to_owned(),
+                )
+            })?;
             let mut versions = BTreeMap::new();
             for fv in fk.versions {
                 let mut bytes = B64.decode(fv.material.as_bytes()).map_err(|_| {
@@ -178,8 +213,8 @@ impl Keyring {
         Ok(ring)
     }
 
-    /// Writes the keyring atomically and durably, mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), KeyringError> {
+    /// Writes the keyring atomically and durably, mode 0600. Only under the lock ([`edit`]).
+    fn save(&self, path: &Path) -> Result<(), KeyringError> {
         let form = FileForm {
             format: FORMAT.to_owned(),
             keys: self
@@ -236,6 +271,12 @@ impl Keyring {
             },
         );
         Ok(())
+    }
+
+    /// When the key was created: its first version's time.
+    pub fn created(&self, name: &str) -> Option<&str> {
+        let k = self.keys.get(name)?;
+        k.versions.values().next().map(|v| v.created.as_str())
     }
 
     /// Adds a new version and makes it primary; every older version stays for decryption.
@@ -296,6 +337,7 @@ pub fn edit<T>(
         .open(&lock_path)
         .map_err(io_err)?;
     lock.lock().map_err(io_err)?;
+    remove_stale_temps_locked(path);
     let mut ring = match Keyring::load(path) {
         Ok(r) => r,
         Err(KeyringError::Io { source, .. })
@@ -309,6 +351,84 @@ pub fn edit<T>(
     ring.save(path)?;
     // The lock is released when `lock` is dropped (closing the descriptor).
     Ok(out)
+}
+
+/// Deletes temporary files that killed edits left beside `path`, under the keyring lock (the
+/// server calls this at start). Without a lock file no edit ever ran here, so there is nothing
+/// to clean; a keyring directory we cannot write (a read-only mount) has nothing either.
+pub fn remove_stale_temps(path: &Path) {
+    let Ok(lock) = OpenOptions::new().write(true).open(lock_path(path)) else {
+        return;
+    };
+    if lock.lock().is_ok() {
+        remove_stale_temps_locked(path);
+    }
+}
+
+fn remove_stale_temps_locked(path: &Path) {
+    match crate::util::remove_stale_temps(path) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            keyring = %path.display(),
+            removed = n,
+            "removed temporary keyring files left by an interrupted write"
+        ),
+        Err(e) => tracing::warn!(
+            keyring = %path.display(),
+            error = %e,
+            "cannot remove temporary keyring files left by an interrupted write"
+        ),
+    }
+}
+
+/// Who may have the keyring, decided from its metadata. Refused: any permission for other
+/// users; group write; an owner other than this process's user or root (root may read any file
+/// anyway; an administrator-provisioned file, such as a Kubernetes Secret volume, is
+/// root-owned). Tolerated with a warning: group read (a Secret mounted `0440` for an `fsGroup`
+/// is how a non-root sidecar reads one). `Ok` carries the warnings.
+pub fn check_access(meta: &fs::Metadata) -> Result<Vec<String>, String> {
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "mode {mode:04o} gives other users access to the keys; use chmod 600"
+        ));
+    }
+    if mode & 0o020 != 0 {
+        return Err(format!(
+            "mode {mode:04o} lets the group replace the keys; use chmod 600"
+        ));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    let owner = meta.uid();
+    if owner != euid && owner != 0 {
+        return Err(format!(
+            "owned by uid {owner}, not by this process's user (uid {euid}) or root"
+        ));
+    }
+    let mut warnings = Vec::new();
+    if mode & 0o040 != 0 {
+        warnings.push(format!(
+            "keyring mode {mode:04o} lets group {} read the keys; chmod 600 unless that is intended",
+            meta.gid()
+        ));
+    }
+    Ok(warnings)
+}
+
+/// A JSON error by kind and place only: serde_json's own messages quote the offending text
+/// (`invalid type: string "..."`, `unknown field `...``), which may be key material.
+fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Io => "a read error",
+        Category::Syntax => "a JSON syntax error",
+        Category::Data => "a field, type or value that is not keyring JSON",
+        Category::Eof => "an unexpected end of the file",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
 }
 
 fn lock_path(path: &Path) -> PathBuf {
@@ -360,6 +480,12 @@ mod tests {
         assert!(!dbg.contains(&bytes[1..bytes.len() - 1]));
     }
 
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn rejects_corrupt_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -371,11 +497,114 @@ mod tests {
             r#"{"format":"keybroker-keyring/v1","keys":{"a":{"enabled":true,"primary":2,"versions":[]}}}"#,
             r#"{"format":"keybroker-keyring/v1","keys":{"a":{"enabled":true,"primary":1,"versions":[{"version":1,"created":"x","material":"AAAA"}]}}}"#,
         ] {
-            fs::write(&path, bad).unwrap();
+            write_private(&path, bad);
             assert!(
                 matches!(Keyring::load(&path), Err(KeyringError::Invalid { .. })),
                 "{bad}"
             );
         }
+    }
+
+    /// Issue 21 item 8: a file that does not parse is reported by kind, line and column; no
+    /// byte of it (serde_json quotes strings, field names and values) reaches the message.
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        let secret = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWJj";
+        for (text, place) in [
+            (
+                format!(
+                    r#"{{"format":"keybroker-keyring/v1","keys":{{"a":{{"enabled":true,"primary":1,"versions":[{{"version":"{secret}","created":"x","material":"{secret}"}}]}}}}}}"#
+                ),
+                "line 1 column",
+            ),
+            (
+                format!("{{\n  \"format\": \"keybroker-keyring/v1\",\n  \"{secret}\": 1\n}}"),
+                "line 3 column",
+            ),
+            (format!(r#"{{"format":"{secret}","keys":{{}}}}"#), "is not"),
+            (
+                format!(
+                    r#"{{"format":"keybroker-keyring/v1","keys":{{"{secret} x":{{"enabled":true,"primary":1,"versions":[]}}}}}}"#
+                ),
+                "key name is not valid",
+            ),
+            (format!("{{\"format\": \"{secret}"), "end of the file"),
+        ] {
+            write_private(&path, &text);
+            let e = Keyring::load(&path).unwrap_err().to_string();
+            assert!(!e.contains(&secret[..12]), "{e}");
+            assert!(e.contains(place), "{e}");
+        }
+    }
+
+    /// Issue 21 item 11: the keyring's mode and owner are checked before it is read.
+    #[test]
+    fn refuses_keyrings_others_can_read_or_replace() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        edit(&path, true, |r| r.create_key("k")).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o640, true),
+            (0o644, false),
+            (0o604, false),
+            (0o660, false),
+            (0o602, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            match Keyring::load(&path) {
+                Ok(r) => {
+                    assert!(ok, "{mode:o} accepted");
+                    assert_eq!(r.warnings.len(), usize::from(mode & 0o040 != 0), "{mode:o}");
+                }
+                Err(KeyringError::Insecure { reason, .. }) => {
+                    assert!(!ok, "{mode:o} refused: {reason}");
+                    assert!(reason.contains("chmod 600"), "{reason}");
+                }
+                Err(e) => panic!("{mode:o}: {e}"),
+            }
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        // Owned by somebody else (the tests run as root, which may chown; otherwise skip).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+            let e = Keyring::load(&path).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 4242"), "{e}");
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        Keyring::load(&path).unwrap();
+        // Not a regular file.
+        assert!(matches!(
+            Keyring::load(dir.path()),
+            Err(KeyringError::Insecure { .. }) | Err(KeyringError::Io { .. })
+        ));
+    }
+
+    /// A write killed after naming its temporary file leaves it; the next edit removes it.
+    #[test]
+    fn edits_remove_temporary_files_of_killed_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        edit(&path, true, |r| r.create_key("k")).unwrap();
+        let stale = dir.path().join(".keyring.tmp.12345");
+        fs::copy(&path, &stale).unwrap();
+        let other = dir.path().join(".other.tmp.1");
+        fs::write(&other, "not ours").unwrap();
+        edit(&path, false, |r| r.rotate_key("k")).unwrap();
+        assert!(!stale.exists());
+        assert!(other.exists());
+        fs::copy(&path, &stale).unwrap();
+        remove_stale_temps(&path);
+        assert!(!stale.exists(), "removed at server start too");
+        let ring = Keyring::load(&path).unwrap();
+        assert_eq!(ring.keys["k"].versions.len(), 2);
+        assert_eq!(
+            ring.created("k"),
+            Some(ring.keys["k"].versions[&1].created.as_str())
+        );
     }
 }

@@ -5,11 +5,12 @@
 //!
 //! Module map (one concern each): `proto` (generated API), `config`, `registry` (key names →
 //! backends), `backend` (one file per backend), `envelope` (the ciphertext format), `cache`
-//! (data keys), `broker` (the operations), `service` (gRPC glue), `server` (listeners and
-//! shutdown), `transport` (connection and HTTP/2 limits, exposure and socket-mode checks),
-//! `admission` (refusing ungranted callers before their body is read), `error` (the one
-//! error → status mapping), `secret` (key material types), `tls` (rustls server configs that
-//! follow rotated files and CRLs), `inject` (the Kubernetes sidecar injector).
+//! (data keys), `broker` (the operations), `service` (gRPC glue), `codec` (request decoding
+//! errors shaped like every other), `server` (listeners and shutdown), `transport` (connection
+//! and HTTP/2 limits, exposure and socket-mode checks), `admission` (refusing ungranted callers
+//! before their body is read), `error` (the one error → status mapping), `secret` (key material
+//! types), `tls` (rustls server configs that follow rotated files and CRLs), `uds_authority`
+//! (HTTP/2 `:authority` repair on the Unix socket), `inject` (the Kubernetes sidecar injector).
 
 pub mod admin;
 pub mod admission;
@@ -20,9 +21,11 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod health;
 pub mod identity;
 pub mod inject;
 pub mod keyring;
@@ -37,6 +40,7 @@ pub mod service;
 pub mod stats;
 pub mod tls;
 pub mod transport;
+pub mod uds_authority;
 pub mod util;
 
 /// The generated `keybroker.v1` protobuf and gRPC code.
@@ -47,6 +51,10 @@ pub mod proto {
     /// The encoded descriptors served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keybroker_descriptor");
+
+    /// `google.rpc` error details (ErrorInfo, ...) for reflection: tools decode error reasons.
+    pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("error_details_descriptor");
 
     use std::fmt;
 

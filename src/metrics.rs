@@ -478,11 +478,14 @@ impl Scrape {
         // Backend calls, and their cost and the cost caching avoided.
         let mut calls: BTreeMap<(&'static str, Arc<str>, &'static str, &'static str), u64> =
             BTreeMap::new();
-        let mut spent: BTreeMap<(Arc<str>, Arc<str>, &'static str), f64> = BTreeMap::new();
-        let mut avoided: BTreeMap<(Arc<str>, Arc<str>, &'static str), f64> = BTreeMap::new();
+        // Counted in calls, priced once at the end (see `usd`).
+        // (caller, key, backend) -> (calls, price per 10k calls).
+        type Priced = BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)>;
+        let mut spent = Priced::new();
+        let mut avoided = Priced::new();
         for (k, c) in &cells {
             let Some(backend) = k.backend else { continue };
-            let price = prices.get(backend).per_10k_requests / 10_000.0;
+            let per_10k = prices.get(backend).per_10k_requests;
             for (oi, op) in BACKEND_OPS.iter().enumerate() {
                 for (ri, outcome) in OUTCOMES.iter().enumerate() {
                     let n = get(&c.backend_calls[oi][ri]);
@@ -491,22 +494,24 @@ impl Scrape {
                             .entry((backend.as_str(), Arc::clone(&k.key), op, outcome))
                             .or_default() += n;
                         if ri == 0 {
-                            *spent
+                            spent
                                 .entry((
                                     Arc::clone(&k.caller),
                                     Arc::clone(&k.key),
                                     backend.as_str(),
                                 ))
-                                .or_default() += n as f64 * price;
+                                .or_insert((0, per_10k))
+                                .0 += n;
                         }
                     }
                 }
             }
             let hits = get(&c.hits);
             if hits > 0 {
-                *avoided
+                avoided
                     .entry((Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str()))
-                    .or_default() += hits as f64 * price;
+                    .or_insert((0, per_10k))
+                    .0 += hits;
             }
         }
         {
@@ -559,13 +564,14 @@ impl Scrape {
             ),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((caller, key, backend), usd) in values {
+            for ((caller, key, backend), (calls, per_10k)) in values {
+                let dollars = usd(*calls, *per_10k);
                 m.encode_family(&CostLabels {
                     caller: Arc::clone(caller),
                     key: Arc::clone(key),
                     backend,
                 })?
-                .encode_counter::<CostLabels, _, u64>(usd, None)?;
+                .encode_counter::<CostLabels, _, u64>(&dollars, None)?;
             }
         }
 
@@ -665,6 +671,14 @@ impl Scrape {
 }
 
 /// The standard `process_*` metrics, read from /proc/self.
+/// The price of `calls` calls at `per_10k` dollars per 10,000, rounded to 12 significant
+/// digits: binary floating point would otherwise print $0.03/10k x 200 as
+/// `0.0006000000000000001`. Far below a cent of error, at any magnitude.
+pub fn usd(calls: u64, per_10k: f64) -> f64 {
+    let exact = calls as f64 * per_10k / 10_000.0;
+    format!("{exact:.11e}").parse().unwrap_or(exact)
+}
+
 fn process_metrics(enc: &mut DescriptorEncoder, start_time: f64) -> Result<(), std::fmt::Error> {
     let ticks = 100.0; // USER_HZ on Linux
     let page = 4096.0;
@@ -727,4 +741,21 @@ fn process_metrics(enc: &mut DescriptorEncoder, start_time: f64) -> Result<(), s
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usd;
+
+    #[test]
+    fn costs_print_without_float_noise() {
+        // The naive product prints 0.0006000000000000001.
+        assert_ne!(200.0 * (0.03 / 10_000.0), 0.0006);
+        assert_eq!(usd(200, 0.03).to_string(), "0.0006");
+        assert_eq!(usd(7, 0.03).to_string(), "0.000021");
+        assert_eq!(usd(1_000_000, 0.03).to_string(), "3");
+        assert_eq!(usd(123_456_789_012, 0.03).to_string(), "370370.367036");
+        assert_eq!(usd(0, 0.03), 0.0);
+        assert_eq!(usd(3, 100.0).to_string(), "0.03");
+    }
 }

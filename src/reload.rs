@@ -78,6 +78,9 @@ impl Reloader {
         let identifier = Identifier::new(new.identity.clone())
             .map_err(|m| problem(&new.source_name, "identity.tokens", m))?;
 
+        for w in new.warnings() {
+            tracing::warn!(at = %w.at, "{}", w.message);
+        }
         // Everything validated and built: apply. Keys whose backend or cache limits changed got a
         // new cache epoch, so their old data keys (both sides) are unreachable from the new
         // registry even if a request still running on the old one inserts another; they are

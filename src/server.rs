@@ -1,7 +1,8 @@
 //! The gRPC server: listeners (TCP and Unix sockets), the service stack (health, reflection,
 //! KeyBroker), and graceful shutdown.
 //!
-//! Shutdown order: health turns NOT_SERVING, the listeners close (new connections are refused),
+//! Shutdown order: health turns NOT_SERVING and health Watch streams end, the listeners close
+//! (new connections are refused),
 //! every accepted connection gets an HTTP/2 GOAWAY and its in-flight requests finish, bounded by
 //! the configured grace period; then Unix socket files we created are removed.
 
@@ -37,6 +38,7 @@ use crate::reload::Reloader;
 use crate::service::KeyBrokerService;
 use crate::tls::{ReloadingTls, TlsOptions};
 use crate::transport::{ConnGate, Limited};
+use crate::uds_authority::AuthorityFix;
 
 /// The gRPC service name, as health checks and grpcurl know it.
 pub const SERVICE_NAME: &str = "keybroker.v1.KeyBroker";
@@ -88,7 +90,9 @@ pub struct PeerCred {
 /// An accepted connection from any listener.
 pub enum Conn {
     Tcp(TcpStream),
-    Unix(UnixStream, Option<PeerCred>),
+    /// Behind the `:authority` repair that lets every gRPC client use the socket
+    /// (`uds_authority`).
+    Unix(AuthorityFix<UnixStream>, Option<PeerCred>),
     /// A TLS connection and what its handshake established.
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnInfo),
 }
@@ -336,6 +340,8 @@ pub struct Running {
     _tls_watch: Option<crate::tls::WatchGuard>,
     background: Vec<JoinHandle<()>>,
     shutdown_tx: Option<oneshot::Sender<()>>,
+    /// Ends health Watch streams when draining starts.
+    drain: tokio::sync::watch::Sender<bool>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     accept_tasks: Vec<JoinHandle<()>>,
     sockets: Vec<OwnedSocket>,
@@ -385,6 +391,9 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
              and a policy that lets ANY local process (anonymous) use key `default`. Do not use this \
              in production."
         );
+    }
+    for w in config.warnings() {
+        tracing::warn!(at = %w.at, "{}", w.message);
     }
     for k in config.keys.values().filter(|k| k.policy.is_empty()) {
         tracing::warn!(key = %k.name, "key has no policy statements: every request for it will be denied");
@@ -481,7 +490,8 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         .collect();
     drop(conn_tx);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // Watch streams end on drain (health.rs), so watchers do not hold shutdown.
+    let (health, health_service, drain) = crate::health::service();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
@@ -489,6 +499,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()
         .build_v1()
@@ -551,6 +562,8 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         .http2(tonic::transport::Server::builder())
         // Identify every request (or refuse a bad credential) before any service sees it.
         .layer(IdentityLayer::new(Arc::clone(&identifier)))
+        // The transport's "message too large" gets the same shape as the broker's size checks.
+        .layer(crate::codec::OversizeLayer::new(decode_limit as u64))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -582,6 +595,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         _tls_watch: tls_watch,
         background,
         shutdown_tx: Some(shutdown_tx),
+        drain,
         serve,
         accept_tasks,
         sockets,
@@ -607,7 +621,7 @@ async fn accept_loop(
                     gid: c.gid(),
                     pid: c.pid(),
                 });
-                Conn::Unix(s, cred)
+                Conn::Unix(AuthorityFix::new(s), cred)
             }),
             Listener::Tls(l, tls, from, timeout) => match l.accept().await {
                 Ok((s, peer)) => {
@@ -661,6 +675,8 @@ impl Running {
         self.health
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
+        // After NOT_SERVING is set, so every watcher sees it before its stream ends.
+        let _ = self.drain.send(true);
         for t in self.accept_tasks.iter().chain(&self.background) {
             t.abort();
         }

@@ -158,7 +158,8 @@ impl FileStamp {
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > crate::envelope::MAX_NAME_LEN {
         return Err(format!(
-            "{name:?} must be 1 to {} bytes",
+            "{:?} must be 1 to {} bytes",
+            Capped(name),
             crate::envelope::MAX_NAME_LEN
         ));
     }
@@ -167,45 +168,155 @@ pub fn check_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '@')))
     {
         return Err(format!(
-            "{name:?} contains {c:?}; use letters, digits and . _ - : / @"
+            "{:?} contains {c:?}; use letters, digits and . _ - : / @",
+            Capped(name)
         ));
     }
     Ok(())
 }
 
 /// Replaces `path` with `contents` so that a crash at any instant leaves either the old or the
-/// new file, never a torn one: write a temporary file in the same directory, fsync it, rename it
-/// over the target, fsync the directory. The file is created with `mode`.
+/// new file, never a torn one, and (as far as the filesystem allows) no second copy of the
+/// contents under another name. The file is created with `mode`.
+///
+/// On Linux the contents are first written to an unnamed file (`O_TMPFILE`): a crash before it
+/// is complete leaves nothing on disk to clean up. Only when it is complete and fsynced does it
+/// get a temporary name (an unpredictable one, [`temp_prefix`]), which is at once renamed over
+/// the target; a crash between those two calls leaves a temporary file that
+/// [`remove_stale_temps`] deletes. Where `O_TMPFILE` is not supported, the temporary file is
+/// created directly under such a name with `O_EXCL | O_NOFOLLOW`, so a planted file or symlink
+/// is never written through. Callers that can crash mid-write serialize writers (a lock) and
+/// call [`remove_stale_temps`] under it.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
+    let tmp = dir.join(format!("{}{}", temp_prefix(path)?, random_suffix()?));
+    let result = match write_unnamed(dir, &tmp, contents, mode) {
+        Ok(()) => Ok(()),
+        Err(Unnamed::Unsupported) => write_named(&tmp, contents, mode),
+        Err(Unnamed::Failed(e)) => Err(e),
+    }
+    .and_then(|()| fs::rename(&tmp, path))
+    .and_then(|()| File::open(dir)?.sync_all());
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The name prefix of [`write_atomic`]'s temporary files for `path`: `.NAME.tmp.`.
+pub fn temp_prefix(path: &Path) -> io::Result<String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    Ok(format!(".{}.tmp.", name.to_string_lossy()))
+}
+
+/// Deletes temporary files a crashed [`write_atomic`] of `path` left (regular files only;
+/// a symlink with that name is left alone). Only safe while no other writer of `path` can be
+/// between its write and its rename: call it under the writers' lock. Returns how many went.
+pub fn remove_stale_temps(path: &Path) -> io::Result<usize> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = temp_prefix(path)?;
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        if entry.file_type()?.is_file() {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if removed > 0 {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(removed)
+}
+
+fn random_suffix() -> io::Result<String> {
+    let mut b = [0u8; 12];
+    crate::secret::random_fill(&mut b)
+        .map_err(|_| io::Error::other("the system random number generator failed"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+enum Unnamed {
+    /// No `O_TMPFILE` here (kernel, filesystem or no /proc): use a named temporary file.
+    Unsupported,
+    Failed(io::Error),
+}
+
+/// Writes `contents` to an unnamed file in `dir`, then links it in as `tmp`.
+fn write_unnamed(dir: &Path, tmp: &Path, contents: &[u8], mode: u32) -> Result<(), Unnamed> {
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags, linkat, openat};
+    use std::os::fd::AsRawFd;
+    let fd = openat(
+        CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(|_| Unnamed::Unsupported)?;
+    let mut f = File::from(fd);
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(Unnamed::Failed)?;
+    let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+    linkat(CWD, proc_path.as_str(), CWD, tmp, AtFlags::SYMLINK_FOLLOW).map_err(|e| match e {
+        rustix::io::Errno::NOENT | rustix::io::Errno::NOSYS | rustix::io::Errno::XDEV => {
+            Unnamed::Unsupported
+        }
+        e => Unnamed::Failed(e.into()),
+    })
+}
+
+fn write_named(tmp: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .mode(mode)
+        .open(tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+/// A caller-supplied string as it may appear in an error message or a log line: at most
+/// [`CAP`] characters, control characters and quotes escaped, with a note of what was cut.
+/// `Debug` adds quotes. Caller input is never echoed unbounded.
+pub struct Capped<'a>(pub &'a str);
+
+/// Characters of caller input that errors and logs show.
+pub const CAP: usize = 64;
+
+impl std::fmt::Display for Capped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = 0;
+        for (n, c) in self.0.chars().enumerate() {
+            if n == CAP {
+                return write!(f, "...({} more bytes)", self.0.len() - shown);
+            }
+            write!(f, "{}", c.escape_debug())?;
+            shown += c.len_utf8();
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Capped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
 }
 
 #[cfg(test)]
@@ -241,5 +352,49 @@ mod tests {
         assert!(check_name("").is_err());
         assert!(check_name("a b").is_err());
         assert!(check_name(&"x".repeat(129)).is_err());
+        let long = check_name(&"y".repeat(1 << 20)).unwrap_err();
+        assert!(long.len() < 200, "{long}");
+        assert!(long.contains("more bytes"), "{long}");
+    }
+
+    #[test]
+    fn capped_escapes_and_truncates() {
+        assert_eq!(Capped("a\"b\n").to_string(), r#"a\"b\n"#);
+        assert_eq!(format!("{:?}", Capped("k")), "\"k\"");
+        let s = "é".repeat(100);
+        let out = Capped(&s).to_string();
+        assert!(out.starts_with(&"é".repeat(CAP)));
+        assert!(out.ends_with("(72 more bytes)"), "{out}");
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_file_and_never_follow_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomic(&path, b"one", 0o600).unwrap();
+        write_atomic(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f"], "only the target remains");
+        // The fallback path: exclusive create, no symlink following.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let planted = dir.path().join(".f.tmp.planted");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(write_named(&planted, b"secret", 0o600).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        // Cleanup removes regular temporary files, not symlinks and not other files.
+        fs::write(dir.path().join(".f.tmp.1234"), b"stale").unwrap();
+        assert_eq!(remove_stale_temps(&path).unwrap(), 1);
+        assert!(planted.symlink_metadata().is_ok());
+        assert!(victim.exists() && path.exists());
     }
 }

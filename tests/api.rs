@@ -326,13 +326,18 @@ operations = ["*"]
         err.message()
     );
 
-    // Far over the limit: refused by the transport's own size check, still a clear message.
+    // Far over the limit: refused before the message is read, in the same shape.
     let err = c.encrypt(enc("default", 4 * LIMIT)).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
         "{err:?}"
     );
-    assert!(err.message().contains("too large"), "{}", err.message());
+    assert!(
+        err.message().contains("larger than the limit"),
+        "{}",
+        err.message()
+    );
 
     let err = c.encrypt(enc("off", 1)).await.unwrap_err();
     assert_eq!(

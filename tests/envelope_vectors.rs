@@ -308,6 +308,13 @@ async fn a_server_with_the_vector_keyring_decrypts_the_vectors() {
         .to_string(),
     )
     .unwrap();
+    // Keyrings others could read are refused (docs/config.md, Local keyrings).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("keyring"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let server = crate::support::TestServer::start_in(
         dir,
         &format!(

@@ -404,6 +404,18 @@ fn expected_pod(original: &Pod, e: &Expect, skip_env: &[&str]) -> Pod {
         }
     }
     if e.native {
+        // Init containers after the native sidecar can use it: same mount and address.
+        for c in spec.init_containers.iter_mut().flatten() {
+            c.volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(socket_mount());
+            if !c.env.iter().flatten().any(|v| v.name == "KEYBROKER_ADDR") {
+                c.env.get_or_insert_with(Vec::new).push(env(
+                    "KEYBROKER_ADDR",
+                    "unix:///run/keybroker/keybroker.sock",
+                ));
+            }
+        }
         spec.init_containers
             .get_or_insert_with(Vec::new)
             .insert(0, expected_sidecar(e));

@@ -402,3 +402,309 @@ async fn sigterm_during_a_burst_completes_accepted_requests() {
         "no request was in flight across the signal ({ok} ok, {unsure} other)"
     );
 }
+
+/// A health watcher (client-side health checking keeps one open per connection) must not hold
+/// shutdown: on SIGTERM it sees NOT_SERVING, its stream ends, and the process exits as soon as
+/// the unary requests in flight are done, not at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_open_health_watch_exits_once_unary_requests_finish() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cwd.path().join("kb.toml"),
+        // Audit records to a file: the banner ServeProcess reads is then on stdout.
+        local_config("\n[server]\nshutdown_grace = \"20s\"\n[audit]\npath = \"{dir}/audit.jsonl\"")
+            .replace("{dir}", &cwd.path().display().to_string()),
+    )
+    .unwrap();
+    let sock = format!("unix://{}/kb.sock", cwd.path().display());
+    let serve = ServeProcess::start(cwd.path(), &["--config", "kb.toml", "--listen", &sock], &[]);
+    let channel = keybroker::client::connect(&sock).await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        1,
+        "SERVING first"
+    );
+    // Unary traffic on the same connection as the watch, until the server refuses it.
+    let mut c = keybroker::client::client(channel, 64 << 20);
+    let last_done: Arc<std::sync::Mutex<Instant>> = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let traffic = {
+        let last_done = Arc::clone(&last_done);
+        tokio::spawn(async move {
+            let mut ok = 0u32;
+            for _ in 0..10_000 {
+                let r = c
+                    .encrypt(EncryptRequest {
+                        key: "default".into(),
+                        plaintext: vec![1u8; 32 << 10].into(),
+                        context: BTreeMap::new(),
+                    })
+                    .await;
+                *last_done.lock().unwrap() = Instant::now();
+                if r.is_err() {
+                    break;
+                }
+                ok += 1;
+            }
+            ok
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    serve.signal("TERM");
+    // The watcher hears NOT_SERVING, then the end of its stream.
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch stream stalled");
+    assert_eq!(
+        next.unwrap().map(|r| r.status),
+        Some(2),
+        "NOT_SERVING before the end"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch stream was not ended");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    let (status, stderr) = serve.wait(Duration::from_secs(15)).await;
+    let exited = Instant::now();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    let ok = traffic.await.unwrap();
+    assert!(ok > 0, "no unary request succeeded");
+    let after_last = exited.saturating_duration_since(*last_done.lock().unwrap());
+    // The bound the issue sets is 1 s; the exit itself takes milliseconds (20 ms polling here).
+    assert!(
+        after_last < Duration::from_secs(1),
+        "exited {after_last:?} after the last unary request finished (grace is 20 s)"
+    );
+}
+
+/// `--token`, `KEYBROKER_TOKEN` and `--token-file` make the CLI a token-identified caller.
+#[tokio::test]
+async fn cli_authenticates_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("billing.token"), "s3cret-billing\n").unwrap();
+    let server = TestServer::start_in(
+        dir,
+        r#"
+[[identity.tokens]]
+caller = "billing"
+file = "billing.token"
+[keys.default]
+backend = "local"
+key_id = "default"
+keyring = "{dir}/keyring"
+create = true
+[[keys.default.policy]]
+callers = ["billing"]
+operations = ["encrypt", "decrypt", "generate_data_key"]
+"#,
+    )
+    .await;
+    let addr = server.addr.clone();
+    let token_file = server.path("billing.token");
+    let outs = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str], env: &[(&str, &str)], input: &[u8]| {
+            let mut cmd = Command::new(keybroker_bin());
+            cmd.args(args)
+                .args(["--addr", &addr])
+                .env_remove("KEYBROKER_TOKEN");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            crate::support::run_with_stdin(&mut cmd, input)
+        };
+        let anonymous = run(&["encrypt"], &[], b"x");
+        let flag = run(&["encrypt", "--token", "s3cret-billing"], &[], b"hello");
+        let env_dec = run(
+            &["decrypt"],
+            &[("KEYBROKER_TOKEN", "s3cret-billing")],
+            &flag.stdout,
+        );
+        let file = run(
+            &["datakey", "--token-file", token_file.to_str().unwrap()],
+            &[],
+            b"",
+        );
+        let wrong = run(&["encrypt", "--token", "wrong-token"], &[], b"x");
+        (anonymous, flag, env_dec, file, wrong)
+    })
+    .await
+    .unwrap();
+    let (anonymous, flag, env_dec, file, wrong) = outs;
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!anonymous.status.success());
+    assert!(
+        err(&anonymous).contains("POLICY_DENIED"),
+        "{}",
+        err(&anonymous)
+    );
+    assert!(flag.status.success(), "{}", err(&flag));
+    assert!(env_dec.status.success(), "{}", err(&env_dec));
+    assert_eq!(env_dec.stdout, b"hello");
+    assert!(file.status.success(), "{}", err(&file));
+    assert!(!wrong.status.success());
+    assert!(err(&wrong).contains("UNAUTHENTICATED"), "{}", err(&wrong));
+    assert!(
+        !err(&wrong).contains("wrong-token"),
+        "the token is never echoed"
+    );
+    server.stop().await;
+}
+
+/// TOML syntax errors name their line and column; a policy naming a caller no identity source
+/// can produce fails `config check` and is a warning at `serve`.
+#[tokio::test]
+async fn config_check_places_syntax_errors_and_flags_unreachable_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kb.toml");
+    let check = |file: &std::path::Path| {
+        Command::new(keybroker_bin())
+            .args(["config", "check"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    for (text, place) in [
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[admin\nlisten = \"off\"\n",
+            "line 4, column",
+        ),
+        (
+            "[keys.a]\nbackend = \"local\"\n[keys.a]\nkey_id = \"a\"\n",
+            "line 3, column",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let out = check(&file);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(place) && err.contains("not valid TOML"),
+            "{err}"
+        );
+    }
+    let ghost = local_config("\n[audit]\npath = \"{dir}/audit.jsonl\"")
+        .replace(
+            "callers = [\"anonymous\"]",
+            "callers = [\"anonymous\", \"ghost\"]",
+        )
+        .replace("{dir}", &dir.path().display().to_string());
+    std::fs::write(&file, &ghost).unwrap();
+    keybroker::keyring::edit(&dir.path().join("keyring"), true, |r| {
+        r.create_key("default")
+    })
+    .unwrap();
+    let out = check(&file);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "keys.default.policy[0].callers: no identity source produces caller \"ghost\""
+        ),
+        "{err}"
+    );
+    // `serve` starts, and warns.
+    let serve = ServeProcess::start(
+        dir.path(),
+        &["--config", file.to_str().unwrap()],
+        &[("KEYBROKER_LISTEN", "127.0.0.1:0")],
+    );
+    serve.signal("TERM");
+    let (status, stderr) = serve.wait(Duration::from_secs(10)).await;
+    assert!(status.success());
+    assert!(
+        stderr.contains("WARN") && stderr.contains("\"ghost\""),
+        "{stderr}"
+    );
+}
+
+/// `keys list` shows when each key was created (its first version), not when the primary
+/// version was.
+#[test]
+fn keys_list_shows_the_keys_creation_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("keyring");
+    let keys = |args: &[&str]| {
+        let out = Command::new(keybroker_bin())
+            .arg("keys")
+            .arg("--keyring")
+            .arg(&ring)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    keys(&["create", "app"]);
+    std::thread::sleep(Duration::from_millis(20));
+    keys(&["rotate", "app"]);
+    let ring_now = keybroker::keyring::Keyring::load(&ring).unwrap();
+    let v = &ring_now.keys["app"].versions;
+    assert_ne!(v[&1].created, v[&2].created);
+    let listing = keys(&["list"]);
+    let line = listing.lines().find(|l| l.starts_with("app ")).unwrap();
+    assert!(line.ends_with(&v[&1].created), "{listing}");
+}
+
+/// A keyring that stops parsing while the server runs is reported by kind and place only (it
+/// may hold key material), and the previous keyring stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_broken_at_run_time_is_reported_without_its_content() {
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::write(
+        cwd.path().join("kb.toml"),
+        local_config("\n[local]\npoll_interval = \"100ms\"\n[audit]\npath = \"{dir}/audit.jsonl\"")
+            .replace("{dir}", &cwd.path().display().to_string()),
+    )
+    .unwrap();
+    let serve = ServeProcess::start(
+        cwd.path(),
+        &["--config", "kb.toml"],
+        &[("KEYBROKER_LISTEN", "127.0.0.1:0")],
+    );
+    let mut c = client_for(&serve.addr).await;
+    let enc = |c: &mut keybroker::client::KeyBrokerClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.encrypt(EncryptRequest {
+                key: "default".into(),
+                plaintext: b"x".to_vec().into(),
+                context: BTreeMap::new(),
+            })
+            .await
+        }
+    };
+    enc(&mut c).await.unwrap();
+    // serde_json would quote this string in its error ("invalid type: string ...").
+    let marker = "TOP-SECRET-KEY-MATERIAL-c2VjcmV0";
+    let ring = cwd.path().join("keyring");
+    let broken = format!(
+        r#"{{"format":"keybroker-keyring/v1","keys":{{"default":{{"enabled":true,"primary":1,"versions":[{{"version":"{marker}","created":"x","material":"{marker}"}}]}}}}}}"#
+    );
+    let tmp = cwd.path().join("keyring.new");
+    std::fs::write(&tmp, broken).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, &ring).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    enc(&mut c)
+        .await
+        .expect("the previous keyring stays in force");
+    serve.signal("TERM");
+    let (status, stderr) = serve.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("keeping the previous one"), "{stderr}");
+    assert!(stderr.contains("line 1 column"), "{stderr}");
+    assert!(!stderr.contains("TOP-SECRET"), "{stderr}");
+}

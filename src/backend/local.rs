@@ -38,6 +38,8 @@ impl LocalKeyring {
     /// Opens a keyring file. With `create_key`, a missing file (or a missing key in it) is
     /// created first, holding that key: this is how the embedded default bootstraps.
     pub fn open(path: &Path, create_key: Option<&str>) -> Result<Arc<Self>, KeyringError> {
+        // A `keys` edit killed mid-write may have left a temporary copy of the keys.
+        crate::keyring::remove_stale_temps(path);
         if let Some(name) = create_key {
             let needs = match Keyring::load(path) {
                 Ok(r) => !r.keys.contains_key(name),

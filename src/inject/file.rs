@@ -2,9 +2,10 @@
 //! runs the webhook's mutation on every pod template it finds, and prints the result. Documents
 //! that hold no pod template (Services, ConfigMaps, ...) are printed unchanged.
 //!
-//! Must never: change a document it does not inject (it is re-emitted from the same values; only
-//! comments and key order are lost, as with `istioctl kube-inject`), or print a partial manifest
-//! when one document fails (the whole command fails and prints nothing).
+//! Must never: change a document it does not inject (those are printed byte for byte, comments,
+//! quoting and `0644` included; only injected documents are re-emitted from their values, which
+//! loses their comments, as with `istioctl kube-inject`), or print a partial manifest when one
+//! document fails (the whole command fails and prints nothing).
 //!
 //! YAML is read with YAML 1.1 integer rules (`0644` is octal, as kubectl reads it) so that
 //! `defaultMode: 0644` keeps its meaning.
@@ -121,17 +122,99 @@ pub fn inject_text(
     settings: &Settings,
     trigger: Trigger,
 ) -> Result<(String, Vec<Report>), FileError> {
-    let mut docs = parse_documents(text)?;
-    let mut reports = Vec::new();
-    for doc in &mut docs {
-        inject_document(doc, settings, trigger, &mut reports)?;
+    let docs = parse_documents(text)?;
+    // Each document's own text, so that documents left alone are printed as they came. If the
+    // split disagrees with the parser (directives, unusual markers), every document is
+    // re-emitted instead: still the same values.
+    let pieces = split_documents(text);
+    let mut parsed = Vec::with_capacity(pieces.len());
+    for p in &pieces {
+        parsed.push(parse_documents(p.body).ok().filter(|d| d.len() <= 1));
     }
-    let mut out =
-        serde_saphyr::to_string_multiple(&docs).map_err(|e| FileError::Emit(e.to_string()))?;
-    if !out.ends_with('\n') {
-        out.push('\n');
+    let agrees =
+        parsed.iter().all(Option::is_some) && parsed.iter().flatten().flatten().eq(docs.iter());
+    let mut reports = Vec::new();
+    if !agrees {
+        let mut docs = docs;
+        for doc in &mut docs {
+            inject_document(doc, settings, trigger, &mut reports)?;
+        }
+        let mut out =
+            serde_saphyr::to_string_multiple(&docs).map_err(|e| FileError::Emit(e.to_string()))?;
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        return Ok((out, reports));
+    }
+    let mut out = String::with_capacity(text.len() + 4096);
+    for (piece, doc) in pieces.iter().zip(parsed.into_iter().flatten()) {
+        out.push_str(piece.marker);
+        let Some(mut doc) = doc.into_iter().next() else {
+            out.push_str(piece.body);
+            continue;
+        };
+        let before = reports.len();
+        inject_document(&mut doc, settings, trigger, &mut reports)?;
+        if reports[before..].iter().any(|r| r.result.is_ok()) {
+            let mut yaml =
+                serde_saphyr::to_string(&doc).map_err(|e| FileError::Emit(e.to_string()))?;
+            let yaml = yaml
+                .strip_prefix("---\n")
+                .map(str::to_owned)
+                .unwrap_or_else(|| std::mem::take(&mut yaml));
+            out.push_str(&yaml);
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+        } else {
+            out.push_str(piece.body);
+        }
     }
     Ok((out, reports))
+}
+
+/// One document's text: its `---` line (empty for a first document without one) and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece<'a> {
+    pub marker: &'a str,
+    pub body: &'a str,
+}
+
+/// Splits YAML text where the YAML spec starts documents: at every line beginning with `---`
+/// followed by a space, a tab or the end of the line. Concatenating the pieces (marker, body)
+/// gives back the text exactly. Content after `---` on its line (`--- # note`) stays with the
+/// marker only when it is a comment; otherwise the line is the document's first.
+pub fn split_documents(text: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    let (mut marker, mut body_start, mut at) = ("", 0, 0);
+    for line in text.split_inclusive('\n') {
+        let start = at;
+        at += line.len();
+        let is_marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\n', '\r']));
+        if !is_marker {
+            continue;
+        }
+        // Close the current piece; nothing before a first marker at offset 0 is no piece.
+        if start > 0 {
+            pieces.push(Piece {
+                marker,
+                body: &text[body_start..start],
+            });
+        }
+        let rest = line[3..].trim();
+        if rest.is_empty() || rest.starts_with('#') {
+            (marker, body_start) = (&text[start..at], at);
+        } else {
+            (marker, body_start) = (&text[start..start + 3], start + 3);
+        }
+    }
+    pieces.push(Piece {
+        marker,
+        body: &text[body_start..],
+    });
+    pieces
 }
 
 pub(super) fn run(args: FileArgs) -> crate::cli::CliResult {
@@ -244,6 +327,47 @@ spec:
 
         let (_, reports) = inject_text(MANIFEST, &Settings::default(), Trigger::Always).unwrap();
         assert!(reports.iter().all(|r| r.result.is_ok()));
+    }
+
+    /// Documents that are not injected come out byte for byte: comments, quoting, octal.
+    #[test]
+    fn documents_left_alone_are_printed_as_they_came() {
+        let (out, reports) =
+            inject_text(MANIFEST, &Settings::default(), Trigger::Annotated).unwrap();
+        assert_eq!(reports.len(), 2);
+        let pieces = split_documents(MANIFEST);
+        assert_eq!(pieces.len(), 3);
+        assert!(out.starts_with(pieces[0].body), "{out}");
+        assert!(
+            out.ends_with(&format!("{}{}", pieces[2].marker, pieces[2].body)),
+            "{out}"
+        );
+
+        let commented = "# a comment kept\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}  # trailing\ndata:\n  mode: 0644\n  q: 'single'\n--- # next\nkind: Pod\nmetadata:\n  name: p # the pod\nspec:\n  containers:\n  - name: a\n...\n";
+        let (out, reports) =
+            inject_text(commented, &Settings::default(), Trigger::Annotated).unwrap();
+        assert_eq!(out, commented, "nothing injected: identical output");
+        assert_eq!(reports.len(), 1);
+        // One injected document among them: the others keep their bytes.
+        let (out, _) = inject_text(commented, &Settings::default(), Trigger::Always).unwrap();
+        assert!(out.starts_with("# a comment kept\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}  # trailing\ndata:\n  mode: 0644\n  q: 'single'\n--- # next\n"), "{out}");
+        assert!(out.contains("keybroker"), "{out}");
+        assert_eq!(parse_documents(&out).unwrap().len(), 2);
+        // Concatenating the pieces is the text.
+        for text in [
+            MANIFEST,
+            commented,
+            "",
+            "---\n",
+            "a: 1\n---\n---\nb: 2",
+            "--- {a: 1}\n",
+        ] {
+            let joined: String = split_documents(text)
+                .iter()
+                .map(|p| format!("{}{}", p.marker, p.body))
+                .collect();
+            assert_eq!(joined, text);
+        }
     }
 
     #[test]

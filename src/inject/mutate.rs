@@ -245,39 +245,25 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
     let mount = json!({"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR});
     let env = json!({"name": crate::client::ENV_ADDR, "value": SOCKET_ADDR});
     for (i, c) in containers.iter().enumerate() {
-        let cname = name_of(c).unwrap_or("");
-        let mounts = array(
-            c.get("volumeMounts"),
-            &format!("spec.containers[{i}].volumeMounts"),
-        )?;
-        if mounts
-            .into_iter()
-            .flatten()
-            .any(|m| m.get("mountPath").and_then(Value::as_str) == Some(SOCKET_DIR))
-        {
-            return Err(InjectError::Conflict(format!(
-                "container {cname:?} already mounts something at {SOCKET_DIR}, where the \
-                 keybroker socket goes"
-            )));
-        }
-        append_all(
+        let at = format!("spec.containers[{i}]");
+        wire(
             &mut patch,
-            &format!("/spec/containers/{i}/volumeMounts"),
-            mounts.is_some(),
-            std::slice::from_ref(&mount),
-        );
-        let envs = array(c.get("env"), &format!("spec.containers[{i}].env"))?;
-        if !envs
-            .into_iter()
-            .flatten()
-            .any(|e| name_of(e) == Some(crate::client::ENV_ADDR))
-        {
-            append_all(
-                &mut patch,
-                &format!("/spec/containers/{i}/env"),
-                envs.is_some(),
-                std::slice::from_ref(&env),
-            );
+            c,
+            &at,
+            &format!("/spec/containers/{i}"),
+            &mount,
+            &env,
+        )?;
+    }
+    // A native sidecar is the first init container, so every init container after it (all the
+    // pod's own) can call it too: they get the socket and the address like app containers. As a
+    // plain container the sidecar starts only after every init container has finished.
+    if s.mode == SidecarMode::Native {
+        for (i, c) in init_containers.into_iter().flatten().enumerate() {
+            let at = format!("spec.initContainers[{i}]");
+            // Index i + 1: the sidecar was inserted at 0 by an earlier operation.
+            let path = format!("/spec/initContainers/{}", i + 1);
+            wire(&mut patch, c, &at, &path, &mount, &env)?;
         }
     }
 
@@ -296,6 +282,52 @@ pub fn decide(pod: &Value, settings: &Settings, trigger: Trigger) -> Result<Deci
         )),
     }
     Ok(Decision::Inject { patch, warnings })
+}
+
+/// Gives one container the socket mount and (unless it sets its own) `KEYBROKER_ADDR`; refuses
+/// a container that already mounts something where the socket goes. `at` names it for
+/// messages, `path` is its JSON Pointer at the time the operations apply.
+fn wire(
+    patch: &mut Vec<PatchOp>,
+    c: &Value,
+    at: &str,
+    path: &str,
+    mount: &Value,
+    env: &Value,
+) -> Result<(), InjectError> {
+    let cname = name_of(c).unwrap_or("");
+    let mounts = array(c.get("volumeMounts"), &format!("{at}.volumeMounts"))?;
+    if mounts.into_iter().flatten().any(|m| {
+        m.get("mountPath")
+            .and_then(Value::as_str)
+            .map(|p| p.trim_end_matches('/'))
+            == Some(SOCKET_DIR)
+    }) {
+        return Err(InjectError::Conflict(format!(
+            "container {cname:?} already mounts something at {SOCKET_DIR}, where the \
+             keybroker socket goes"
+        )));
+    }
+    append_all(
+        patch,
+        &format!("{path}/volumeMounts"),
+        mounts.is_some(),
+        std::slice::from_ref(mount),
+    );
+    let envs = array(c.get("env"), &format!("{at}.env"))?;
+    if !envs
+        .into_iter()
+        .flatten()
+        .any(|e| name_of(e) == Some(crate::client::ENV_ADDR))
+    {
+        append_all(
+            patch,
+            &format!("{path}/env"),
+            envs.is_some(),
+            std::slice::from_ref(env),
+        );
+    }
+    Ok(())
 }
 
 /// Adds `items` to the list at `path`: one `add` of the whole list if it does not exist yet
@@ -561,6 +593,20 @@ mod tests {
                 ),
                 "already mounts",
             ),
+            (
+                pod(
+                    yes.clone(),
+                    json!({"containers": [{"name": "a"}], "initContainers": [{"name": "setup", "volumeMounts": [{"name": "x", "mountPath": "/run/keybroker/"}]}]}),
+                ),
+                "container \"setup\" already mounts",
+            ),
+            (
+                pod(
+                    yes.clone(),
+                    json!({"containers": [{"name": "a"}], "initContainers": [{"name": "setup", "env": "x"}]}),
+                ),
+                "spec.initContainers[0].env must be a list",
+            ),
         ];
         for (p, want) in cases {
             let e = inject(&p).unwrap_err().to_string();
@@ -587,6 +633,16 @@ mod tests {
         assert_eq!(spec["initContainers"][0]["name"], "keybroker");
         assert_eq!(spec["initContainers"][0]["restartPolicy"], "Always");
         assert_eq!(spec["initContainers"][1]["name"], "migrate");
+        // Init containers after the native sidecar can use it.
+        assert_eq!(
+            spec["initContainers"][1]["volumeMounts"][0]["mountPath"],
+            SOCKET_DIR
+        );
+        assert_eq!(
+            spec["initContainers"][1]["env"][0]["name"],
+            "KEYBROKER_ADDR"
+        );
+        assert_eq!(spec["initContainers"][1]["env"][0]["value"], SOCKET_ADDR);
         assert_eq!(spec["volumes"].as_array().unwrap().len(), 3);
         assert_eq!(spec["containers"][0]["env"][1]["name"], "KEYBROKER_ADDR");
         assert_eq!(
@@ -624,6 +680,19 @@ mod tests {
         assert_eq!(out["spec"]["containers"][1]["name"], "keybroker");
         assert!(out["spec"]["containers"][1].get("restartPolicy").is_none());
         assert!(out["spec"].get("initContainers").is_none());
+        // Init containers run before a plain sidecar starts: they are left alone, even with a
+        // mount at the socket's place.
+        let mut with_init = p.clone();
+        with_init["spec"]["initContainers"] = json!([{"name": "setup", "volumeMounts": [{"name": "x", "mountPath": "/run/keybroker"}]}]);
+        let out = patched(&with_init);
+        assert_eq!(
+            out["spec"]["initContainers"][0]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(out["spec"]["initContainers"][0].get("env").is_none());
         // The sidecar itself does not get KEYBROKER_ADDR.
         assert!(
             out["spec"]["containers"][1]["env"]
