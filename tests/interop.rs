@@ -255,11 +255,12 @@ async fn bad_input_gets_a_documented_code_and_reason_with_small_headers() {
             "INVALID_CIPHERTEXT",
         ),
         (
+            // Answered like a key without a grant, so names cannot be enumerated (docs/api.md).
             "unknown key",
             "Encrypt",
             enc("nope", b"x".to_vec(), BTreeMap::new()),
-            NotFound,
-            "KEY_NOT_FOUND",
+            PermissionDenied,
+            "POLICY_DENIED",
         ),
     ];
     for (what, method, message, code, reason) in cases {
