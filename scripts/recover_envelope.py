@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Recover data from a keybroker ciphertext without keybroker (envelope format v1).
+"""Recover data from a keybroker ciphertext without keybroker (envelope formats 1 and 2).
 
 Two steps around your cloud's own CLI (docs/gcp.md shows the whole procedure):
 
@@ -11,9 +11,15 @@ Two steps around your cloud's own CLI (docs/gcp.md shows the whole procedure):
   (unwrap wrapped-<i>.bin with the cloud's CLI, e.g. `gcloud kms decrypt ... \
       --additional-authenticated-data-file=OUT_DIR/aad.bin`, into DATA_KEY_FILE)
 
+      An Azure Key Vault RSA copy made with signatures (the default) is the RSA ciphertext
+      followed by Key Vault's signature, both the key's modulus size: the first half is also
+      written, as OUT_DIR/wrapped-<i>.rsa.bin, and that is what unwrapKey takes.
+
   recover_envelope.py open CIPHERTEXT_FILE DATA_KEY_FILE [CONTEXT_JSON]
       Checks the key commitment, decrypts and authenticates the payload under the header and
-      the encryption context (a JSON object of strings, default {}), writes it to stdout.
+      the encryption context (a JSON object of strings, default {}), writes it to stdout. For a
+      GenerateDataKey `wrapped_key` it writes the data key the caller was given: the data key
+      itself (format 1, kind 2) or the key derived from it (format 2, kind 3).
 
 Needs Python 3.9+ and the `cryptography` package (pip install cryptography). Depends on
 nothing from keybroker: the format is written out here from docs/envelope.md.
@@ -26,8 +32,13 @@ import struct
 import sys
 from pathlib import Path
 
-HKDF_INFO = b"keybroker envelope v1: aes-256-gcm key || key commitment"
+HKDF_INFO = {
+    1: b"keybroker envelope v1: aes-256-gcm key || key commitment",
+    2: b"keybroker envelope v2",
+}
+DERIVED_KEY_INFO = b"keybroker data key v2"
 BACKENDS = {1: "local", 2: "aws", 3: "gcp", 4: "azure"}
+KINDS = {1: "message", 2: "data key", 3: "derived data key"}
 
 
 class Reader:
@@ -52,9 +63,12 @@ def parse(ct: bytes) -> dict:
     r = Reader(ct)
     if r.take(2, "magic") != b"KB":
         sys.exit("not a keybroker ciphertext (bad magic)")
-    if r.u8("version") != 1:
-        sys.exit("unsupported envelope version (this script reads version 1)")
+    version = r.u8("version")
+    if version not in HKDF_INFO:
+        sys.exit("unsupported envelope version (this script reads versions 1 and 2)")
     kind = r.u8("kind")
+    if kind not in KINDS or (kind == 3 and version != 2):
+        sys.exit("unknown envelope kind")
     key_name = r.take(r.u8("key name"), "key name").decode()
     caller = r.take(r.u8("caller"), "caller").decode()
     copies = []
@@ -67,6 +81,7 @@ def parse(ct: bytes) -> dict:
     salt = r.take(32, "salt")
     commitment = r.take(32, "commitment")
     return {
+        "version": version,
         "kind": kind,
         "key_name": key_name,
         "caller": caller,
@@ -106,7 +121,12 @@ def split(ct_file: str, out_dir: str) -> None:
     for i, c in enumerate(env["copies"]):
         path = out / f"wrapped-{i}.bin"
         path.write_bytes(c["wrapped"])
-        copies.append({k: c[k] for k in ("backend", "key_id", "key_version")} | {"file": str(path)})
+        entry = {k: c[k] for k in ("backend", "key_id", "key_version")} | {"file": str(path)}
+        if c["backend"] == "azure" and len(c["wrapped"]) in (512, 768, 1024):
+            rsa = out / f"wrapped-{i}.rsa.bin"
+            rsa.write_bytes(c["wrapped"][: len(c["wrapped"]) // 2])
+            entry["rsa_ciphertext_file_if_signed"] = str(rsa)
+        copies.append(entry)
     print(json.dumps({"key_name": env["key_name"], "caller": env["caller"], "aad_file": str(out / "aad.bin"), "copies": copies}))
 
 
@@ -115,17 +135,27 @@ def open_(ct_file: str, key_file: str, context_json: str = "{}") -> None:
 
     env = parse(Path(ct_file).read_bytes())
     data_key = Path(key_file).read_bytes()
-    okm = hkdf_sha256(data_key, env["salt"], HKDF_INFO, 64)
+    context = encode_context(json.loads(context_json))
+    info = HKDF_INFO[env["version"]]
+    if env["version"] == 2:
+        # Format 2 commits to the header (up to the salt) and the context as well.
+        info += hashlib.sha256(env["header"][:-32] + context).digest()
+    okm = hkdf_sha256(data_key, env["salt"], info, 64)
     if not hmac.compare_digest(okm[32:], env["commitment"]):
-        sys.exit("key commitment does not match: wrong data key")
-    aad = env["header"] + encode_context(json.loads(context_json))
+        sys.exit("key commitment does not match: wrong data key, header or context")
     try:
-        payload = AESGCM(okm[:32]).decrypt(bytes(12), env["body"], aad)
+        payload = AESGCM(okm[:32]).decrypt(bytes(12), env["body"], env["header"] + context)
     except Exception:
         sys.exit("decryption failed: wrong context or damaged ciphertext")
-    # A GenerateDataKey `wrapped_key` (kind 2) authenticates the context only: the data key
-    # itself is what it protects.
-    sys.stdout.buffer.write(payload if env["kind"] == 1 else data_key)
+    if env["kind"] == 1:
+        sys.stdout.buffer.write(payload)
+    elif env["kind"] == 2:
+        # A data-key blob authenticates the context only: the data key itself is what it holds.
+        sys.stdout.buffer.write(data_key)
+    else:
+        # A derived data key: its length is the payload; it comes from the data key and salt.
+        length = payload[0]
+        sys.stdout.buffer.write(hkdf_sha256(data_key, env["salt"], DERIVED_KEY_INFO + bytes([length]), length))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@
 //!
 //! Never in a record: plaintext, key material, tokens. Context values only when configured
 //! (by default a digest of the canonical context).
+//!
+//! With `[audit] key_file` (a secret kept apart from the log) the log is keyed: every record
+//! ends with `"mac"`, an HMAC-SHA256 over the record's own bytes (which include `prev`, the
+//! previous record's MAC), so nobody without the key can edit, insert or rewrite records
+//! consistently, and `context_digest` is an HMAC too (low-entropy context values cannot be
+//! guessed back from it). With `[audit] checkpoint_file` the writer also keeps a small file,
+//! elsewhere, naming the latest seq and link; `audit verify --checkpoint` then detects a log cut
+//! short before that point, which the chain alone cannot.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -19,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use aws_lc_rs::digest;
+use aws_lc_rs::{constant_time, digest, hkdf, hmac};
 use tokio::sync::mpsc;
 
 use crate::broker::Facts;
@@ -57,6 +65,12 @@ pub struct AuditConfig {
     pub block_timeout: Duration,
     pub mode: AuditMode,
     pub include_context_values: bool,
+    /// The audit key (keyed chain and context digests); kept apart from the log.
+    pub key_file: Option<PathBuf>,
+    /// Where the writer records the latest chain position (truncation detection).
+    pub checkpoint_file: Option<PathBuf>,
+    /// How often the checkpoint is rewritten while records are being written.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for AuditConfig {
@@ -70,8 +84,142 @@ impl Default for AuditConfig {
             block_timeout: Duration::from_millis(100),
             mode: AuditMode::Required,
             include_context_values: false,
+            key_file: None,
+            checkpoint_file: None,
+            checkpoint_interval: Duration::from_secs(5),
         }
     }
+}
+
+/// Shortest and longest accepted audit key file.
+pub const MIN_KEY_LEN: usize = 32;
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The keys derived from an audit key file: one for the chain (records and checkpoints), one for
+/// context digests, so that neither use can stand in for the other.
+pub struct AuditKey {
+    chain: hmac::Key,
+    context: hmac::Key,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(<redacted>)")
+    }
+}
+
+impl AuditKey {
+    /// Reads a key file: its bytes are the key (32 to 1024 of them; `keybroker audit new-key`
+    /// writes 32 random ones).
+    pub fn load(path: &Path) -> io::Result<Self> {
+        let fail = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let meta = std::fs::metadata(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("audit key file {}: {e}", path.display()))
+        })?;
+        if !meta.is_file() || meta.len() > MAX_KEY_LEN as u64 {
+            return Err(fail(format!(
+                "audit key file {} must be a regular file of {MIN_KEY_LEN} to {MAX_KEY_LEN} bytes",
+                path.display()
+            )));
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(),
+                    "the audit key file is readable by group or others; anyone who can read it can rewrite the audit log undetectably");
+            }
+        }
+        let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("audit key file {}: {e}", path.display()))
+        })?);
+        if bytes.len() < MIN_KEY_LEN || bytes.len() > MAX_KEY_LEN {
+            return Err(fail(format!(
+                "audit key file {} holds {} bytes; it needs {MIN_KEY_LEN} to {MAX_KEY_LEN}",
+                path.display(),
+                bytes.len()
+            )));
+        }
+        Self::from_bytes(&bytes).map_err(|_| fail("audit key derivation failed".into()))
+    }
+
+    /// HKDF-SHA256(key file bytes, no salt) expanded under two labels.
+    pub fn from_bytes(ikm: &[u8]) -> Result<Self, aws_lc_rs::error::Unspecified> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(ikm);
+        let derive = |info: &[u8]| -> Result<hmac::Key, aws_lc_rs::error::Unspecified> {
+            let info = [info];
+            let okm = prk.expand(&info, hmac::HMAC_SHA256)?;
+            Ok(hmac::Key::from(okm))
+        };
+        Ok(Self {
+            chain: derive(b"keybroker audit v2: record chain")?,
+            context: derive(b"keybroker audit v2: context digest")?,
+        })
+    }
+
+    fn chain_mac(&self, bytes: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hmac::sign(&self.chain, bytes).as_ref());
+        out
+    }
+
+    fn context_mac(&self, canonical: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hmac::sign(&self.context, canonical).as_ref());
+        out
+    }
+
+    /// The keyed `context_digest` of a context (what keyed logs carry), for looking records up.
+    pub fn context_digest(&self, context: &BTreeMap<String, String>) -> String {
+        let mut buf = Vec::with_capacity(64);
+        crate::envelope::encode_context(context, &mut buf);
+        hex(&self.context_mac(&buf))
+    }
+}
+
+/// Writes a new random audit key (32 bytes, mode 0600); refuses to overwrite a file.
+pub fn new_key_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = zeroize::Zeroizing::new([0u8; MIN_KEY_LEN]);
+    crate::secret::random_fill(&mut key[..]).map_err(io::Error::other)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&key[..])?;
+    f.sync_all()
+}
+
+/// The suffix a keyed record (or checkpoint) ends with: `,"mac":"` 64 hex digits `"}`.
+const MAC_OPEN: &[u8] = b",\"mac\":\"";
+const MAC_SUFFIX_LEN: usize = MAC_OPEN.len() + 64 + 2;
+
+/// Appends `,"mac":"<hex HMAC of out[start..]>"}` and returns the MAC's hex.
+fn close_with_mac(key: &AuditKey, out: &mut Vec<u8>, start: usize) -> String {
+    let mac = hex(&key.chain_mac(&out[start..]));
+    out.extend_from_slice(MAC_OPEN);
+    out.extend_from_slice(mac.as_bytes());
+    out.extend_from_slice(b"\"}");
+    mac
+}
+
+/// Splits a keyed line into (what the MAC covers, the MAC's hex), if it ends like one.
+fn split_mac(line: &[u8]) -> Option<(&[u8], &str)> {
+    if line.len() < MAC_SUFFIX_LEN + 1 || !line.ends_with(b"\"}") {
+        return None;
+    }
+    let (covered, suffix) = line.split_at(line.len() - MAC_SUFFIX_LEN);
+    let mac = suffix.strip_prefix(MAC_OPEN)?.strip_suffix(b"\"}")?;
+    let mac = std::str::from_utf8(mac).ok()?;
+    mac.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        .then_some((covered, mac))
+}
+
+/// Whether `mac` (hex) is the chain MAC of `covered`, compared in constant time.
+fn mac_matches(key: &AuditKey, covered: &[u8], mac: &str) -> bool {
+    constant_time::verify_slices_are_equal(hex(&key.chain_mac(covered)).as_bytes(), mac.as_bytes())
+        .is_ok()
 }
 
 /// What a request contributes to its record; the writer adds `seq`, `prev`, formats times,
@@ -103,6 +251,10 @@ pub struct Auditor {
     block_timeout: Duration,
     include_context_values: bool,
     dropped: AtomicU64,
+    /// Set when the log is keyed: context digests are then HMACs.
+    key: Option<Arc<AuditKey>>,
+    /// The digest of the empty context (most requests carry none), computed once.
+    empty_context_digest: [u8; 32],
 }
 
 impl std::fmt::Debug for Auditor {
@@ -165,6 +317,10 @@ impl Auditor {
         config: &AuditConfig,
     ) -> io::Result<(Arc<Self>, Option<std::thread::JoinHandle<()>>)> {
         let healthy = Arc::new(AtomicBool::new(true));
+        let key = match (&config.key_file, config.enabled) {
+            (Some(path), true) => Some(Arc::new(AuditKey::load(path)?)),
+            _ => None,
+        };
         let this = |tx| Self {
             tx: arc_swap::ArcSwapOption::from_pointee(tx),
             enabled: config.enabled,
@@ -173,17 +329,38 @@ impl Auditor {
             block_timeout: config.block_timeout,
             include_context_values: config.include_context_values,
             dropped: AtomicU64::new(0),
+            key: key.clone(),
+            empty_context_digest: match &key {
+                Some(k) => k.context_mac(&[0, 0]),
+                None => context_digest_bytes(&BTreeMap::new()),
+            },
         };
         if !config.enabled {
             return Ok((Arc::new(this(None)), None));
         }
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let writer = Writer::open(config)?;
+        let writer = Writer::open(config, key.clone())?;
         let h = Arc::clone(&healthy);
         let thread = std::thread::Builder::new()
             .name("keybroker-audit".into())
             .spawn(move || writer.run(rx, h))?;
         Ok((Arc::new(this(Some(tx))), Some(thread)))
+    }
+
+    /// The digest a record carries for a context: keyed (HMAC) when the log is keyed, else the
+    /// plain SHA-256 of [`context_digest_bytes`].
+    fn context_digest_bytes(&self, context: &BTreeMap<String, String>) -> [u8; 32] {
+        if context.is_empty() {
+            return self.empty_context_digest;
+        }
+        match &self.key {
+            None => context_digest_bytes(context),
+            Some(key) => {
+                let mut buf = Vec::with_capacity(64);
+                crate::envelope::encode_context(context, &mut buf);
+                key.context_mac(&buf)
+            }
+        }
     }
 
     /// Records dropped in best-effort mode.
@@ -279,9 +456,9 @@ impl Auditor {
             code,
             reason,
             latency_us: latency.as_micros() as u64,
-            context_digest: contexts[0].map(context_digest_bytes),
+            context_digest: contexts[0].map(|c| self.context_digest_bytes(c)),
             context: values(contexts[0]),
-            destination_context_digest: contexts[1].map(context_digest_bytes),
+            destination_context_digest: contexts[1].map(|c| self.context_digest_bytes(c)),
             destination_context: values(contexts[1]),
         });
     }
@@ -354,10 +531,21 @@ struct Writer {
     max_file_bytes: u64,
     max_files: u32,
     chain: Chain,
+    key: Option<Arc<AuditKey>>,
+    checkpoint: Option<Checkpointer>,
+}
+
+/// Keeps the checkpoint file: the latest (seq, link) rewritten atomically every interval while
+/// records are written, and at close.
+struct Checkpointer {
+    path: PathBuf,
+    every: Duration,
+    last: std::time::Instant,
+    written_seq: u64,
 }
 
 impl Writer {
-    fn open(config: &AuditConfig) -> io::Result<Self> {
+    fn open(config: &AuditConfig, key: Option<Arc<AuditKey>>) -> io::Result<Self> {
         let mut w = Self {
             sink: config.sink.clone(),
             file: None,
@@ -368,6 +556,13 @@ impl Writer {
                 seq: 0,
                 prev: GENESIS.to_owned(),
             },
+            key,
+            checkpoint: config.checkpoint_file.as_ref().map(|path| Checkpointer {
+                path: path.clone(),
+                every: config.checkpoint_interval,
+                last: std::time::Instant::now(),
+                written_seq: 0,
+            }),
         };
         if let AuditSink::File(path) = &config.sink {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -375,14 +570,71 @@ impl Writer {
             }
             // Continue the chain of an existing log (the newest file, else the newest rotation).
             for candidate in [path.clone(), rotated(path, 1)] {
-                if let Some(chain) = last_link(&candidate)? {
+                if let Some(chain) = last_link(&candidate, w.key.as_deref())? {
                     w.chain = chain;
                     break;
                 }
             }
             w.reopen()?;
         }
+        w.check_against_checkpoint();
         Ok(w)
+    }
+
+    /// At start: a log that ends before the last checkpoint lost records while we were away.
+    /// Said loudly; the chain continues (verify reports the same with `--checkpoint`).
+    fn check_against_checkpoint(&mut self) {
+        let Some(cp) = &mut self.checkpoint else {
+            return;
+        };
+        match read_checkpoint(&cp.path, self.key.as_deref()) {
+            Ok(Some(c)) if c.seq > self.chain.seq => {
+                tracing::error!(checkpoint = %cp.path.display(), checkpoint_seq = c.seq,
+                    log_seq = self.chain.seq,
+                    "the audit log ends before its last checkpoint: records were removed from its end");
+            }
+            Ok(Some(c)) => cp.written_seq = c.seq,
+            Ok(None) => {}
+            Err(e) => tracing::error!(checkpoint = %cp.path.display(), error = %e,
+                "the audit checkpoint cannot be read"),
+        }
+    }
+
+    /// Rewrites the checkpoint if it is due (or `force`, at close) and the chain moved.
+    fn checkpoint(&mut self, force: bool) {
+        let Some(cp) = &mut self.checkpoint else {
+            return;
+        };
+        if self.chain.seq == cp.written_seq || (!force && cp.last.elapsed() < cp.every) {
+            return;
+        }
+        let mut out = Vec::with_capacity(256);
+        {
+            use std::io::Write as _;
+            let _ = write!(
+                out,
+                "{{\"format\":\"{CHECKPOINT_FORMAT}\",\"seq\":{},\"link\":\"{}\",\"time\":\"",
+                self.chain.seq, self.chain.prev
+            );
+        }
+        crate::util::write_rfc3339(SystemTime::now(), &mut out);
+        out.push(b'"');
+        match &self.key {
+            Some(key) => {
+                close_with_mac(key, &mut out, 0);
+            }
+            None => out.push(b'}'),
+        }
+        out.push(b'\n');
+        match crate::util::write_atomic(&cp.path, &out, 0o600) {
+            Ok(()) => {
+                cp.written_seq = self.chain.seq;
+                cp.last = std::time::Instant::now();
+                tracing::info!(seq = self.chain.seq, link = %self.chain.prev, "audit checkpoint");
+            }
+            Err(e) => tracing::warn!(checkpoint = %cp.path.display(), error = %e,
+                "cannot write the audit checkpoint; will retry"),
+        }
     }
 
     fn reopen(&mut self) -> io::Result<()> {
@@ -510,8 +762,14 @@ impl Writer {
                 }
             }
         }
-        out.push(b'}');
-        self.chain.prev = hex(digest::digest(&digest::SHA256, &out[start..]).as_ref());
+        match &self.key {
+            // Keyed: the record authenticates itself, and the next one links to its MAC.
+            Some(key) => self.chain.prev = close_with_mac(key, out, start),
+            None => {
+                out.push(b'}');
+                self.chain.prev = hex(digest::digest(&digest::SHA256, &out[start..]).as_ref());
+            }
+        }
         out.push(b'\n');
     }
 
@@ -543,6 +801,7 @@ impl Writer {
                         if !healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!("audit log writable again");
                         }
+                        self.checkpoint(false);
                         break;
                     }
                     Err(e) => {
@@ -560,6 +819,7 @@ impl Writer {
         if let Some(f) = &self.file {
             let _ = f.sync_all();
         }
+        self.checkpoint(true);
         tracing::info!(last_seq = self.chain.seq, last_hash = %self.chain.prev, "audit log closed");
     }
 }
@@ -571,8 +831,17 @@ pub fn rotated(path: &Path, n: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// What the next record's `prev` must be after `line`: its MAC if it is keyed, else the SHA-256
+/// of its bytes.
+fn link_of(line: &[u8]) -> String {
+    match split_mac(line) {
+        Some((_, mac)) => mac.to_owned(),
+        None => hex(digest::digest(&digest::SHA256, line).as_ref()),
+    }
+}
+
 /// The chain position after the last line of `path` (None if missing or empty).
-fn last_link(path: &Path) -> io::Result<Option<Chain>> {
+fn last_link(path: &Path, key: Option<&AuditKey>) -> io::Result<Option<Chain>> {
     // Only a regular file has a chain to continue (a pipe or device would block or lie).
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {}
@@ -603,13 +872,74 @@ fn last_link(path: &Path) -> io::Result<Option<Chain>> {
         tracing::error!(file = %path.display(), "the audit log ends with a damaged record; continuing the chain after it");
         return Ok(Some(Chain {
             seq: 0,
-            prev: hex(digest::digest(&digest::SHA256, line).as_ref()),
+            prev: link_of(line),
         }));
     };
+    if let Some(key) = key {
+        match split_mac(line) {
+            Some((covered, mac)) if mac_matches(key, covered, mac) => {}
+            Some(_) => tracing::error!(file = %path.display(),
+                "the last audit record's MAC does not verify under the configured key (edited, or another key); continuing the chain after it"),
+            None => tracing::info!(file = %path.display(),
+                "continuing an unkeyed audit chain with keyed records"),
+        }
+    }
     Ok(Some(Chain {
         seq,
-        prev: hex(digest::digest(&digest::SHA256, line).as_ref()),
+        prev: link_of(line),
     }))
+}
+
+/// The checkpoint file's `format`.
+pub const CHECKPOINT_FORMAT: &str = "keybroker-audit-checkpoint/v1";
+
+/// A checkpoint: the chain reached `seq`, whose record's link (MAC or hash) was `link`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub link: String,
+    pub time: String,
+}
+
+/// Reads a checkpoint file (`None` if it does not exist). With a key, its MAC must verify; a
+/// keyed checkpoint without a key is read but cannot be authenticated.
+pub fn read_checkpoint(path: &Path, key: Option<&AuditKey>) -> Result<Option<Checkpoint>, String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    if text.len() > 4096 {
+        return Err(format!("{} is not an audit checkpoint", path.display()));
+    }
+    let line = text.strip_suffix(b"\n").unwrap_or(&text);
+    if let Some(key) = key {
+        match split_mac(line) {
+            Some((covered, mac)) if mac_matches(key, covered, mac) => {}
+            Some(_) => {
+                return Err(format!(
+                    "checkpoint {}: its MAC does not verify under this key",
+                    path.display()
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "checkpoint {} carries no MAC: it was not written under a key",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|_| format!("{} is not an audit checkpoint", path.display()))?;
+    match (v["format"].as_str(), v["seq"].as_u64(), v["link"].as_str()) {
+        (Some(CHECKPOINT_FORMAT), Some(seq), Some(link)) => Ok(Some(Checkpoint {
+            seq,
+            link: link.to_owned(),
+            time: v["time"].as_str().unwrap_or_default().to_owned(),
+        })),
+        _ => Err(format!("{} is not an audit checkpoint", path.display())),
+    }
 }
 
 /// The first problem `verify` found.
@@ -630,18 +960,61 @@ pub struct VerifyReport {
     pub last_hash: String,
     /// The first record continues an older chain (its predecessors were rotated away).
     pub starts_mid_chain: bool,
+    /// Records whose own MAC was checked (keyed logs, with the key).
+    pub keyed_records: u64,
+    /// The checkpoint that was checked, if one was given.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// What `verify` is given besides the files.
+#[derive(Debug, Default)]
+pub struct VerifyOptions {
+    /// The audit key: every keyed record's MAC is checked, and records after the first keyed one
+    /// must be keyed too. Without it, a keyed log is refused (its MACs cannot be checked).
+    pub key: Option<AuditKey>,
+    /// A checkpoint file: the log must reach its seq with its link (else it was cut short).
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Checks the chain through `files`, oldest first (`audit.jsonl.3 audit.jsonl.2 audit.jsonl.1
 /// audit.jsonl`). Reports the first broken link with its position and the likely cause.
 pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
+    verify_with(files, &VerifyOptions::default())
+}
+
+/// [`verify`] with a key and/or a checkpoint.
+pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyReport, BrokenLink> {
     let mut report = VerifyReport {
         records: 0,
         first_seq: None,
         last_seq: None,
         last_hash: GENESIS.to_owned(),
         starts_mid_chain: false,
+        keyed_records: 0,
+        checkpoint: None,
     };
+    let key = opts.key.as_ref();
+    let checkpoint = match &opts.checkpoint {
+        None => None,
+        Some(path) => {
+            let at = |problem: String| BrokenLink {
+                file: path.clone(),
+                line: 0,
+                seq: None,
+                problem,
+            };
+            match read_checkpoint(path, key) {
+                Ok(Some(c)) => Some(c),
+                Ok(None) => {
+                    return Err(at(
+                        "the checkpoint file does not exist (deleted, or never written)".into(),
+                    ));
+                }
+                Err(e) => return Err(at(e)),
+            }
+        }
+    };
+    let mut checkpoint_seen = false;
     let mut lines = Lines::new(files).peekable();
     let mut prev: Option<(u64, String)> = None;
     while let Some(item) = lines.next() {
@@ -653,6 +1026,31 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
             problem,
         };
         let (seq, prev_field) = parse_link(&raw).map_err(|p| broken(None, p))?;
+        let keyed = split_mac(&raw);
+        match (keyed, key) {
+            (Some(_), None) => {
+                return Err(broken(
+                    Some(seq),
+                    "the record carries a MAC: this log is keyed, verify it with --key FILE".into(),
+                ));
+            }
+            (Some((covered, mac)), Some(k)) => {
+                if !mac_matches(k, covered, mac) {
+                    return Err(broken(
+                        Some(seq),
+                        "the record's MAC does not verify: edited, forged, or written under another key".into(),
+                    ));
+                }
+                report.keyed_records += 1;
+            }
+            (None, Some(_)) if report.keyed_records > 0 => {
+                return Err(broken(
+                    Some(seq),
+                    "a record without a MAC follows keyed records: inserted or edited (or the key was removed from the configuration)".into(),
+                ));
+            }
+            (None, _) => {}
+        }
         match &prev {
             None => {
                 report.first_seq = Some(seq);
@@ -696,12 +1094,54 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
                 }
             }
         }
-        let h = hex(digest::digest(&digest::SHA256, &raw).as_ref());
+        let h = link_of(&raw);
+        if let Some(c) = &checkpoint
+            && c.seq == seq
+        {
+            if c.link != h {
+                return Err(broken(
+                    Some(seq),
+                    "the record at the checkpoint's seq is not the one the checkpoint names: the log was rewritten".into(),
+                ));
+            }
+            checkpoint_seen = true;
+        }
         report.records += 1;
         report.last_seq = Some(seq);
         report.last_hash = h.clone();
         prev = Some((seq, h));
     }
+    if key.is_some() && report.keyed_records == 0 && report.records > 0 {
+        return Err(BrokenLink {
+            file: files.last().cloned().unwrap_or_default(),
+            line: 0,
+            seq: report.last_seq,
+            problem: "no record carries a MAC: not a keyed log (or its keyed records were removed)"
+                .into(),
+        });
+    }
+    if let Some(c) = &checkpoint {
+        let last = report.last_seq.unwrap_or(0);
+        let end = |problem: String| BrokenLink {
+            file: files.last().cloned().unwrap_or_default(),
+            line: 0,
+            seq: report.last_seq,
+            problem,
+        };
+        if c.seq > last {
+            return Err(end(format!(
+                "the log ends at seq {last} but the checkpoint ({}) names seq {}: records were removed from the end (or newer files were not given)",
+                c.time, c.seq
+            )));
+        }
+        if !checkpoint_seen {
+            return Err(end(format!(
+                "the checkpoint's seq {} precedes the files given: give the file that holds it",
+                c.seq
+            )));
+        }
+    }
+    report.checkpoint = checkpoint;
     Ok(report)
 }
 
@@ -797,6 +1237,53 @@ mod line_tests {
             context_digest_bytes(&BTreeMap::new()).as_slice(),
             digest::digest(&digest::SHA256, &buf).as_ref()
         );
+    }
+
+    #[test]
+    fn keyed_lines_round_trip_and_refuse_edits() {
+        let key = AuditKey::from_bytes(&[1u8; 32]).unwrap();
+        let mut out = b"{\"seq\":1,\"prev\":\"00\"".to_vec();
+        let mac = close_with_mac(&key, &mut out, 0);
+        let (covered, got) = split_mac(&out).unwrap();
+        assert_eq!(got, mac);
+        assert!(mac_matches(&key, covered, got));
+        let mut edited = out.clone();
+        edited[8] = b'2';
+        let (covered, got) = split_mac(&edited).unwrap();
+        assert!(!mac_matches(&key, covered, got));
+        let other = AuditKey::from_bytes(&[2u8; 32]).unwrap();
+        let (covered, got) = split_mac(&out).unwrap();
+        assert!(!mac_matches(&other, covered, got));
+        // An unkeyed record never looks keyed, even with a "mac" inside its context values.
+        for line in [
+            &b"{\"seq\":1,\"context_digest\":\"ab\"}"[..],
+            b"{\"seq\":1,\"context\":{\"mac\":\"0000000000000000000000000000000000000000000000000000000000000000\"}}",
+        ] {
+            assert!(split_mac(line).is_none());
+        }
+        // Keyed context digests differ by key and from the plain SHA-256.
+        let mut c = BTreeMap::new();
+        c.insert("pin".to_owned(), "1234".to_owned());
+        assert_ne!(key.context_digest(&c), other.context_digest(&c));
+        assert_ne!(key.context_digest(&c), context_digest(&c));
+    }
+
+    #[test]
+    fn audit_key_files_need_32_to_1024_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for (len, ok) in [
+            (0usize, false),
+            (31, false),
+            (32, true),
+            (1024, true),
+            (1025, false),
+        ] {
+            let p = dir.path().join(format!("k{len}"));
+            std::fs::write(&p, vec![3u8; len]).unwrap();
+            assert_eq!(AuditKey::load(&p).is_ok(), ok, "{len} bytes");
+        }
+        let e = AuditKey::load(&dir.path().join("missing")).unwrap_err();
+        assert!(e.to_string().contains("audit key file"), "{e}");
     }
 
     #[test]

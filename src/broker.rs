@@ -21,6 +21,7 @@ use crate::identity::Caller;
 use crate::operation::Operation;
 use crate::policy::Need;
 use crate::registry::{KeyEntry, Registry};
+use crate::secret::SecretKey;
 use crate::stats::{OpSnapshot, bump};
 
 /// Envelope overhead allowance on top of the plaintext limit when accepting ciphertexts: the
@@ -98,13 +99,15 @@ pub struct EncryptOutput {
 }
 
 pub struct DecryptOutput {
-    pub plaintext: Vec<u8>,
+    /// The payload, or for a data-key blob the data key; zeroized when the response is dropped.
+    pub plaintext: SecretKey,
     pub key: Arc<str>,
     pub key_version: String,
 }
 
 pub struct DataKeyOutput {
-    pub plaintext_key: Vec<u8>,
+    /// Zeroized when the response that carries it is dropped (see [`SecretKey::into_bytes`]).
+    pub plaintext_key: SecretKey,
     pub wrapped_key: Vec<u8>,
     pub key: Arc<str>,
     pub key_version: String,
@@ -283,18 +286,19 @@ impl Broker {
         facts.cache = Some(result);
         facts.key_version = Some(active.wrapped.key_version.clone());
         facts.bytes = spec.key_len() as u64;
-        let wrapped_key = envelope::seal(
-            Kind::DataKey,
+        // The cached data key is only the root of a derivation: every call gets its own key,
+        // HKDF(root, fresh salt), and the blob carries the salt (docs/envelope.md, kind 3).
+        let (wrapped_key, plaintext_key) = envelope::seal_derived_data_key(
             &entry.name,
             &caller.name,
             &[active.copy()],
             active.data_key(),
             context,
-            b"",
+            spec.key_len(),
         )
         .map_err(seal_error)?;
         Ok(DataKeyOutput {
-            plaintext_key: active.data_key().as_ref().to_vec(),
+            plaintext_key,
             wrapped_key,
             key: Arc::clone(&entry.name),
             key_version: active.wrapped.key_version.clone(),
@@ -353,6 +357,7 @@ impl Broker {
         let payload = env
             .open(data_key.data_key(), source_context)
             .map_err(|_| Error::DecryptionFailed)?;
+        let payload = zeroize::Zeroizing::new(payload);
 
         let source_ctx = BackendContext {
             key_name: env.key_name,
@@ -386,15 +391,30 @@ impl Broker {
         let rewrapped = rewrapped.map_err(|e| Error::backend(&dest.name, e))?;
         let new_copy = rewrapped.as_copy(dest.backend.kind());
         facts.key_version = Some(rewrapped.key_version.clone());
-        let out = envelope::seal(
-            env.kind,
-            &dest.name,
-            &caller.name,
-            &[new_copy],
-            data_key.data_key(),
-            destination_context,
-            &payload,
-        )
+        // A derived data key depends on its blob's salt, so that blob keeps it (safe in version
+        // 2: the new header and context give a new message key); everything else gets a fresh one.
+        let out = match env.kind {
+            Kind::DerivedDataKey => envelope::seal_with_salt(
+                envelope::FORMAT_VERSION,
+                env.kind,
+                &dest.name,
+                &caller.name,
+                &[new_copy],
+                data_key.data_key(),
+                destination_context,
+                &payload,
+                env.salt(),
+            ),
+            Kind::Message | Kind::DataKey => envelope::seal(
+                env.kind,
+                &dest.name,
+                &caller.name,
+                &[new_copy],
+                data_key.data_key(),
+                destination_context,
+                &payload,
+            ),
+        }
         .map_err(seal_error)?;
         self.cache
             .remember_unwrapped(dest, &new_copy, &dest_ctx, data_key.data_key())
@@ -496,15 +516,15 @@ impl Broker {
         context: &BTreeMap<String, String>,
         op: Operation,
         facts: &mut Facts,
-    ) -> Result<(Vec<u8>, String), Error> {
+    ) -> Result<(SecretKey, String), Error> {
         let (copy, data_key, _) = self.unwrap_any(entry, env, op, facts).await?;
-        let payload = env
-            .open(data_key.data_key(), context)
-            .map_err(|_| Error::DecryptionFailed)?;
         let plaintext = match env.kind {
-            Kind::Message => payload,
-            Kind::DataKey => data_key.data_key().as_ref().to_vec(),
-        };
+            Kind::Message => env
+                .open(data_key.data_key(), context)
+                .map(SecretKey::from_vec),
+            Kind::DataKey | Kind::DerivedDataKey => env.open_data_key(data_key.data_key(), context),
+        }
+        .map_err(|_| Error::DecryptionFailed)?;
         Ok((plaintext, copy.key_version.to_owned()))
     }
 
@@ -530,6 +550,12 @@ impl Broker {
         let mut last = Error::DecryptionFailed;
         for copy in env.copies.iter().filter(|c| c.backend == kind) {
             facts.key_version = Some(copy.key_version.to_owned());
+            // A respelling of a genuine copy ("01" for "1") must not become a new cache entry
+            // and a paid backend call: refused before the cache is consulted.
+            entry
+                .backend
+                .check_canonical(copy)
+                .map_err(Error::InvalidCiphertext)?;
             match self.cache.unwrapped_key(entry, copy, &ctx, op, facts).await {
                 Ok((key, result)) => {
                     facts.cache = Some(result);

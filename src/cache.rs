@@ -62,10 +62,10 @@ impl CacheResult {
     }
 }
 
-/// What an encrypt-side data key is used for. Data keys handed out by GenerateDataKey are kept
-/// apart from those that seal Encrypt messages: a caller allowed to generate data keys must not
-/// receive the key that protects its Encrypt ciphertexts (that would be decryption without the
-/// decrypt permission and without an audit record).
+/// What an encrypt-side data key is used for. Data keys behind GenerateDataKey are kept apart
+/// from those that seal Encrypt messages. A GenerateDataKey data key is only ever the root of a
+/// derivation (each call returns HKDF(root, fresh salt), see `envelope::seal_derived_data_key`):
+/// it is always 32 bytes, whatever the requested spec, and is never handed out itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Purpose {
     Messages,
@@ -75,8 +75,7 @@ pub enum Purpose {
 impl Purpose {
     fn key_len(self) -> usize {
         match self {
-            Self::Messages => 32,
-            Self::DataKey { len } => len,
+            Self::Messages | Self::DataKey { .. } => 32,
         }
     }
 

@@ -75,8 +75,24 @@ pub enum AuditCmd {
     /// Check the hash chain of audit log files, given oldest first (e.g. audit.jsonl.2
     /// audit.jsonl.1 audit.jsonl); reports the first broken link and exits non-zero.
     Verify {
+        /// The audit key file ([audit] key_file): checks every record's MAC (keyed logs).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The checkpoint file ([audit] checkpoint_file): the log must reach it (truncation).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Write a new random audit key file (32 bytes, mode 0600) for [audit] key_file.
+    NewKey { file: PathBuf },
+    /// Print the keyed context_digest of a context, to find its records in a keyed log.
+    ContextDigest {
+        #[arg(long)]
+        key: PathBuf,
+        /// Encryption context pair (repeatable).
+        #[arg(long = "context", value_parser = parse_pair)]
+        context: Vec<(String, String)>,
     },
 }
 
@@ -173,8 +189,23 @@ pub fn run(cli: Cli) -> ExitCode {
         } => return config_check(&file),
         Cmd::Keys(args) => keys(args),
         Cmd::Audit {
-            cmd: AuditCmd::Verify { files },
-        } => return audit_verify(&files),
+            cmd:
+                AuditCmd::Verify {
+                    key,
+                    checkpoint,
+                    files,
+                },
+        } => return audit_verify(&files, key.as_deref(), checkpoint),
+        Cmd::Audit {
+            cmd: AuditCmd::NewKey { file },
+        } => crate::audit::new_key_file(&file)
+            .map(|()| println!("wrote a new audit key to {}", file.display()))
+            .map_err(|e| format!("cannot write {}: {e}", file.display()).into()),
+        Cmd::Audit {
+            cmd: AuditCmd::ContextDigest { key, context },
+        } => crate::audit::AuditKey::load(&key)
+            .map(|k| println!("{}", k.context_digest(&context.into_iter().collect())))
+            .map_err(|e| e.to_string().into()),
         Cmd::Encrypt(args) => client_cmd(|| encrypt(args)),
         Cmd::Decrypt(args) => client_cmd(|| decrypt(args)),
         Cmd::Datakey(args) => client_cmd(|| datakey(args)),
@@ -401,8 +432,17 @@ fn config_check(file: &Path) -> ExitCode {
     }
 }
 
-fn audit_verify(files: &[PathBuf]) -> ExitCode {
-    match crate::audit::verify(files) {
+fn audit_verify(files: &[PathBuf], key: Option<&Path>, checkpoint: Option<PathBuf>) -> ExitCode {
+    let key = match key.map(crate::audit::AuditKey::load).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keybroker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let keyed = key.is_some();
+    let opts = crate::audit::VerifyOptions { key, checkpoint };
+    match crate::audit::verify_with(files, &opts) {
         Ok(r) => {
             println!(
                 "ok: {} record(s), seq {}..{}, chain head {}{}",
@@ -416,6 +456,31 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
                     ""
                 }
             );
+            if keyed {
+                println!(
+                    "  {} record(s) authenticated by their MAC{}",
+                    r.keyed_records,
+                    match r.records - r.keyed_records {
+                        0 => String::new(),
+                        n => format!(
+                            "; the {n} unkeyed record(s) before them are bound by the hash chain into the first MAC"
+                        ),
+                    }
+                );
+            } else {
+                println!(
+                    "  unkeyed: the chain shows edits, deletions and reorders, but anyone able to rewrite the whole file could recompute it"
+                );
+            }
+            match &r.checkpoint {
+                Some(c) => println!(
+                    "  checkpoint seq {} ({}) reached; records after seq {} are not covered by it",
+                    c.seq, c.time, c.seq
+                ),
+                None => println!(
+                    "  no checkpoint given: records removed from the end cannot be detected"
+                ),
+            }
             ExitCode::SUCCESS
         }
         Err(b) => {

@@ -963,6 +963,28 @@ fn audit(s: &Section<'_>, base: &Path, p: &mut Problems) -> AuditConfig {
     if let Some(b) = s.bool("include_context_values", p) {
         a.include_context_values = b;
     }
+    if let Some(f) = s.str("key_file", p) {
+        a.key_file = Some(resolve(base, f));
+    }
+    if let Some(f) = s.str("checkpoint_file", p) {
+        a.checkpoint_file = Some(resolve(base, f));
+    }
+    if let Some(d) = s.duration("checkpoint_interval", p) {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+            p.push(s.at("checkpoint_interval"), "must be 100ms to 1h");
+        }
+        a.checkpoint_interval = d;
+    }
+    if let AuditSink::File(log) = &a.sink {
+        for (field, f) in [
+            ("key_file", &a.key_file),
+            ("checkpoint_file", &a.checkpoint_file),
+        ] {
+            if f.as_ref() == Some(log) {
+                p.push(s.at(field), "must not be the audit log itself");
+            }
+        }
+    }
     s.finish(p);
     a
 }

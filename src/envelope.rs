@@ -1,5 +1,13 @@
-//! The keybroker ciphertext envelope, version 1. `docs/envelope.md` is the byte-level
-//! specification and `tests/vectors/envelope-v1.json` its test vectors; keep all three in step.
+//! The keybroker ciphertext envelope: version 2 is written, versions 1 and 2 are read.
+//! `docs/envelope.md` is the byte-level specification and `tests/vectors/envelope-v1.json` and
+//! `tests/vectors/envelope-v2.json` its test vectors; keep all of them in step.
+//!
+//! Version 2 differs from version 1 only in what the key derivation covers: the HKDF `info` also
+//! carries SHA-256(header up to the salt || canonical context), so the key commitment commits to
+//! the data key, the header and the context together (a ciphertext opens under exactly one
+//! (data key, header, context)), not to the data key alone. Version 2 also has a third kind, a
+//! derived data key (GenerateDataKey's `wrapped_key`): Decrypt returns a key derived from the
+//! wrapped data key and the blob's salt, never the wrapped data key itself.
 //!
 //! What this module must never do: panic or allocate more than the input justifies while parsing
 //! untrusted bytes, return plaintext from a ciphertext whose commitment or tag does not verify,
@@ -7,14 +15,17 @@
 
 use std::collections::BTreeMap;
 
-use aws_lc_rs::{aead, constant_time, hkdf};
+use aws_lc_rs::{aead, constant_time, digest, hkdf};
 use zeroize::Zeroize;
 
 use crate::backend::BackendKind;
 use crate::secret::{RandomFailed, SecretKey, random_fill};
 
 pub const MAGIC: [u8; 2] = *b"KB";
-pub const FORMAT_VERSION: u8 = 1;
+/// The version every new ciphertext gets.
+pub const FORMAT_VERSION: u8 = 2;
+/// The first version: still read (and written only for its test vectors).
+pub const LEGACY_VERSION: u8 = 1;
 pub const SALT_LEN: usize = 32;
 pub const COMMITMENT_LEN: usize = 32;
 pub const TAG_LEN: usize = 16;
@@ -28,9 +39,18 @@ pub const MAX_WRAPPED_LEN: usize = 4096;
 pub const MAX_CONTEXT_PAIRS: usize = 64;
 pub const MAX_CONTEXT_KEY_LEN: usize = 256;
 pub const MAX_CONTEXT_VALUE_LEN: usize = 4096;
+/// The lengths a derived data key can have (AES-128, AES-256).
+pub const DERIVED_KEY_LENS: [usize; 2] = [16, 32];
 
-/// HKDF `info`: a fixed label naming the format version and what the 64 output bytes are for.
-const HKDF_INFO: &[u8] = b"keybroker envelope v1: aes-256-gcm key || key commitment";
+/// HKDF `info` of version 1: a fixed label naming the format version and what the 64 output
+/// bytes are for.
+const HKDF_INFO_V1: &[u8] = b"keybroker envelope v1: aes-256-gcm key || key commitment";
+/// HKDF `info` of version 2, followed by the 32-byte binding hash of header and context. Short
+/// on purpose: with it the two HMAC blocks of HKDF-Expand take one SHA-256 block fewer than
+/// version 1's long label did, paying back part of the binding hash on every message.
+const HKDF_INFO_V2: &[u8] = b"keybroker envelope v2";
+/// HKDF `info` of a derived data key (version 2, kind 3), followed by one byte: its length.
+const DERIVED_KEY_INFO: &[u8] = b"keybroker data key v2";
 /// Every message key is used exactly once (fresh 256-bit salt per message), so a constant nonce
 /// is safe and saves 12 bytes per message.
 const NONCE: [u8; 12] = [0u8; 12];
@@ -41,9 +61,14 @@ const NONCE: [u8; 12] = [0u8; 12];
 pub enum Kind {
     /// An Encrypt result: the body is the encrypted payload.
     Message = 1,
-    /// A GenerateDataKey `wrapped_key`: the body is empty (only the tag, binding the context);
-    /// Decrypt returns the data key itself.
+    /// A data-key blob whose Decrypt returns the wrapped data key itself: every version 1
+    /// GenerateDataKey `wrapped_key`, and the ReEncrypt of one (the key was handed out already).
+    /// The body is empty (only the tag, binding the context).
     DataKey = 2,
+    /// Version 2's GenerateDataKey `wrapped_key`: Decrypt returns a key derived from the wrapped
+    /// data key and this blob's salt (so every blob has its own key, and the wrapped key is never
+    /// released). The body encrypts one byte: the derived key's length (16 or 32).
+    DerivedDataKey = 3,
 }
 
 /// One wrapped copy of the data key, as it sits in the header.
@@ -62,13 +87,15 @@ pub struct WrappedCopy<'a> {
 /// allocation-free apart from the copy list (at most [`MAX_COPIES`] entries).
 #[derive(Debug)]
 pub struct Envelope<'a> {
+    /// [`LEGACY_VERSION`] or [`FORMAT_VERSION`].
+    pub version: u8,
     pub kind: Kind,
     /// The keybroker key name the ciphertext was made under.
     pub key_name: &'a str,
     /// The cache partition (caller) the data key was made for; part of the backend context.
     pub caller: &'a str,
     pub copies: Vec<WrappedCopy<'a>>,
-    salt: &'a [u8],
+    salt: &'a [u8; SALT_LEN],
     commitment: &'a [u8],
     header: &'a [u8],
     body: &'a [u8],
@@ -94,6 +121,10 @@ pub enum FormatError {
     NotUtf8(&'static str),
     #[error("ciphertext names unknown backend {0}")]
     UnknownBackend(u8),
+    /// A wrapped copy's key id or version is not spelled exactly as its backend records it
+    /// (e.g. `01` or `+1` for version 1): refused before any cache lookup or backend call.
+    #[error("ciphertext field {0} is not in the canonical form its backend records")]
+    NotCanonical(&'static str),
 }
 
 /// Sealing failed: an input exceeds a format limit, or randomness failed.
@@ -103,6 +134,8 @@ pub enum SealError {
     TooLong(&'static str),
     #[error("a ciphertext needs 1 to {MAX_COPIES} wrapped key copies")]
     Copies,
+    #[error("this kind of ciphertext cannot hold that payload in that format version")]
+    Payload,
     #[error("the system random number generator failed")]
     Random,
     #[error("AEAD sealing failed")]
@@ -159,7 +192,9 @@ pub fn check_context(context: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
-/// Seals `plaintext` into a new envelope with a fresh random salt.
+/// Seals `plaintext` into a new (version 2) envelope with a fresh random salt. `kind` is
+/// [`Kind::Message`] (any payload) or [`Kind::DataKey`] (empty payload); derived data keys are
+/// made by [`seal_derived_data_key`].
 pub fn seal(
     kind: Kind,
     key_name: &str,
@@ -169,18 +204,65 @@ pub fn seal(
     context: &BTreeMap<String, String>,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
+    if kind == Kind::DerivedDataKey {
+        return Err(SealError::Payload);
+    }
     let mut salt = [0u8; SALT_LEN];
     random_fill(&mut salt)?;
     seal_with_salt(
-        kind, key_name, caller, copies, data_key, context, plaintext, &salt,
+        FORMAT_VERSION,
+        kind,
+        key_name,
+        caller,
+        copies,
+        data_key,
+        context,
+        plaintext,
+        &salt,
     )
 }
 
-/// [`seal`] with a caller-chosen salt. Only for test vectors: a salt must never repeat under one
-/// data key.
-#[doc(hidden)]
+/// A GenerateDataKey result: a fresh key of `len` bytes (16 or 32) derived from `root` (the
+/// cached, wrapped data key) and a fresh random salt, and the blob (kind
+/// [`Kind::DerivedDataKey`]) from which Decrypt derives the same key again. `root` itself is
+/// never returned by anything.
+pub fn seal_derived_data_key(
+    key_name: &str,
+    caller: &str,
+    copies: &[WrappedCopy<'_>],
+    root: &SecretKey,
+    context: &BTreeMap<String, String>,
+    len: usize,
+) -> Result<(Vec<u8>, SecretKey), SealError> {
+    if !DERIVED_KEY_LENS.contains(&len) {
+        return Err(SealError::Payload);
+    }
+    let mut salt = [0u8; SALT_LEN];
+    random_fill(&mut salt)?;
+    let (blob, prk) = seal_inner(
+        FORMAT_VERSION,
+        Kind::DerivedDataKey,
+        key_name,
+        caller,
+        copies,
+        root,
+        context,
+        &[len as u8],
+        &salt,
+    )?;
+    let key = derived_key(&prk, len).map_err(|_| SealError::Crypto)?;
+    Ok((blob, key))
+}
+
+/// [`seal`] with a caller-chosen salt and format version. A salt must never repeat under one
+/// data key, with one exception: ReEncrypt of a [`Kind::DerivedDataKey`] blob keeps the blob's
+/// salt (the derived key depends on it). That is safe in version 2 only, where the message key
+/// also depends on the header (new wrapped copy, key name, caller) and the context, so the
+/// re-sealed blob never reuses a message key for different bytes. Version 1 is written only for
+/// its test vectors and benchmarks.
 #[allow(clippy::too_many_arguments)]
 pub fn seal_with_salt(
+    version: u8,
     kind: Kind,
     key_name: &str,
     caller: &str,
@@ -190,14 +272,42 @@ pub fn seal_with_salt(
     plaintext: &[u8],
     salt: &[u8; SALT_LEN],
 ) -> Result<Vec<u8>, SealError> {
+    seal_inner(
+        version, kind, key_name, caller, copies, data_key, context, plaintext, salt,
+    )
+    .map(|(out, _)| out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn seal_inner(
+    version: u8,
+    kind: Kind,
+    key_name: &str,
+    caller: &str,
+    copies: &[WrappedCopy<'_>],
+    data_key: &SecretKey,
+    context: &BTreeMap<String, String>,
+    plaintext: &[u8],
+    salt: &[u8; SALT_LEN],
+) -> Result<(Vec<u8>, hkdf::Prk), SealError> {
     if copies.is_empty() || copies.len() > MAX_COPIES {
         return Err(SealError::Copies);
     }
-    let material = derive(data_key, salt).map_err(|_| SealError::Crypto)?;
+    let payload_ok = match (version, kind) {
+        (LEGACY_VERSION | FORMAT_VERSION, Kind::Message) => true,
+        (LEGACY_VERSION | FORMAT_VERSION, Kind::DataKey) => plaintext.is_empty(),
+        (FORMAT_VERSION, Kind::DerivedDataKey) => {
+            plaintext.len() == 1 && DERIVED_KEY_LENS.contains(&(plaintext[0] as usize))
+        }
+        _ => false,
+    };
+    if !payload_ok {
+        return Err(SealError::Payload);
+    }
     let header_len = encoded_header_len(key_name, caller, copies);
     let mut out = Vec::with_capacity(header_len + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&MAGIC);
-    out.push(FORMAT_VERSION);
+    out.push(version);
     out.push(kind as u8);
     put_name(&mut out, key_name, "key name")?;
     put_name(&mut out, caller, "caller")?;
@@ -221,10 +331,22 @@ pub fn seal_with_salt(
         put_field(&mut out, copy.wrapped, 1, MAX_WRAPPED_LEN, "wrapped key")?;
     }
     out.extend_from_slice(salt);
+    let prefix_end = out.len();
+
+    // First header-up-to-the-salt || canonical(context), what format 2 binds; then the
+    // commitment goes in between, giving the AAD: header || canonical(context).
+    let mut aad = Vec::with_capacity(prefix_end + COMMITMENT_LEN + 2 + context.len() * 32);
+    aad.extend_from_slice(&out);
+    encode_context(context, &mut aad);
+    let prk = extract(data_key, salt);
+    let material = derive(version, &prk, &aad).map_err(|_| SealError::Crypto)?;
     out.extend_from_slice(material.commitment());
+    aad.splice(
+        prefix_end..prefix_end,
+        material.commitment().iter().copied(),
+    );
     let header_end = out.len();
 
-    let aad = authenticated_data(&out[..header_end], context);
     out.extend_from_slice(plaintext);
     let key = material.aead_key().map_err(|_| SealError::Crypto)?;
     let tag = key
@@ -235,7 +357,7 @@ pub fn seal_with_salt(
         )
         .map_err(|_| SealError::Crypto)?;
     out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    Ok((out, prk))
 }
 
 /// Parses the header of untrusted bytes. Nothing is authenticated yet: only [`Envelope::open`]
@@ -249,12 +371,13 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let version = r.u8("version")?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != LEGACY_VERSION {
         return Err(FormatError::UnsupportedVersion(version));
     }
     let kind = match r.u8("kind")? {
         1 => Kind::Message,
         2 => Kind::DataKey,
+        3 if version == FORMAT_VERSION => Kind::DerivedDataKey,
         other => return Err(FormatError::UnknownKind(other)),
     };
     let key_name = r.name("key name")?;
@@ -277,17 +400,26 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
             wrapped,
         });
     }
-    let salt = r.take(SALT_LEN, "salt")?;
+    let salt: &[u8; SALT_LEN] = r
+        .take(SALT_LEN, "salt")?
+        .try_into()
+        .map_err(|_| FormatError::Truncated("salt"))?;
     let commitment = r.take(COMMITMENT_LEN, "commitment")?;
     let header_end = r.pos;
     let body = &input[header_end..];
     if body.len() < TAG_LEN {
         return Err(FormatError::Truncated("body"));
     }
-    if kind == Kind::DataKey && body.len() != TAG_LEN {
+    let body_len_ok = match kind {
+        Kind::Message => true,
+        Kind::DataKey => body.len() == TAG_LEN,
+        Kind::DerivedDataKey => body.len() == 1 + TAG_LEN,
+    };
+    if !body_len_ok {
         return Err(FormatError::BadLength("data key body"));
     }
     Ok(Envelope {
+        version,
         kind,
         key_name,
         caller,
@@ -301,34 +433,88 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
 
 impl Envelope<'_> {
     /// Checks the key commitment, then decrypts and authenticates the body under the header and
-    /// the context. Returns the payload (empty for [`Kind::DataKey`]).
+    /// the context. Returns the payload (empty for [`Kind::DataKey`], the derived key's length
+    /// byte for [`Kind::DerivedDataKey`]: use [`Envelope::open_data_key`] for those).
     pub fn open(
         &self,
         data_key: &SecretKey,
         context: &BTreeMap<String, String>,
     ) -> Result<Vec<u8>, Unauthentic> {
-        let salt: &[u8; SALT_LEN] = self.salt.try_into().map_err(|_| Unauthentic)?;
-        let material = derive(data_key, salt).map_err(|_| Unauthentic)?;
+        self.open_inner(data_key, context)
+            .map(|(payload, _)| payload)
+    }
+
+    /// For the data-key kinds: authenticates the blob like [`Envelope::open`] and returns the key
+    /// Decrypt hands out: the wrapped data key itself for [`Kind::DataKey`], the derived key for
+    /// [`Kind::DerivedDataKey`]. Fails for a [`Kind::Message`].
+    pub fn open_data_key(
+        &self,
+        data_key: &SecretKey,
+        context: &BTreeMap<String, String>,
+    ) -> Result<SecretKey, Unauthentic> {
+        let (payload, prk) = self.open_inner(data_key, context)?;
+        match self.kind {
+            Kind::Message => Err(Unauthentic),
+            Kind::DataKey => Ok(data_key.duplicate()),
+            Kind::DerivedDataKey => {
+                let len = match payload.as_slice() {
+                    [len] if DERIVED_KEY_LENS.contains(&(*len as usize)) => *len as usize,
+                    _ => return Err(Unauthentic),
+                };
+                derived_key(&prk, len).map_err(|_| Unauthentic)
+            }
+        }
+    }
+
+    fn open_inner(
+        &self,
+        data_key: &SecretKey,
+        context: &BTreeMap<String, String>,
+    ) -> Result<(Vec<u8>, hkdf::Prk), Unauthentic> {
+        // As in sealing: header-up-to-the-salt || canonical(context) first, then the
+        // commitment is put in between to give the AAD.
+        let prefix_end = self.header.len() - COMMITMENT_LEN;
+        let mut aad = Vec::with_capacity(self.header.len() + 2 + context.len() * 32);
+        aad.extend_from_slice(&self.header[..prefix_end]);
+        encode_context(context, &mut aad);
+        let prk = extract(data_key, self.salt);
+        let material = derive(self.version, &prk, &aad).map_err(|_| Unauthentic)?;
         constant_time::verify_slices_are_equal(material.commitment(), self.commitment)
             .map_err(|_| Unauthentic)?;
-        let aad = authenticated_data(self.header, context);
+        aad.splice(prefix_end..prefix_end, self.commitment.iter().copied());
         let key = material.aead_key().map_err(|_| Unauthentic)?;
-        let mut buf = self.body.to_vec();
-        let len = key
-            .open_in_place(
+        let (ciphertext, tag) = self.body.split_at(self.body.len().saturating_sub(TAG_LEN));
+        // Decrypted into a buffer of exactly the payload's size, so that handing it on as a
+        // `SecretKey` never reallocates (and leaves no unwiped copy behind).
+        let mut out = vec![0u8; ciphertext.len()];
+        if key
+            .open_separate_gather(
                 aead::Nonce::assume_unique_for_key(NONCE),
                 aead::Aad::from(&aad[..]),
-                &mut buf,
+                ciphertext,
+                tag,
+                &mut out,
             )
-            .map_err(|_| Unauthentic)?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
+            .is_err()
+        {
+            out.zeroize();
+            return Err(Unauthentic);
+        }
+        Ok((out, prk))
+    }
+
+    /// The header's salt. ReEncrypt of a [`Kind::DerivedDataKey`] blob keeps it (see
+    /// [`seal_with_salt`]).
+    pub fn salt(&self) -> &[u8; SALT_LEN] {
+        self.salt
     }
 
     /// Payload length, for usage accounting before decrypting.
     pub fn payload_len(&self) -> usize {
-        self.body.len().saturating_sub(TAG_LEN)
+        match self.kind {
+            Kind::Message => self.body.len().saturating_sub(TAG_LEN),
+            Kind::DataKey | Kind::DerivedDataKey => 0,
+        }
     }
 }
 
@@ -355,30 +541,55 @@ impl Drop for MessageMaterial {
     }
 }
 
-struct OkmLen;
+struct OkmLen(usize);
 
 impl hkdf::KeyType for OkmLen {
     fn len(&self) -> usize {
-        64
+        self.0
     }
 }
 
+/// HKDF-Extract(salt, data key). aws-lc-rs zeroizes the PRK when it is dropped.
+fn extract(data_key: &SecretKey, salt: &[u8; SALT_LEN]) -> hkdf::Prk {
+    hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(data_key.as_ref())
+}
+
+/// The message key and commitment. `bound` is the header up to and including the salt followed
+/// by the canonical context. Version 1: `info` = label. Version 2: `info` = label || SHA-256(bound),
+/// binding everything but the commitment itself (the output) into the key derivation. Both parts
+/// of `bound` are self-delimiting encodings, so their concatenation is unambiguous.
 fn derive(
-    data_key: &SecretKey,
-    salt: &[u8; SALT_LEN],
+    version: u8,
+    prk: &hkdf::Prk,
+    bound: &[u8],
 ) -> Result<MessageMaterial, aws_lc_rs::error::Unspecified> {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(data_key.as_ref());
     let mut out = MessageMaterial([0u8; 64]);
-    prk.expand(&[HKDF_INFO], OkmLen)?.fill(&mut out.0)?;
+    if version == LEGACY_VERSION {
+        prk.expand(&[HKDF_INFO_V1], OkmLen(64))?.fill(&mut out.0)?;
+    } else {
+        // One-shot SHA-256 (no EVP context to set up per message).
+        let binding = digest::digest(&digest::SHA256, bound);
+        prk.expand(&[HKDF_INFO_V2, binding.as_ref()], OkmLen(64))?
+            .fill(&mut out.0)?;
+    }
     Ok(out)
 }
 
-/// AAD = the whole header || the canonical context.
-fn authenticated_data(header: &[u8], context: &BTreeMap<String, String>) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(header.len() + 2 + context.len() * 32);
-    aad.extend_from_slice(header);
-    encode_context(context, &mut aad);
-    aad
+/// A derived data key of `len` bytes: HKDF-Expand(PRK, "keybroker data key v2" || u8 len). The
+/// same PRK gives the blob's message key under a different `info` (neither label is a prefix of
+/// the other), so the two are independent.
+fn derived_key(prk: &hkdf::Prk, len: usize) -> Result<SecretKey, aws_lc_rs::error::Unspecified> {
+    let mut out = vec![0u8; len];
+    match prk
+        .expand(&[DERIVED_KEY_INFO, &[len as u8]], OkmLen(len))
+        .and_then(|okm| okm.fill(&mut out))
+    {
+        Ok(()) => Ok(SecretKey::from_vec(out)),
+        Err(e) => {
+            out.zeroize();
+            Err(e)
+        }
+    }
 }
 
 fn encoded_header_len(key_name: &str, caller: &str, copies: &[WrappedCopy<'_>]) -> usize {
@@ -572,10 +783,11 @@ mod tests {
                 seed ^= seed << 17;
                 *b = seed as u8;
             }
-            if len >= 3 {
+            if len >= 4 {
                 buf[0] = b'K';
                 buf[1] = b'B';
-                buf[2] = 1;
+                buf[2] = 1 + (len % 2) as u8;
+                buf[3] = 1 + (len % 3) as u8;
             }
             let _ = parse(&buf);
         }
@@ -597,5 +809,168 @@ mod tests {
         let env = parse(&ct).unwrap();
         assert_eq!(env.kind, Kind::DataKey);
         assert_eq!(env.open(&dk, &BTreeMap::new()).unwrap(), b"");
+    }
+
+    fn seal_v(
+        version: u8,
+        kind: Kind,
+        dk: &SecretKey,
+        c: &BTreeMap<String, String>,
+        payload: &[u8],
+        salt: &[u8; SALT_LEN],
+    ) -> Vec<u8> {
+        seal_with_salt(
+            version,
+            kind,
+            "k",
+            "anonymous",
+            &[copy(b"w")],
+            dk,
+            c,
+            payload,
+            salt,
+        )
+        .unwrap()
+    }
+
+    fn commitment_of(ct: &[u8]) -> Vec<u8> {
+        let env = parse(ct).unwrap();
+        env.commitment.to_vec()
+    }
+
+    /// Issue 21 item 12: in version 1 the commitment depends on the data key and salt only, so
+    /// whoever knows a data key can aim one ciphertext at several contexts or headers. Version 2
+    /// commits to all three: same key and salt, different context or header, different
+    /// commitment (and message key).
+    #[test]
+    fn v2_commitment_binds_header_and_context() {
+        let dk = SecretKey::generate(32).unwrap();
+        let salt = [7u8; SALT_LEN];
+        let a = ctx(&[("tenant", "a")]);
+        let b = ctx(&[("tenant", "b")]);
+        let v1a = seal_v(LEGACY_VERSION, Kind::Message, &dk, &a, b"x", &salt);
+        let v1b = seal_v(LEGACY_VERSION, Kind::Message, &dk, &b, b"x", &salt);
+        assert_eq!(commitment_of(&v1a), commitment_of(&v1b), "v1 (the finding)");
+        let v2a = seal_v(FORMAT_VERSION, Kind::Message, &dk, &a, b"x", &salt);
+        let v2b = seal_v(FORMAT_VERSION, Kind::Message, &dk, &b, b"x", &salt);
+        assert_ne!(
+            commitment_of(&v2a),
+            commitment_of(&v2b),
+            "context is committed"
+        );
+        let other_caller = seal_with_salt(
+            FORMAT_VERSION,
+            Kind::Message,
+            "k",
+            "someone-else",
+            &[copy(b"w")],
+            &dk,
+            &a,
+            b"x",
+            &salt,
+        )
+        .unwrap();
+        assert_ne!(
+            commitment_of(&v2a),
+            commitment_of(&other_caller),
+            "header is committed"
+        );
+        // Both versions still open with the right context only.
+        for (ct, good, bad) in [(&v1a, &a, &b), (&v2a, &a, &b), (&v2b, &b, &a)] {
+            let env = parse(ct).unwrap();
+            assert_eq!(env.open(&dk, good).unwrap(), b"x");
+            assert_eq!(env.open(&dk, bad), Err(Unauthentic));
+        }
+        assert_eq!(parse(&v1a).unwrap().version, LEGACY_VERSION);
+        assert_eq!(parse(&v2a).unwrap().version, FORMAT_VERSION);
+        let fresh = seal(Kind::Message, "k", "c", &[copy(b"w")], &dk, &a, b"x").unwrap();
+        assert_eq!(fresh[2], FORMAT_VERSION, "new ciphertexts are version 2");
+    }
+
+    /// Issue 21 item 1: every derived-data-key blob yields its own key, never the root; Decrypt
+    /// of the blob re-derives exactly that key, and only with the right context.
+    #[test]
+    fn derived_data_keys_are_fresh_and_reopen() {
+        let root = SecretKey::generate(32).unwrap();
+        let c = ctx(&[("purpose", "files")]);
+        let mut seen = Vec::new();
+        for len in [32usize, 32, 16, 16] {
+            let (blob, key) =
+                seal_derived_data_key("k", "c", &[copy(b"w")], &root, &c, len).unwrap();
+            assert_eq!(key.len(), len);
+            assert_ne!(key.as_ref(), &root.as_ref()[..len], "never the root");
+            assert!(!seen.contains(&key.as_ref().to_vec()), "fresh every time");
+            seen.push(key.as_ref().to_vec());
+            let env = parse(&blob).unwrap();
+            assert_eq!(env.kind, Kind::DerivedDataKey);
+            assert_eq!(env.open_data_key(&root, &c).unwrap().as_ref(), key.as_ref());
+            assert!(env.open_data_key(&root, &BTreeMap::new()).is_err());
+            let other = SecretKey::generate(32).unwrap();
+            assert!(env.open_data_key(&other, &c).is_err());
+            // The kind cannot be switched to "return the wrapped key itself".
+            let mut as_plain = blob.clone();
+            as_plain[3] = Kind::DataKey as u8;
+            assert!(
+                parse(&as_plain).is_err()
+                    || parse(&as_plain).unwrap().open_data_key(&root, &c).is_err()
+            );
+        }
+        assert!(seal_derived_data_key("k", "c", &[copy(b"w")], &root, &c, 24).is_err());
+        assert!(
+            seal(
+                Kind::DerivedDataKey,
+                "k",
+                "c",
+                &[copy(b"w")],
+                &root,
+                &c,
+                &[32]
+            )
+            .is_err()
+        );
+    }
+
+    /// Re-sealing a derived-data-key blob with its own salt under another header (ReEncrypt)
+    /// keeps the derived key and changes the message key and commitment.
+    #[test]
+    fn derived_key_survives_resealing_with_its_salt() {
+        let root = SecretKey::generate(32).unwrap();
+        let c = ctx(&[]);
+        let (blob, key) = seal_derived_data_key("k", "c", &[copy(b"w")], &root, &c, 16).unwrap();
+        let env = parse(&blob).unwrap();
+        let moved = seal_with_salt(
+            FORMAT_VERSION,
+            Kind::DerivedDataKey,
+            "k2",
+            "c",
+            &[copy(b"w2")],
+            &root,
+            &ctx(&[("new", "ctx")]),
+            &[16],
+            env.salt(),
+        )
+        .unwrap();
+        assert_ne!(commitment_of(&moved), commitment_of(&blob));
+        let got = parse(&moved)
+            .unwrap()
+            .open_data_key(&root, &ctx(&[("new", "ctx")]))
+            .unwrap();
+        assert_eq!(got.as_ref(), key.as_ref());
+    }
+
+    #[test]
+    fn kind_3_needs_version_2_and_a_one_byte_body() {
+        let root = SecretKey::generate(32).unwrap();
+        let (blob, _) =
+            seal_derived_data_key("k", "c", &[copy(b"w")], &root, &BTreeMap::new(), 32).unwrap();
+        let mut v1 = blob.clone();
+        v1[2] = LEGACY_VERSION;
+        assert_eq!(parse(&v1).err(), Some(FormatError::UnknownKind(3)));
+        let mut longer = blob.clone();
+        longer.push(0);
+        assert_eq!(
+            parse(&longer).err(),
+            Some(FormatError::BadLength("data key body"))
+        );
     }
 }

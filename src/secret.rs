@@ -20,11 +20,18 @@ impl SecretKey {
         Ok(Self { bytes })
     }
 
-    /// Takes ownership of bytes without copying them (so no stray copy is left behind).
-    pub fn from_vec(bytes: Vec<u8>) -> Self {
-        Self {
-            bytes: bytes.into_boxed_slice(),
+    /// Takes ownership of bytes, without copying them when the vector is exactly full. (When it
+    /// has spare capacity, turning it into a box would reallocate and free the old buffer
+    /// unwiped: the bytes are copied instead, and the whole old buffer is zeroized.)
+    pub fn from_vec(mut bytes: Vec<u8>) -> Self {
+        if bytes.capacity() == bytes.len() {
+            return Self {
+                bytes: bytes.into_boxed_slice(),
+            };
         }
+        let out = Self::from_slice(&bytes);
+        bytes.zeroize();
+        out
     }
 
     /// Copies key bytes out of a buffer the caller is responsible for wiping.
@@ -45,6 +52,13 @@ impl SecretKey {
 
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+
+    /// Hands the bytes to a [`bytes::Bytes`] (a response field) without copying them. They are
+    /// zeroized when the last reference to that `Bytes` is dropped, i.e. once the response has
+    /// been encoded; the encoder's own copy (tonic's send buffer) is not ours to wipe.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
     }
 }
 
@@ -100,6 +114,38 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert_ne!(a.as_ref(), b.as_ref());
         assert_eq!(SecretKey::generate(16).unwrap().len(), 16);
+    }
+
+    /// The response field points at the key's own (zeroize-on-drop) buffer: no unwiped copy is
+    /// made on the way into the response. (The wipe itself happens when freed memory can no
+    /// longer be read safely, so it is not observed here.)
+    #[test]
+    fn into_bytes_shares_the_buffer_without_a_copy() {
+        let key = SecretKey::from_slice(&[0xa5; 32]);
+        let ptr = key.as_ref().as_ptr();
+        let bytes = key.into_bytes();
+        assert_eq!(bytes.as_ptr(), ptr, "no copy");
+        assert_eq!(&bytes[..], &[0xa5; 32]);
+        let clone = bytes.clone();
+        drop(bytes);
+        assert_eq!(clone.as_ptr(), ptr);
+        assert_eq!(&clone[..], &[0xa5; 32]);
+    }
+
+    #[test]
+    fn from_vec_with_spare_capacity_copies_exactly() {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&[7u8; 16]);
+        let k = SecretKey::from_vec(v);
+        assert_eq!(k.as_ref(), &[7u8; 16]);
+        let exact = vec![9u8; 16];
+        let ptr = exact.as_ptr();
+        let k = SecretKey::from_vec(exact);
+        assert_eq!(
+            k.as_ref().as_ptr(),
+            ptr,
+            "an exactly full vector is taken as is"
+        );
     }
 
     #[test]

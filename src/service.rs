@@ -182,7 +182,7 @@ impl KeyBroker for KeyBrokerService {
             )
             .await?;
         Ok(Response::new(proto::DecryptResponse {
-            plaintext: out.plaintext.into(),
+            plaintext: out.plaintext.into_bytes(),
             key: out.key.to_string(),
             key_version: out.key_version,
         }))
@@ -219,7 +219,7 @@ impl KeyBroker for KeyBrokerService {
             )
             .await?;
         Ok(Response::new(proto::GenerateDataKeyResponse {
-            plaintext_key: out.plaintext_key.into(),
+            plaintext_key: out.plaintext_key.into_bytes(),
             wrapped_key: out.wrapped_key.into(),
             key: out.key.to_string(),
             key_version: out.key_version,

@@ -42,8 +42,19 @@ async fn wait_records(path: &Path, n: usize) -> Vec<Value> {
 }
 
 fn verify(files: &[PathBuf]) -> (bool, String) {
+    verify_args(&[], files)
+}
+
+/// `keybroker audit verify EXTRA... FILES...` (EXTRA: `--key F`, `--checkpoint F`).
+fn verify_args(extra: &[&Path], files: &[PathBuf]) -> (bool, String) {
+    let mut flags = Vec::new();
+    for (i, p) in extra.iter().enumerate() {
+        flags.push(if i == 0 { "--key" } else { "--checkpoint" }.to_owned());
+        flags.push(p.display().to_string());
+    }
     let out = Command::new(keybroker_bin())
         .args(["audit", "verify"])
+        .args(&flags)
         .args(files)
         .output()
         .unwrap();
@@ -446,8 +457,12 @@ async fn a_failing_writer_refuses_key_use_unless_best_effort() {
 #[tokio::test]
 async fn no_secret_reaches_logs_or_the_audit_log() {
     let dir = tempfile::tempdir().unwrap();
+    let audit_key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(91).wrapping_add(7))
+        .collect();
+    std::fs::write(dir.path().join("audit.key"), &audit_key).unwrap();
     let text = crate::policy::config(dir.path())
-        + "[audit]\npath = \"audit.jsonl\"\ninclude_context_values = true\n[log]\nformat = \"json\"\nlevel = \"debug\"\n";
+        + "[audit]\npath = \"audit.jsonl\"\ninclude_context_values = true\nkey_file = \"audit.key\"\ncheckpoint_file = \"audit.checkpoint\"\n[log]\nformat = \"json\"\nlevel = \"debug\"\n";
     std::fs::write(dir.path().join("kb.toml"), &text).unwrap();
     let serve = crate::support::ServeProcess::start(
         dir.path(),
@@ -530,8 +545,12 @@ async fn no_secret_reaches_logs_or_the_audit_log() {
         stderr.contains("\"request_id\""),
         "debug JSON logs carry request ids:\n{stderr}"
     );
-    let outputs: Vec<(&str, Vec<u8>)> =
-        vec![("stderr log", stderr.into_bytes()), ("audit log", audit)];
+    let checkpoint = std::fs::read(dir.path().join("audit.checkpoint")).unwrap();
+    let outputs: Vec<(&str, Vec<u8>)> = vec![
+        ("stderr log", stderr.into_bytes()),
+        ("audit log", audit),
+        ("audit checkpoint", checkpoint),
+    ];
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     for (i, p) in plaintexts.iter().enumerate() {
         secrets.push((format!("plaintext {i}"), p.clone()));
@@ -539,6 +558,7 @@ async fn no_secret_reaches_logs_or_the_audit_log() {
     for (i, k) in data_keys.iter().chain(keks.iter()).enumerate() {
         secrets.push((format!("key {i}"), k.clone()));
     }
+    secrets.push(("audit key".into(), audit_key.clone()));
     for t in [
         "tok-billing",
         "tok-reports",
@@ -567,4 +587,238 @@ async fn no_secret_reaches_logs_or_the_audit_log() {
             }
         }
     }
+}
+
+/// Issue 21 item 9. The unkeyed chain can be recomputed by anyone who can write the file; a keyed
+/// log (`key_file`) cannot: every record carries an HMAC over its own bytes (which include the
+/// previous record's MAC), so an edit anywhere, the last record included, a forged record, or a
+/// log recomputed as an unkeyed chain are each refused by `verify --key`. Tail truncation leaves
+/// a valid chain; the checkpoint file catches it.
+#[tokio::test]
+async fn a_keyed_log_resists_rewriting_and_the_checkpoint_catches_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("audit.key");
+    let out = Command::new(keybroker_bin())
+        .args(["audit", "new-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&key).unwrap();
+        assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (32, 0o600));
+    }
+    let again = Command::new(keybroker_bin())
+        .args(["audit", "new-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "new-key must not overwrite a key");
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let text = crate::policy::config(dir.path())
+        + "[audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\ncheckpoint_file = \"state/audit.checkpoint\"\n";
+    let mut s = TestServer::start_in(dir, &text).await;
+    let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+    for i in 0..8u8 {
+        billing
+            .encrypt(EncryptRequest {
+                key: "payments".into(),
+                plaintext: vec![i].into(),
+                context: crate::support::ctx(&[("tenant", "acme")]),
+            })
+            .await
+            .unwrap();
+    }
+    s.running.take().unwrap().shutdown().await;
+    let log = s.path("audit.jsonl");
+    let checkpoint = s.path("state/audit.checkpoint");
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["mac"].as_str().unwrap().len(), 64, "{l}");
+    }
+    let (ok, out) = verify_args(&[&key, &checkpoint], std::slice::from_ref(&log));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("8 record(s) authenticated by their MAC"),
+        "{out}"
+    );
+    assert!(out.contains("checkpoint seq 8"), "{out}");
+    // Without the key, a keyed log is not passed as if it were checked.
+    let (ok, out) = verify(std::slice::from_ref(&log));
+    assert!(!ok && out.contains("--key"), "{out}");
+
+    let tampered = s.path("tampered.jsonl");
+    let check = |lines: &[String], extra: &[&Path], want: &str| {
+        std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
+        let (ok, out) = verify_args(extra, std::slice::from_ref(&tampered));
+        assert!(!ok, "not detected ({want}): {out}");
+        assert!(out.contains(want), "expected {want:?} in: {out}");
+    };
+    // The last record edited: an unkeyed chain cannot see this (nothing links to it).
+    let mut last_edited = lines.clone();
+    last_edited[7] = last_edited[7].replace("\"caller\":\"billing\"", "\"caller\":\"someone\"");
+    assert_ne!(last_edited[7], lines[7]);
+    check(
+        &last_edited,
+        &[&key],
+        "tampered.jsonl:8 (seq 8): the record's MAC does not verify",
+    );
+    // A writer without the key rewrites the whole log as a consistent unkeyed chain, with one
+    // record removed from the middle and the seqs renumbered.
+    let mut rewritten = Vec::new();
+    let mut prev = keybroker::audit::GENESIS.to_owned();
+    for (_, l) in lines.iter().enumerate().filter(|(i, _)| *i != 3) {
+        let mut v: Value = serde_json::from_str(l).unwrap();
+        v.as_object_mut().unwrap().remove("mac");
+        v["seq"] = (rewritten.len() as u64 + 1).into();
+        v["prev"] = prev.clone().into();
+        let line = v.to_string();
+        prev = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, line.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        rewritten.push(line);
+    }
+    std::fs::write(&tampered, rewritten.join("\n") + "\n").unwrap();
+    assert!(
+        verify(std::slice::from_ref(&tampered)).0,
+        "a consistent unkeyed chain"
+    );
+    check(&rewritten, &[&key], "no record carries a MAC");
+    // A forged record appended after the last one (its MAC made up).
+    let mut appended = lines.clone();
+    let mut forged: Value = serde_json::from_str(&lines[7]).unwrap();
+    forged["seq"] = 9.into();
+    forged["prev"] = forged["mac"].clone();
+    forged["mac"] = "00".repeat(32).into();
+    appended.push(forged.to_string());
+    check(&appended, &[&key], "tampered.jsonl:9 (seq 9)");
+    // Verified under another key: every MAC fails.
+    let other_key = s.path("other.key");
+    std::fs::write(&other_key, [9u8; 32]).unwrap();
+    check(&lines, &[&other_key], "tampered.jsonl:1 (seq 1)");
+    // The tail cut off: still a valid chain (the limit of any chain)...
+    let truncated = lines[..5].to_vec();
+    std::fs::write(&tampered, truncated.join("\n") + "\n").unwrap();
+    assert!(verify_args(&[&key], std::slice::from_ref(&tampered)).0);
+    // ...but not past the checkpoint.
+    check(
+        &truncated,
+        &[&key, &checkpoint],
+        "records were removed from the end",
+    );
+    // A checkpoint edited to name an earlier point fails its own MAC.
+    let text = std::fs::read_to_string(&checkpoint).unwrap();
+    let v: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["seq"], 8);
+    let forged_cp = s.path("forged.checkpoint");
+    std::fs::write(&forged_cp, text.replace("\"seq\":8", "\"seq\":5")).unwrap();
+    check(&truncated, &[&key, &forged_cp], "MAC does not verify");
+    // A deleted checkpoint is reported, not ignored.
+    check(&lines, &[&key, &s.path("state/missing")], "does not exist");
+}
+
+/// With a key, `context_digest` is an HMAC under a key derived from the audit key (low-entropy
+/// context values cannot be recovered by hashing guesses); `audit context-digest` computes it
+/// for lookups. Without a key it stays the plain SHA-256 (documented).
+#[tokio::test]
+async fn keyed_context_digests_are_hmacs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("audit.key"), [42u8; 32]).unwrap();
+    let text = crate::policy::config(dir.path())
+        + "[audit]\npath = \"audit.jsonl\"\nkey_file = \"audit.key\"\n";
+    let s = TestServer::start_in(dir, &text).await;
+    let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+    let context = crate::support::ctx(&[("tenant", "acme"), ("pin", "1234")]);
+    billing
+        .encrypt(EncryptRequest {
+            key: "payments".into(),
+            plaintext: b"x".to_vec().into(),
+            context: context.clone(),
+        })
+        .await
+        .unwrap();
+    let r = wait_records(&s.path("audit.jsonl"), 1).await;
+    let digest = r[0]["context_digest"].as_str().unwrap().to_owned();
+    assert_ne!(
+        digest,
+        keybroker::audit::context_digest(&context),
+        "not the plain SHA-256"
+    );
+    let out = Command::new(keybroker_bin())
+        .args(["audit", "context-digest", "--key"])
+        .arg(s.path("audit.key"))
+        .args(["--context", "pin=1234", "--context", "tenant=acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), digest);
+}
+
+/// A log that was unkeyed and then configured with a key: the unkeyed records are bound by the
+/// hash chain into the first record's MAC, so editing them is caught too; a record without a MAC
+/// after keyed ones is refused.
+#[tokio::test]
+async fn an_unkeyed_log_continues_as_a_keyed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("audit.key"), [5u8; 40]).unwrap();
+    let base = crate::policy::config(dir.path()) + "[audit]\npath = \"audit.jsonl\"\n";
+    let encrypt3 = async |s: &TestServer| {
+        let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+        for _ in 0..3 {
+            billing
+                .encrypt(EncryptRequest {
+                    key: "payments".into(),
+                    plaintext: b"x".to_vec().into(),
+                    context: BTreeMap::new(),
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let mut s = TestServer::start_in(dir, &base).await;
+    encrypt3(&s).await;
+    s.running.take().unwrap().shutdown().await;
+    let keep = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
+    let mut s = TestServer::start_in(keep, &(base.clone() + "key_file = \"audit.key\"\n")).await;
+    encrypt3(&s).await;
+    s.running.take().unwrap().shutdown().await;
+    let log = s.path("audit.jsonl");
+    let key = s.path("audit.key");
+    let (ok, out) = verify_args(&[&key], std::slice::from_ref(&log));
+    assert!(ok, "{out}");
+    assert!(out.contains("3 record(s) authenticated"), "{out}");
+    assert!(out.contains("3 unkeyed record(s) before them"), "{out}");
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let tampered = s.path("tampered.jsonl");
+    let mut edited = lines.clone();
+    edited[1] = edited[1].replace("\"billing\"", "\"someone\"");
+    std::fs::write(&tampered, edited.join("\n") + "\n").unwrap();
+    let (ok, out) = verify_args(&[&key], std::slice::from_ref(&tampered));
+    assert!(!ok && out.contains("tampered.jsonl:3"), "{out}");
+    // An unkeyed record slipped in after the keyed ones.
+    let mut inserted = lines.clone();
+    let mut plain: Value = serde_json::from_str(&lines[5]).unwrap();
+    plain.as_object_mut().unwrap().remove("mac");
+    plain["seq"] = 7.into();
+    plain["prev"] = serde_json::from_str::<Value>(&lines[5]).unwrap()["mac"].clone();
+    inserted.push(plain.to_string());
+    std::fs::write(&tampered, inserted.join("\n") + "\n").unwrap();
+    let (ok, out) = verify_args(&[&key], std::slice::from_ref(&tampered));
+    assert!(
+        !ok && out.contains("without a MAC follows keyed records"),
+        "{out}"
+    );
 }

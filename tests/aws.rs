@@ -750,13 +750,15 @@ async fn documented_python_recovery_script_works() {
     assert!(wrong.stdout.is_empty());
 }
 
-/// A from-the-spec reader of envelope v1 (docs/envelope.md), sharing no code with keybroker.
+/// A from-the-spec reader of envelope formats 1 and 2 (docs/envelope.md), sharing no code with
+/// keybroker.
 mod independent {
     use std::collections::BTreeMap;
 
-    use aws_lc_rs::{aead, hkdf};
+    use aws_lc_rs::{aead, digest, hkdf};
 
     pub struct Walked {
+        pub version: u8,
         pub key_name: String,
         pub caller: String,
         pub key_ids: Vec<String>,
@@ -769,7 +771,7 @@ mod independent {
 
     pub fn walk(b: &[u8]) -> Walked {
         assert_eq!(&b[..2], b"KB");
-        assert_eq!(b[2], 1, "format version");
+        assert!(b[2] == 1 || b[2] == 2, "format version");
         assert_eq!(b[3], 1, "kind: message");
         let mut pos = 4;
         let mut name = || {
@@ -801,6 +803,7 @@ mod independent {
         let commitment = b[pos + 32..pos + 64].to_vec();
         pos += 64;
         Walked {
+            version: b[2],
             key_name,
             caller,
             key_ids,
@@ -819,33 +822,37 @@ mod independent {
         }
     }
 
-    /// HKDF-SHA256(salt, ikm = data key, info = label) -> 64 bytes: AES-256-GCM key || commitment;
-    /// zero nonce; AAD = header || canonical context.
+    /// HKDF-SHA256(salt, ikm = data key, info) -> 64 bytes: AES-256-GCM key || commitment, where
+    /// info = label (format 1) or label || SHA-256(header up to the salt || canonical context)
+    /// (format 2); zero nonce; AAD = header || canonical context.
     pub fn open(
         w: &Walked,
         data_key: &[u8],
         context: &BTreeMap<String, String>,
     ) -> Option<Vec<u8>> {
+        let mut canonical = (context.len() as u16).to_be_bytes().to_vec();
+        for (k, v) in context {
+            canonical.extend_from_slice(&(k.len() as u16).to_be_bytes());
+            canonical.extend_from_slice(k.as_bytes());
+            canonical.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            canonical.extend_from_slice(v.as_bytes());
+        }
+        let mut bound = w.header[..w.header.len() - 32].to_vec();
+        bound.extend_from_slice(&canonical);
+        let binding = digest::digest(&digest::SHA256, &bound);
+        let info: Vec<&[u8]> = if w.version == 1 {
+            vec![b"keybroker envelope v1: aes-256-gcm key || key commitment"]
+        } else {
+            vec![b"keybroker envelope v2", binding.as_ref()]
+        };
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &w.salt).extract(data_key);
         let mut okm = [0u8; 64];
-        prk.expand(
-            &[b"keybroker envelope v1: aes-256-gcm key || key commitment"],
-            Len64,
-        )
-        .ok()?
-        .fill(&mut okm)
-        .ok()?;
+        prk.expand(&info, Len64).ok()?.fill(&mut okm).ok()?;
         if okm[32..] != w.commitment[..] {
             return None;
         }
         let mut aad = w.header.clone();
-        aad.extend_from_slice(&(context.len() as u16).to_be_bytes());
-        for (k, v) in context {
-            aad.extend_from_slice(&(k.len() as u16).to_be_bytes());
-            aad.extend_from_slice(k.as_bytes());
-            aad.extend_from_slice(&(v.len() as u16).to_be_bytes());
-            aad.extend_from_slice(v.as_bytes());
-        }
+        aad.extend_from_slice(&canonical);
         let key =
             aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &okm[..32]).ok()?);
         let mut buf = w.body.clone();
@@ -1295,4 +1302,41 @@ async fn missing_credentials_are_unauthenticated() {
         e.source
     );
     assert_eq!(fake.count(), 0);
+}
+
+/// Issue 21 item 13: KMS Decrypt takes the key from the blob and keybroker recorded the key ARN
+/// as the version; any other version string used to unwrap just the same (a new decrypt-cache
+/// entry and a paid call each). Now only the ARN is accepted, and refusals cost no KMS call.
+#[tokio::test]
+async fn the_version_must_be_the_key_arn() {
+    let moto = Moto::start().await;
+    let a = moto.create_key("respell").await;
+    let config = parse_config(&format!(
+        "{}\n[keys.a]\nbackend = \"aws\"\nkey_id = \"{a}\"\n",
+        moto.aws_section()
+    ));
+    let registry = Registry::build(&config, &StatsBook::default(), None, None)
+        .await
+        .unwrap();
+    let b = Arc::clone(&registry.get("a").unwrap().backend);
+    moto.start_recording().await;
+    conformance::respelled_copies_are_refused(&*b, |w| {
+        [
+            "anything".to_owned(),
+            String::new(),
+            format!("{} ", w.key_id),
+            w.key_id.to_uppercase(),
+            format!("{}/1", w.key_id),
+        ]
+        .into_iter()
+        .map(|v| {
+            let mut x = w.clone();
+            x.key_version = v;
+            x
+        })
+        .collect()
+    })
+    .await;
+    // One GenerateDataKey and one Decrypt (the genuine copy at the end): no variant reached KMS.
+    assert_eq!(moto.count("Decrypt").await, 1);
 }

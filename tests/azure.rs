@@ -46,11 +46,20 @@ async fn vault_rsa_keys_conform() {
         fake.scopes(),
         vec!["https://vault.azure.net/.default".to_owned()]
     );
+    // Wraps and unwraps use RSA-OAEP-256; every wrap is followed by a PS256 sign of it with the
+    // same version, and nothing else is ever signed.
     let log = fake.log();
     assert!(
-        log.iter().all(|(_, _, _, alg)| alg == "RSA-OAEP-256"),
+        log.iter().all(|(op, _, _, alg)| match op.as_str() {
+            "sign" => alg == "PS256",
+            _ => alg == "RSA-OAEP-256",
+        }),
         "{log:?}"
     );
+    let wraps: Vec<_> = log.iter().filter(|e| e.0 == "wrapKey").collect();
+    let signs: Vec<_> = log.iter().filter(|e| e.0 == "sign").collect();
+    assert_eq!(wraps.len(), signs.len(), "{log:?}");
+    assert!(!wraps.is_empty());
 }
 
 #[tokio::test]
@@ -492,7 +501,9 @@ async fn server_maps_throttling_and_errors_to_statuses() {
     assert_eq!(reason(&status), "BACKEND_KEY_NOT_FOUND");
     assert!(!status.message().contains("was not found in this key vault"));
 
-    // A wrapped key Key Vault cannot unwrap: decryption fails, like any tampering.
+    // A tampered wrapped key: its signature no longer verifies, so it is refused before
+    // unwrapKey; decryption fails, like any tampering.
+    let unwraps = fake.unwraps();
     let mut bad = ct.to_vec();
     let env = keybroker::envelope::parse(&ct).unwrap();
     let wrapped = env.copies[0].wrapped;
@@ -504,6 +515,7 @@ async fn server_maps_throttling_and_errors_to_statuses() {
     let status = decrypt(&server, &bad).await.err().unwrap();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(reason(&status), "DECRYPTION_FAILED");
+    assert_eq!(fake.unwraps(), unwraps);
 
     fake.refuse_tokens(true);
     let status = encrypt(&server, "app", b"x").await.err().unwrap();
@@ -547,9 +559,10 @@ async fn cache_call_counts_are_seen_at_the_fake() {
     server2.stop().await;
 }
 
-/// What docs/azure.md tells an operator to do without keybroker: unwrap the data key with the
-/// `unwrapkey` REST call (`az rest ...`) on the recorded kid, drop the 48-byte prefix, then
-/// open the envelope per docs/envelope.md. Implemented here independently of keybroker's code.
+/// What docs/azure.md tells an operator to do without keybroker: take the RSA ciphertext (the
+/// first half of the signed copy), unwrap it with the `unwrapkey` REST call (`az rest ...`) on
+/// the recorded kid, drop the 48-byte prefix, then open the envelope per docs/envelope.md
+/// (format 2). Implemented here independently of keybroker's code.
 #[tokio::test]
 async fn data_is_recoverable_without_keybroker() {
     let fake = KeyVaultFake::start().await;
@@ -569,9 +582,11 @@ async fn data_is_recoverable_without_keybroker() {
     assert_eq!(copy.key_id, fake.key_url("k"));
     // az rest --method post --resource https://vault.azure.net \
     //   --url "<kid>/unwrapkey?api-version=7.4" --body '{"alg":"RSA-OAEP-256","value":"..."}'
+    // RSA-2048: 256 bytes of RSA-OAEP ciphertext, then Key Vault's 256-byte signature.
+    assert_eq!(copy.wrapped.len(), 512);
     let body = serde_json::json!({
         "alg": "RSA-OAEP-256",
-        "value": URL_SAFE_NO_PAD.encode(copy.wrapped),
+        "value": URL_SAFE_NO_PAD.encode(&copy.wrapped[..256]),
     });
     let resp = fake
         .http_client()
@@ -609,10 +624,21 @@ async fn data_is_recoverable_without_keybroker() {
 
     // docs/envelope.md: header = everything before the body; the header ends with
     // salt (32) || commitment (32); body = ciphertext || tag (16).
+    assert_eq!(ct[2], 2, "format 2");
     let body_len = env.payload_len() + 16;
     let header = &ct[..ct.len() - body_len];
     let salt = &header[header.len() - 64..header.len() - 32];
     let commitment = &header[header.len() - 32..];
+    // Canonical context: u16 pair count, then sorted (u16 len || key, u16 len || value).
+    let mut context = 1u16.to_be_bytes().to_vec();
+    for s in ["tenant", "t1"] {
+        context.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        context.extend_from_slice(s.as_bytes());
+    }
+    // Format 2: info = label || SHA-256(header up to the salt || canonical context).
+    let mut bound = header[..header.len() - 32].to_vec();
+    bound.extend_from_slice(&context);
+    let binding = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bound);
     struct Len64;
     impl hkdf::KeyType for Len64 {
         fn len(&self) -> usize {
@@ -622,21 +648,13 @@ async fn data_is_recoverable_without_keybroker() {
     let mut okm = [0u8; 64];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(data_key)
-        .expand(
-            &[b"keybroker envelope v1: aes-256-gcm key || key commitment"],
-            Len64,
-        )
+        .expand(&[b"keybroker envelope v2", binding.as_ref()], Len64)
         .unwrap()
         .fill(&mut okm)
         .unwrap();
     assert_eq!(&okm[32..], commitment, "key commitment");
     let mut aad = header.to_vec();
-    // Canonical context: u16 pair count, then sorted (u16 len || key, u16 len || value).
-    aad.extend_from_slice(&1u16.to_be_bytes());
-    for s in ["tenant", "t1"] {
-        aad.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        aad.extend_from_slice(s.as_bytes());
-    }
+    aad.extend_from_slice(&context);
     let key =
         aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &okm[..32]).unwrap());
     let mut body = ct[ct.len() - body_len..].to_vec();
@@ -687,7 +705,8 @@ fn venv_python() -> std::path::PathBuf {
     crate::support::venv_bin("python")
 }
 
-/// Microsoft's Python client (azure-keyvault-keys) against the fake: wrap/unwrap with
+/// Microsoft's Python client (azure-keyvault-keys) against the fake: sign/verify (PS256, RS256,
+/// locally and remotely verified), wrap/unwrap with
 /// RSA-OAEP-256 and A256KW, a disabled key, a tampered wrapped key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_agrees_with_microsofts_python_client() {
@@ -696,6 +715,8 @@ async fn fake_agrees_with_microsofts_python_client() {
     let v = vault.create_rsa_key("fidelity");
     let off = vault.create_rsa_key("off");
     vault.set_enabled("off", false);
+    let noget = vault.create_rsa_key("noget");
+    vault.deny_get("noget");
     let hsm = KeyVaultFake::start_hsm().await;
     let o = hsm.create_oct_key("sym");
     // Without keys/get the Python client does both operations remotely. (With get, it builds a
@@ -718,6 +739,7 @@ async fn fake_agrees_with_microsofts_python_client() {
         .arg(format!("{}/{v}", vault.loopback_url("fidelity")))
         .arg(format!("{}/{off}", vault.loopback_url("off")))
         .arg(format!("{}/{o}", hsm.loopback_url("sym")))
+        .arg(format!("{}/{noget}", vault.loopback_url("noget")))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -751,6 +773,16 @@ async fn fake_agrees_with_microsofts_python_client() {
         "disabled",
         "oct-wrap",
         "oct-unwrap",
+        "ps256-sign",
+        "ps256-verify-local",
+        "ps256-verify-bad",
+        "rs256-sign",
+        "rs256-verify-local",
+        "rs256-verify-bad",
+        "rs256-deterministic",
+        "verify-remote",
+        "verify-remote-bad",
+        "sign-bad-digest",
         "scopes",
     ] {
         assert!(
@@ -764,6 +796,11 @@ async fn fake_agrees_with_microsofts_python_client() {
     // The client went through the challenge and reached the keys.
     assert!(vault.challenges() >= 1);
     assert!(vault.unwraps() >= 3, "rsa unwrap, tampered, disabled");
+    assert!(
+        vault.signs() >= 6 && vault.verifies() >= 2,
+        "{:?}",
+        vault.log()
+    );
     assert_eq!(
         (hsm.wraps(), hsm.unwraps()),
         (1, 1),
@@ -799,5 +836,288 @@ key_id = "https://kbnohooks.vault.azure.net/keys/k"
     assert!(
         err.contains("cannot read azure.client_secret_file"),
         "{err}"
+    );
+}
+
+/// The public key of a key version, as anyone allowed to `get` the key (or holding any copy of
+/// the public key) has it: from the JWK of GET key.
+async fn public_key(fake: &KeyVaultFake, kid: &str) -> (Vec<u8>, Vec<u8>) {
+    let jwk: serde_json::Value = serde_json::from_slice(
+        &fake
+            .http_client()
+            .get(format!("{kid}?api-version=7.4"))
+            .bearer_auth(fake.mint_token())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let field = |f: &str| {
+        URL_SAFE_NO_PAD
+            .decode(jwk["key"][f].as_str().unwrap())
+            .unwrap()
+    };
+    (field("n"), field("e"))
+}
+
+/// What a forger with only the public key makes: RSA-OAEP-256 of the documented plaintext
+/// (random || SHA-256(label || context) || a data key of their choice).
+fn forge_rsa_wrap(n: &[u8], e: &[u8], ctx: &BackendContext<'_>, chosen: &[u8]) -> Vec<u8> {
+    let public: aws_lc_rs::rsa::PublicEncryptingKey =
+        aws_lc_rs::signature::RsaPublicKeyComponents { n, e }
+            .try_into()
+            .unwrap();
+    let oaep = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(public).unwrap();
+    let mut bound = b"keybroker azure wrap v1".to_vec();
+    bound.extend_from_slice(&ctx.to_aad());
+    let mut plain = vec![0u8; 16];
+    plain.extend_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bound).as_ref());
+    plain.extend_from_slice(chosen);
+    let mut out = vec![0u8; oaep.ciphertext_size()];
+    oaep.encrypt(
+        &aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256,
+        &plain,
+        &mut out,
+        None,
+    )
+    .unwrap()
+    .to_vec()
+}
+
+/// Issue 21 item 2: RSA-OAEP gives no authenticity, so a copy minted with the public key alone
+/// (no Key Vault permission beyond `get`, or none at all) used to unwrap to the forger's data
+/// key, and ciphertexts sealed with it decrypted. Now every copy carries Key Vault's signature:
+/// a forged copy, signed or not, is refused before any unwrapKey.
+#[tokio::test]
+async fn a_copy_minted_with_the_public_key_is_refused() {
+    let fake = KeyVaultFake::start().await;
+    fake.create_rsa_key("k");
+    fake.install_hooks();
+    let config = azure_config(&fake, "refresh_interval = \"0s\"", &[("app", "k", "")]);
+    let server = TestServer::start(&config).await;
+    let genuine = encrypt(&server, "app", b"genuine").await.unwrap();
+    let env = keybroker::envelope::parse(&genuine.ciphertext).unwrap();
+    let real = env.copies[0];
+    let ctx = BackendContext {
+        key_name: env.key_name,
+        caller: env.caller,
+    };
+    let (n, e) = public_key(&fake, real.key_version).await;
+    let chosen = SecretKey::from_slice(&[0x11; 32]);
+    let forged_rsa = forge_rsa_wrap(&n, &e, &ctx, chosen.as_ref());
+    // Unsigned (the old format), and with a signature borrowed from the genuine copy.
+    let mut borrowed = forged_rsa.clone();
+    borrowed.extend_from_slice(&real.wrapped[256..]);
+    let unwraps = fake.unwraps();
+    for wrapped in [forged_rsa, borrowed] {
+        let copy = keybroker::envelope::WrappedCopy {
+            wrapped: &wrapped,
+            ..real
+        };
+        let forged = keybroker::envelope::seal(
+            keybroker::envelope::Kind::Message,
+            env.key_name,
+            env.caller,
+            &[copy],
+            &chosen,
+            &ctx_map(),
+            b"forged",
+        )
+        .unwrap();
+        let status = decrypt(&server, &forged)
+            .await
+            .expect_err("a forgery decrypted");
+        assert_eq!(reason(&status), "DECRYPTION_FAILED", "{status:?}");
+    }
+    assert_eq!(fake.unwraps(), unwraps, "refused before unwrapKey");
+    assert_eq!(
+        decrypt(&server, &genuine.ciphertext).await.unwrap(),
+        b"genuine"
+    );
+    server.stop().await;
+}
+
+fn ctx_map() -> std::collections::BTreeMap<String, String> {
+    ctx(&[("tenant", "t1")])
+}
+
+/// What a signed RSA copy is, checked independently: RSA ciphertext || PS256 signature by the
+/// same key version over SHA-256("keybroker azure wrap v2 signature" || u16 len(kid) || kid ||
+/// binding || RSA ciphertext), verifiable with the public key alone. One sign per wrap, none per
+/// unwrap; the kid is recorded in keybroker's one spelling.
+#[tokio::test]
+async fn rsa_wraps_carry_a_key_vault_signature() {
+    let fake = KeyVaultFake::start().await;
+    let v = fake.create_rsa_key("k");
+    let client = fake.vault_client();
+    let backend = fake.backend(&client, "k", &settings());
+    let (key, w) = backend.generate_data_key(32, &CTX).await.unwrap();
+    assert_eq!(w.key_version, format!("{}/{v}", fake.key_url("k")));
+    assert_eq!(w.ciphertext.len(), 512);
+    assert_eq!((fake.wraps(), fake.signs()), (1, 1));
+    let (ct, sig) = w.ciphertext.split_at(256);
+    let mut bound = b"keybroker azure wrap v1".to_vec();
+    bound.extend_from_slice(&CTX.to_aad());
+    let binding = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bound);
+    let mut message = b"keybroker azure wrap v2 signature".to_vec();
+    message.extend_from_slice(&(w.key_version.len() as u16).to_be_bytes());
+    message.extend_from_slice(w.key_version.as_bytes());
+    message.extend_from_slice(binding.as_ref());
+    message.extend_from_slice(ct);
+    let (n, e) = public_key(&fake, &w.key_version).await;
+    aws_lc_rs::signature::RsaPublicKeyComponents { n: &n, e: &e }
+        .verify(
+            &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA256,
+            &message,
+            sig,
+        )
+        .expect("a PS256 signature by the key version");
+    let sign = fake.log().into_iter().find(|l| l.0 == "sign").unwrap();
+    assert_eq!((sign.2.as_str(), sign.3.as_str()), (v.as_str(), "PS256"));
+    for _ in 0..3 {
+        let back = backend
+            .unwrap(&w.as_copy(backend.kind()), &CTX)
+            .await
+            .unwrap();
+        assert_eq!(back.as_ref(), key.as_ref());
+    }
+    assert_eq!((fake.unwraps(), fake.signs()), (3, 1), "no sign on unwrap");
+    // The signature covers the context binding: another caller's context fails at the
+    // signature, before unwrapKey.
+    let other = BackendContext {
+        caller: "someone-else",
+        ..CTX
+    };
+    let err = backend
+        .unwrap(&w.as_copy(backend.kind()), &other)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind, BackendErrorKind::InvalidCiphertext);
+    assert_eq!(fake.unwraps(), 3);
+}
+
+/// `rsa_wrap_signatures`: "off" writes unsigned copies (no `sign` needed); "required" (the
+/// default) refuses those; "accept_unsigned" reads both, for data written before signatures.
+#[tokio::test]
+async fn unsigned_rsa_copies_are_refused_unless_accepted() {
+    use keybroker::backend::azure::RsaSignatures;
+    let fake = KeyVaultFake::start().await;
+    fake.create_rsa_key("k");
+    let client = fake.vault_client();
+    let with = |r| {
+        fake.backend(
+            &client,
+            "k",
+            &AzureSettings {
+                rsa_wrap_signatures: r,
+                ..settings()
+            },
+        )
+    };
+    let (off, required, accepting) = (
+        with(RsaSignatures::Off),
+        with(RsaSignatures::Required),
+        with(RsaSignatures::AcceptUnsigned),
+    );
+    let (key, unsigned) = off.generate_data_key(32, &CTX).await.unwrap();
+    assert_eq!(unsigned.ciphertext.len(), 256);
+    assert_eq!(fake.signs(), 0);
+    let unwraps = fake.unwraps();
+    let err = required
+        .unwrap(&unsigned.as_copy(required.kind()), &CTX)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind, BackendErrorKind::InvalidCiphertext);
+    assert!(err.message.contains("unsigned"), "{err}");
+    assert_eq!(fake.unwraps(), unwraps, "refused before unwrapKey");
+    for b in [&accepting, &off] {
+        let back = b.unwrap(&unsigned.as_copy(b.kind()), &CTX).await.unwrap();
+        assert_eq!(back.as_ref(), key.as_ref());
+    }
+    // Signed copies are checked in every mode (a bad signature is never accepted).
+    let (_, signed) = accepting.generate_data_key(32, &CTX).await.unwrap();
+    let mut bad = signed.clone();
+    *bad.ciphertext.last_mut().unwrap() ^= 1;
+    for b in [&required, &accepting, &off] {
+        b.unwrap(&signed.as_copy(b.kind()), &CTX).await.unwrap();
+        let err = b.unwrap(&bad.as_copy(b.kind()), &CTX).await.err().unwrap();
+        assert_eq!(err.kind, BackendErrorKind::InvalidCiphertext);
+    }
+}
+
+/// A key whose key_ops lack `sign` cannot make signed wraps: the wrap fails with a clear
+/// FAILED_PRECONDITION naming `sign`, not silently unsigned.
+#[tokio::test]
+async fn a_key_without_sign_fails_clearly() {
+    let fake = KeyVaultFake::start().await;
+    fake.create_rsa_key("k");
+    fake.set_key_ops("k", &["wrapKey", "unwrapKey"]);
+    fake.install_hooks();
+    let config = azure_config(&fake, "refresh_interval = \"0s\"", &[("app", "k", "")]);
+    let server = TestServer::start(&config).await;
+    let status = encrypt(&server, "app", b"x").await.err().unwrap();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "KEY_DISABLED");
+    assert!(status.message().contains("sign"), "{}", status.message());
+    server.stop().await;
+    let config = azure_config(
+        &fake,
+        "refresh_interval = \"0s\"\nrsa_wrap_signatures = \"off\"",
+        &[("app", "k", "")],
+    );
+    let server = TestServer::start(&config).await;
+    let ct = encrypt(&server, "app", b"x").await.unwrap().ciphertext;
+    assert_eq!(decrypt(&server, &ct).await.unwrap(), b"x");
+    server.stop().await;
+}
+
+/// Issue 21 item 13 for Azure: the key id and kid are accepted only as keybroker records them
+/// (lower-case host, no port, no trailing slash, the configured name's spelling, a lower-case
+/// version); each respelling used to be a new cache entry and another paid unwrapKey.
+#[tokio::test]
+async fn respelled_key_urls_are_refused_without_a_call() {
+    let fake = KeyVaultFake::start().await;
+    fake.create_rsa_key("app-key");
+    let client = fake.vault_client();
+    let backend = fake.backend(&client, "app-key", &settings());
+    let before = std::cell::Cell::new(0);
+    conformance::respelled_copies_are_refused(&backend, |w| {
+        before.set(fake.unwraps());
+        let host = fake.host.clone();
+        let respell = |s: &str, from: &str, to: &str| s.replacen(from, to, 1);
+        let version = w.key_version.rsplit('/').next().unwrap().to_owned();
+        let mut out = Vec::new();
+        for kid in [
+            respell(&w.key_version, &host, &host.to_uppercase()),
+            respell(&w.key_version, &host, &format!("{host}:443")),
+            format!("{}/", w.key_version),
+            respell(&w.key_version, "/app-key/", "/APP-KEY/"),
+            respell(&w.key_version, &version, &version.to_uppercase()),
+        ] {
+            let mut x = w.clone();
+            x.key_version = kid;
+            out.push(x);
+        }
+        for id in [
+            respell(&w.key_id, &host, &host.to_uppercase()),
+            format!("{}/", w.key_id),
+            respell(&w.key_id, "/app-key", "/App-Key"),
+        ] {
+            let mut x = w.clone();
+            x.key_id = id;
+            out.push(x);
+        }
+        out
+    })
+    .await;
+    assert_eq!(
+        fake.unwraps(),
+        before.get() + 1,
+        "only the genuine copy was unwrapped"
     );
 }

@@ -374,26 +374,79 @@ async fn backend_down_at_expiry_fails_closed() {
     assert!(!ct.is_empty());
 }
 
+/// Issue 21 item 1: every GenerateDataKey returns a fresh data key (and a different blob), also
+/// across contexts, while the backend still sees one call per cached data key, and Decrypt of
+/// each blob gives back exactly its own key without another backend call. The cached data key
+/// behind them (the one the blob's wrapped copy unwraps to) is never handed out.
 #[tokio::test]
-async fn generate_data_key_reuses_its_cached_key_within_limits() {
+async fn generate_data_key_is_fresh_every_call_and_still_cached() {
     let (server, counting) = TestServer::counted(&local_config("cache.max_messages = 3")).await;
     let mut c = client_for(&server.addr).await;
     let mut keys = Vec::new();
-    for _ in 0..7 {
+    let mut blobs = Vec::new();
+    for i in 0..7 {
+        let context = if i % 2 == 0 {
+            BTreeMap::new()
+        } else {
+            crate::support::ctx(&[("object", &format!("o{i}"))])
+        };
         let r = c
             .generate_data_key(GenerateDataKeyRequest {
                 key: "default".into(),
                 spec: 0,
-                context: BTreeMap::new(),
+                context: context.clone(),
             })
             .await
             .unwrap()
             .into_inner();
-        keys.push(r.plaintext_key);
+        assert_eq!(r.plaintext_key.len(), 32);
+        keys.push(r.plaintext_key.to_vec());
+        blobs.push((r.wrapped_key.to_vec(), context));
     }
-    assert_eq!(counting.key("default").generate(), 3, "ceil(7 / 3)");
-    assert_eq!(keys[0], keys[2]);
-    assert_ne!(keys[2], keys[3]);
+    let k = counting.key("default");
+    assert_eq!(k.generate(), 3, "ceil(7 / 3): the cost lever is kept");
+    for i in 0..keys.len() {
+        for j in 0..i {
+            assert_ne!(keys[i], keys[j], "calls {j} and {i} returned the same key");
+            assert_ne!(blobs[i].0, blobs[j].0);
+        }
+    }
+    // Calls 0..3 share one cached data key (one wrapped copy), yet got three different keys.
+    assert_eq!(wrapped_of(&blobs[0].0), wrapped_of(&blobs[2].0));
+    for ((blob, context), key) in blobs.iter().zip(&keys) {
+        let back = c
+            .decrypt(DecryptRequest {
+                ciphertext: blob.clone().into(),
+                context: context.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&back.plaintext.to_vec(), key);
+    }
+    assert_eq!(
+        k.unwrap(),
+        0,
+        "the decrypt cache already holds each cached data key"
+    );
+    // The cached data key itself, unwrapped here with the keyring, is none of the returned keys.
+    let ring =
+        keybroker::backend::local::LocalKeyring::open(&server.path("keyring"), None).unwrap();
+    let local = keybroker::backend::local::LocalBackend::new(ring, "default");
+    let env = keybroker::envelope::parse(&blobs[0].0).unwrap();
+    let root = keybroker::backend::KeyBackend::unwrap(
+        &local,
+        &env.copies[0],
+        &keybroker::backend::BackendContext {
+            key_name: env.key_name,
+            caller: env.caller,
+        },
+    )
+    .await
+    .unwrap();
+    for key in &keys {
+        assert_ne!(&root.as_ref()[..key.len()], key.as_slice());
+    }
 }
 
 /// A reload that changes a key's backend drops its data keys on both sides: a ciphertext made

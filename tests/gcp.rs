@@ -655,29 +655,32 @@ async fn data_is_recoverable_with_cloud_kms_alone() {
     assert_eq!(resp.plaintext_crc32c, Some(crc32c(&data_key).into()));
     assert_eq!(data_key.len(), 32);
 
-    // 3. The envelope, opened by hand: HKDF-SHA256(salt from the header) → AES-256-GCM key and
+    // 3. The envelope (format 2), opened by hand: HKDF-SHA256(salt from the header, info =
+    //    label || SHA-256(header up to the salt || canonical context)) → AES-256-GCM key and
     //    key commitment; zero nonce; AAD = header || canonical context.
+    assert_eq!(ct[2], 2, "format 2");
     let h = header_len(&ct);
     let (salt, commitment) = (&ct[h - 64..h - 32], &ct[h - 32..h]);
+    let mut canonical = (context.len() as u16).to_be_bytes().to_vec();
+    for (k, v) in &context {
+        for s in [k, v] {
+            canonical.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            canonical.extend_from_slice(s.as_bytes());
+        }
+    }
+    let mut bound = ct[..h - 32].to_vec();
+    bound.extend_from_slice(&canonical);
+    let binding = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bound);
     let mut okm = [0u8; 64];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(&data_key)
-        .expand(
-            &[b"keybroker envelope v1: aes-256-gcm key || key commitment"],
-            Okm64,
-        )
+        .expand(&[b"keybroker envelope v2", binding.as_ref()], Okm64)
         .unwrap()
         .fill(&mut okm)
         .unwrap();
     assert_eq!(&okm[32..], commitment, "key commitment");
     let mut message_aad = ct[..h].to_vec();
-    message_aad.extend_from_slice(&(context.len() as u16).to_be_bytes());
-    for (k, v) in &context {
-        for s in [k, v] {
-            message_aad.extend_from_slice(&(s.len() as u16).to_be_bytes());
-            message_aad.extend_from_slice(s.as_bytes());
-        }
-    }
+    message_aad.extend_from_slice(&canonical);
     let aes =
         aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &okm[..32]).unwrap());
     let mut body = ct[h..].to_vec();
@@ -1028,4 +1031,29 @@ async fn application_default_credentials_through_the_binary() {
         "{bodies:?}"
     );
     assert!(bodies[0].contains("cloudkms"), "scope: {bodies:?}");
+}
+
+/// Issue 21 item 13: Cloud KMS decrypts by the CryptoKey (the blob names its version), so it
+/// would accept `.../cryptoKeyVersions/01` as well as `.../1`: each spelling a new decrypt-cache
+/// entry and a paid call. Only Cloud KMS's own spelling is accepted, and refusals cost no call.
+#[tokio::test]
+async fn respelled_versions_are_refused_without_a_call() {
+    let fake = GcpKmsFake::start().await;
+    let key = fake.create_test_key("respell");
+    let b = backend(&fake, &key).await;
+    let before = std::cell::Cell::new(0);
+    conformance::respelled_copies_are_refused(&b, |w| {
+        before.set(fake.calls("Decrypt"));
+        ["01", "+1", "001", "1 ", "0"]
+            .iter()
+            .map(|v| {
+                let mut x = w.clone();
+                x.key_version = format!("{key}/cryptoKeyVersions/{v}");
+                x
+            })
+            .collect()
+    })
+    .await;
+    // Exactly one Decrypt after the variants: the final check that the genuine copy unwraps.
+    assert_eq!(fake.calls("Decrypt"), before.get() + 1);
 }

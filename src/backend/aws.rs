@@ -39,7 +39,7 @@ use super::{
     KeyHint, Wrapped,
 };
 use crate::config::{Problems, Section};
-use crate::envelope::WrappedCopy;
+use crate::envelope::{FormatError, WrappedCopy};
 use crate::secret::SecretKey;
 use crate::util::format_duration;
 
@@ -623,6 +623,12 @@ impl AwsBackend {
                 "wrapped key was not made by AWS KMS",
             ));
         }
+        if canonical(copy).is_err() {
+            return Err(Self::err(
+                BackendErrorKind::InvalidCiphertext,
+                "wrapped key's version is not the key ARN",
+            ));
+        }
         if self.previous_key_arns.iter().any(|a| a == copy.key_id) {
             return Ok(());
         }
@@ -671,6 +677,18 @@ impl AwsBackend {
     }
 }
 
+/// KMS ciphertext blobs name their key themselves and KMS picks the key material from the blob,
+/// so the version keybroker records is the key ARN (KMS reports no version). Decrypt ignores any
+/// other spelling, so only this one is accepted: a copy whose version differs from its key id
+/// would otherwise be the same wrapped key under a new decrypt-cache entry, and another paid call.
+fn canonical(copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+    if copy.key_version == copy.key_id {
+        Ok(())
+    } else {
+        Err(FormatError::NotCanonical("key version"))
+    }
+}
+
 fn context_map(ctx: &BackendContext<'_>) -> HashMap<String, String> {
     ctx.pairs()
         .iter()
@@ -702,6 +720,10 @@ impl KeyBackend for AwsBackend {
 
     fn key_id(&self) -> &str {
         &self.key_id
+    }
+
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+        canonical(copy)
     }
 
     fn hint(&self) -> KeyHint {

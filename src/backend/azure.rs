@@ -10,6 +10,15 @@
 //! (key name, caller) therefore never unwraps for another, although Key Vault itself sees (and
 //! logs) only the operation and the key version, not the caller.
 //!
+//! RSA-OAEP alone authenticates nothing: anyone with the public key (Key Vault `get`, or any
+//! copy of it) can wrap a data key of their choice with the right binding. So every RSA wrap is
+//! also signed by Key Vault (`sign`, PS256, with the same key version) over the version, the
+//! binding and the RSA ciphertext; the copy is `RSA ciphertext || signature`, and unwrap checks
+//! the signature with the version's public key (from `get`) before asking Key Vault to unwrap.
+//! `[azure] rsa_wrap_signatures` can relax this for old unsigned copies or identities without
+//! `sign` (docs/azure.md says what that gives up). AES key wrap (`oct-HSM`) needs none of it:
+//! only the HSM can wrap.
+//!
 //! What this module must never do: unwrap with any key but the configured one (a copy naming
 //! another key or a version of another key is refused before any call), return a data key whose
 //! binding does not match, put Key Vault's raw response body into a caller-visible message (it
@@ -23,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_lc_rs::{constant_time, digest};
+use aws_lc_rs::{constant_time, digest, signature};
 use azure_core::credentials::{Secret, TokenCredential};
 use azure_core::error::ErrorKind;
 use azure_core::http::headers::{HeaderName, RETRY_AFTER};
@@ -33,8 +42,8 @@ use azure_identity::{
     UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 use azure_security_keyvault_keys::models::{
-    EncryptionAlgorithm, Key, KeyClientGetKeyOptions, KeyClientWrapKeyOptions,
-    KeyOperationParameters, KeyType,
+    EncryptionAlgorithm, Key, KeyClientGetKeyOptions, KeyClientSignOptions,
+    KeyClientWrapKeyOptions, KeyOperationParameters, KeyType, SignParameters, SignatureAlgorithm,
 };
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
 use tokio::time::Instant;
@@ -45,7 +54,7 @@ use super::{
     KeyHint, Wrapped,
 };
 use crate::config::{Problems, Section};
-use crate::envelope::WrappedCopy;
+use crate::envelope::{FormatError, WrappedCopy};
 use crate::secret::SecretKey;
 
 /// Standard environment variables of Azure workload identity (set by the AKS webhook).
@@ -67,8 +76,10 @@ const RANDOMIZER_LEN: usize = 16;
 const PREFIX_LEN: usize = RANDOMIZER_LEN + BINDING_LEN;
 /// Data keys are 16 or 32 bytes; anything else unwrapped is not ours.
 const MAX_DATA_KEY_LEN: usize = 64;
-/// RSA-4096 OAEP output is 512 bytes; AES key wrap of 112 bytes is 120.
-const MAX_WRAPPED_LEN: usize = 1024;
+/// RSA-4096 OAEP output plus its PS256 signature is 1024 bytes; AES key wrap of 112 bytes is 120.
+const MAX_WRAPPED_LEN: usize = 2048;
+/// Labels what Key Vault signs for an RSA wrap (the signed message, before hashing).
+const SIGNATURE_LABEL: &[u8] = b"keybroker azure wrap v2 signature";
 /// First backoff after a 5xx or a connection failure; doubles per retry.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -110,6 +121,31 @@ impl CredentialChoice {
     }
 }
 
+/// Whether RSA wraps carry a Key Vault signature (`[azure] rsa_wrap_signatures`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RsaSignatures {
+    /// Sign every RSA wrap; refuse RSA copies without a valid signature (the default).
+    #[default]
+    Required,
+    /// Sign every RSA wrap; also unwrap unsigned copies (made before signatures, or with `off`).
+    /// Anyone with the public key can forge those: for migrating old data only.
+    AcceptUnsigned,
+    /// Do not sign (for identities without the `sign` permission); unwrap unsigned copies and
+    /// check the signature of signed ones. RSA copies are then forgeable by public-key holders.
+    Off,
+}
+
+impl RsaSignatures {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "required" => Self::Required,
+            "accept_unsigned" => Self::AcceptUnsigned,
+            "off" => Self::Off,
+            _ => return None,
+        })
+    }
+}
+
 /// The global `[azure]` configuration section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AzureSettings {
@@ -130,6 +166,8 @@ pub struct AzureSettings {
     pub retries: u32,
     /// How often the key's state (enabled, validity, current version) is read; zero: never.
     pub refresh_interval: Duration,
+    /// Signatures on RSA wraps (see [`RsaSignatures`]).
+    pub rsa_wrap_signatures: RsaSignatures,
 }
 
 impl Default for AzureSettings {
@@ -143,6 +181,7 @@ impl Default for AzureSettings {
             deadline: DEFAULT_DEADLINE,
             retries: DEFAULT_RETRIES,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            rsa_wrap_signatures: RsaSignatures::Required,
         }
     }
 }
@@ -199,6 +238,15 @@ impl AzureSettings {
                 p.push(s.at("refresh_interval"), "must be 0 (off) or at least 50ms");
             }
             out.refresh_interval = d;
+        }
+        if let Some(v) = s.str("rsa_wrap_signatures", p) {
+            match RsaSignatures::parse(v) {
+                Some(r) => out.rsa_wrap_signatures = r,
+                None => p.push(
+                    s.at("rsa_wrap_signatures"),
+                    "must be \"required\", \"accept_unsigned\" or \"off\"",
+                ),
+            }
         }
         out
     }
@@ -306,6 +354,13 @@ impl KeyUrl {
     fn same_key(&self, other: &KeyUrl) -> bool {
         self.host == other.host && self.name.eq_ignore_ascii_case(&other.name)
     }
+
+    /// The versioned key id keybroker records for a wrap by `version` of this key: always the
+    /// unversioned URL as configured, `/`, the version in lower case (Key Vault issues lower-case
+    /// hex). One spelling per version, so a respelled copy cannot become a new cache entry.
+    fn kid(&self, version: &str) -> String {
+        format!("{}/{}", self.unversioned(), version.to_ascii_lowercase())
+    }
 }
 
 /// The keybroker context bound into what Key Vault wraps.
@@ -340,6 +395,31 @@ struct KeyFacts {
     /// still unwraps with an expired or not-yet-valid key, so this does not stop decryption.)
     usable: bool,
     why_unusable: Option<&'static str>,
+    /// An RSA key's public modulus and exponent (big-endian, no leading zeros), which check the
+    /// signatures on its wraps.
+    rsa: Option<RsaPublic>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RsaPublic {
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl RsaPublic {
+    fn modulus_len(&self) -> usize {
+        self.n.len()
+    }
+
+    /// Checks a PS256 signature (salt length 32, as Key Vault and RFC 7518 use) over `message`.
+    fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
+        signature::RsaPublicKeyComponents {
+            n: &self.n,
+            e: &self.e,
+        }
+        .verify(&signature::RSA_PSS_2048_8192_SHA256, message, sig)
+        .is_ok()
+    }
 }
 
 fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static str> {
@@ -372,6 +452,19 @@ fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static str> {
     } else {
         None
     };
+    let strip = |b: &Vec<u8>| {
+        let i = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+        b[i..].to_vec()
+    };
+    let rsa = match (&kty, &jwk.n, &jwk.e) {
+        (KeyType::Rsa | KeyType::RsaHsm, Some(n), Some(e)) if !n.is_empty() && !e.is_empty() => {
+            Some(RsaPublic {
+                n: strip(n),
+                e: strip(e),
+            })
+        }
+        _ => None,
+    };
     Ok(KeyFacts {
         kid,
         version,
@@ -380,7 +473,22 @@ fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static str> {
         enabled: attrs.and_then(|a| a.enabled) != Some(false),
         usable: why_unusable.is_none(),
         why_unusable,
+        rsa,
     })
+}
+
+/// What Key Vault signs for an RSA wrap (as SHA-256 of it, with PS256): the label, the recorded
+/// versioned key id, the context binding and the RSA ciphertext, each of fixed or prefixed
+/// length.
+fn signed_message(kid: &str, binding: &[u8; BINDING_LEN], rsa_ciphertext: &[u8]) -> Vec<u8> {
+    let mut m =
+        Vec::with_capacity(SIGNATURE_LABEL.len() + 2 + kid.len() + 32 + rsa_ciphertext.len());
+    m.extend_from_slice(SIGNATURE_LABEL);
+    m.extend_from_slice(&(kid.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    m.extend_from_slice(kid.as_bytes());
+    m.extend_from_slice(binding);
+    m.extend_from_slice(rsa_ciphertext);
+    m
 }
 
 /// One `KeyClient` per vault, shared by every configured key in it (one token cache).
@@ -627,6 +735,7 @@ enum Op {
     Get,
     Wrap,
     Unwrap,
+    Sign,
 }
 
 impl Op {
@@ -635,6 +744,7 @@ impl Op {
             Op::Get => "get",
             Op::Wrap => "wrapKey",
             Op::Unwrap => "unwrapKey",
+            Op::Sign => "sign",
         }
     }
 }
@@ -655,6 +765,7 @@ pub struct AzureBackend {
     /// The unversioned key URL recorded in envelopes.
     durable_id: String,
     state: Arc<KeyState>,
+    rsa_signatures: RsaSignatures,
     _refresh: Option<AbortOnDrop>,
 }
 
@@ -694,6 +805,7 @@ impl AzureBackend {
             call,
             configured: configured.to_owned(),
             state,
+            rsa_signatures: settings.rsa_wrap_signatures,
             _refresh: refresh,
         }
     }
@@ -754,6 +866,91 @@ impl AzureBackend {
             .lock_versions()
             .insert(facts.version.clone(), facts.clone());
         Ok(facts)
+    }
+
+    /// The public key of an RSA key version (GET once per version, then cached).
+    async fn rsa_public(&self, version: &str) -> Result<RsaPublic, BackendError> {
+        self.version_facts(version).await?.rsa.ok_or_else(|| {
+            Self::err(
+                BackendErrorKind::Internal,
+                "Key Vault's answer to get has no RSA public key for an RSA key",
+            )
+        })
+    }
+
+    /// Has Key Vault sign (PS256, the version that wrapped) what [`signed_message`] builds, and
+    /// checks the signature before it is recorded.
+    async fn sign_wrap(
+        &self,
+        version: &str,
+        kid: &str,
+        binding: &[u8; BINDING_LEN],
+        rsa_ciphertext: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        let message = signed_message(kid, binding, rsa_ciphertext);
+        let hash = digest::digest(&digest::SHA256, &message);
+        let call = &self.call;
+        let result = call
+            .retrying(Op::Sign, || async {
+                let body: azure_core::http::RequestContent<SignParameters> = SignParameters {
+                    algorithm: Some(SignatureAlgorithm::Ps256),
+                    value: Some(hash.as_ref().to_vec()),
+                }
+                .try_into()?;
+                let options = KeyClientSignOptions {
+                    key_version: Some(version.to_owned()),
+                    ..Default::default()
+                };
+                call.vault
+                    .client
+                    .sign(&call.key.name, body, Some(options))
+                    .await?
+                    .into_model()
+            })
+            .await?;
+        let sig = result.result.unwrap_or_default();
+        let public = self.rsa_public(version).await?;
+        if sig.len() != public.modulus_len() || !public.verify(&message, &sig) {
+            return Err(Self::err(
+                BackendErrorKind::Internal,
+                "Key Vault's signature of a wrap does not verify with the key's public key",
+            ));
+        }
+        Ok(sig)
+    }
+
+    /// For an RSA copy: splits off and checks the signature (or accepts an unsigned copy where
+    /// the setting allows), returning the RSA ciphertext to unwrap. A refusal costs no unwrap.
+    async fn authentic_rsa_ciphertext<'c>(
+        &self,
+        version: &str,
+        copy: &WrappedCopy<'c>,
+        ctx: &BackendContext<'_>,
+    ) -> Result<&'c [u8], BackendError> {
+        let refuse = |why: &'static str| Self::err(BackendErrorKind::InvalidCiphertext, why);
+        let public = self.rsa_public(version).await?;
+        let k = public.modulus_len();
+        let wrapped = copy.wrapped;
+        if wrapped.len() == 2 * k {
+            let (ct, sig) = wrapped.split_at(k);
+            if !public.verify(&signed_message(copy.key_version, &binding(ctx), ct), sig) {
+                return Err(refuse(
+                    "wrapped key is not signed by this key version for this keybroker key and caller",
+                ));
+            }
+            return Ok(ct);
+        }
+        if wrapped.len() == k {
+            return match self.rsa_signatures {
+                RsaSignatures::Required => Err(refuse(
+                    "unsigned RSA wrapped key refused (azure.rsa_wrap_signatures = \"required\")",
+                )),
+                RsaSignatures::AcceptUnsigned | RsaSignatures::Off => Ok(wrapped),
+            };
+        }
+        Err(refuse(
+            "wrapped key has an impossible length for this RSA key",
+        ))
     }
 }
 
@@ -1034,6 +1231,25 @@ impl KeyBackend for AzureBackend {
         &self.configured
     }
 
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+        // Copies of another key are for `unwrap` to refuse; here only respellings of this one
+        // (host case, a port, a trailing slash, the name's or the version's case, ...).
+        if let Ok(named) = KeyUrl::parse(copy.key_id)
+            && self.call.key.same_key(&named)
+            && copy.key_id != self.durable_id
+        {
+            return Err(FormatError::NotCanonical("key id"));
+        }
+        if let Ok(kid) = KeyUrl::parse(copy.key_version)
+            && self.call.key.same_key(&kid)
+            && let Some(v) = &kid.version
+            && copy.key_version != self.call.key.kid(v)
+        {
+            return Err(FormatError::NotCanonical("key version"));
+        }
+        Ok(())
+    }
+
     fn hint(&self) -> KeyHint {
         KeyHint {
             disabled: self.state.disabled.load(Ordering::Relaxed),
@@ -1081,13 +1297,13 @@ impl KeyBackend for AzureBackend {
                 }
             })
             .await?;
-        let kid = result.kid.ok_or_else(|| {
+        let answered_kid = result.kid.ok_or_else(|| {
             Self::err(
                 BackendErrorKind::Internal,
                 "Key Vault wrap answered without a kid",
             )
         })?;
-        let used = KeyUrl::parse(&kid)
+        let used = KeyUrl::parse(&answered_kid)
             .ok()
             .filter(|u| self.call.key.same_key(u))
             .and_then(|u| u.version)
@@ -1106,6 +1322,19 @@ impl KeyBackend for AzureBackend {
         if self.call.key.version.is_none() {
             self.state.observe_wrap_version(&used);
         }
+        // Recorded in keybroker's one spelling (which `check_canonical` insists on).
+        let kid = self.call.key.kid(&used);
+        let ciphertext = match alg {
+            EncryptionAlgorithm::RsaOaep256 if self.rsa_signatures != RsaSignatures::Off => {
+                let sig = self
+                    .sign_wrap(&used, &kid, &binding(ctx), &ciphertext)
+                    .await?;
+                let mut signed = ciphertext;
+                signed.extend_from_slice(&sig);
+                signed
+            }
+            _ => ciphertext,
+        };
         Ok(Wrapped {
             key_id: self.durable_id.clone(),
             key_version: kid,
@@ -1122,6 +1351,11 @@ impl KeyBackend for AzureBackend {
         if copy.backend != BackendKind::Azure {
             return Err(refuse("wrapped key was not made by Azure Key Vault"));
         }
+        if self.check_canonical(copy).is_err() {
+            return Err(refuse(
+                "wrapped key's key id or version is not spelled as keybroker records it",
+            ));
+        }
         let named =
             KeyUrl::parse(copy.key_id).map_err(|_| refuse("wrapped key names no Key Vault key"))?;
         if named.version.is_some() || !self.call.key.same_key(&named) {
@@ -1137,13 +1371,19 @@ impl KeyBackend for AzureBackend {
             return Err(refuse("wrapped key has an impossible length"));
         }
         let alg = self.algorithm(Some(&version)).await?;
+        let to_unwrap = match alg {
+            EncryptionAlgorithm::RsaOaep256 => {
+                self.authentic_rsa_ciphertext(&version, copy, ctx).await?
+            }
+            _ => copy.wrapped,
+        };
         let call = &self.call;
         let result = call
             .retrying(Op::Unwrap, || {
                 let alg = alg.clone();
                 let version = version.as_str();
                 async move {
-                    let body = params(alg, copy.wrapped.to_vec())?;
+                    let body = params(alg, to_unwrap.to_vec())?;
                     call.vault
                         .client
                         .unwrap_key(&call.key.name, version, body, None)
@@ -1270,9 +1510,15 @@ mod tests {
             deadline = "3s"
             retries = 2
             refresh_interval = "0s"
+            rsa_wrap_signatures = "accept_unsigned"
             "#,
         );
         assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(s.rsa_wrap_signatures, RsaSignatures::AcceptUnsigned);
+        assert_eq!(
+            AzureSettings::default().rsa_wrap_signatures,
+            RsaSignatures::Required
+        );
         assert_eq!(s.credential, CredentialChoice::ClientSecret);
         assert_eq!(
             s.client_secret_file.as_deref(),
@@ -1289,6 +1535,7 @@ mod tests {
             deadline = "1h"
             retries = 99
             colour = 1
+            rsa_wrap_signatures = "maybe"
             "#,
         );
         let has = |s: &str| problems.iter().any(|p| p.starts_with(s));
@@ -1300,6 +1547,7 @@ mod tests {
         assert!(has("azure.deadline: must be"), "{problems:?}");
         assert!(has("azure.retries: must be"), "{problems:?}");
         assert!(has("azure.colour: unknown field"), "{problems:?}");
+        assert!(has("azure.rsa_wrap_signatures: must be"), "{problems:?}");
         assert!(
             !problems.iter().any(|p| p.contains("hunter2")),
             "{problems:?}"

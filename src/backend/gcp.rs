@@ -28,7 +28,7 @@ use super::{
     Wrapped,
 };
 use crate::config::{BackendConfig, Problems, Section};
-use crate::envelope::{MAX_WRAPPED_LEN, WrappedCopy};
+use crate::envelope::{FormatError, MAX_WRAPPED_LEN, WrappedCopy};
 use crate::secret::{SecretKey, random_fill};
 use crate::util::format_duration;
 
@@ -340,10 +340,14 @@ impl GcpBackend {
     }
 
     /// Whether `name` is a CryptoKeyVersion of the configured key (`<key>/cryptoKeyVersions/N`).
+    /// A CryptoKeyVersion of the configured key, spelled as Cloud KMS spells it: the version id
+    /// is a positive decimal without sign or leading zero. Cloud KMS decrypts by the CryptoKey
+    /// (the blob names its version), so `.../cryptoKeyVersions/01` would be accepted by it as
+    /// well, but only as a new decrypt-cache entry and another paid call.
     fn is_own_version(&self, name: &str) -> bool {
-        name.strip_prefix(&self.version_prefix).is_some_and(|id| {
-            !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
-        })
+        name.strip_prefix(&self.version_prefix)
+            .and_then(crate::backend::canonical_decimal)
+            .is_some()
     }
 
     /// Per-call metadata: the deadline (sent as `grpc-timeout`) and the routing header Google's
@@ -416,6 +420,19 @@ impl KeyBackend for GcpBackend {
 
     fn key_id(&self) -> &str {
         &self.key
+    }
+
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+        // A copy of another key (or another key's version) is for `unwrap` to refuse; here only
+        // respellings of this key's versions.
+        match copy.key_version.strip_prefix(&self.version_prefix) {
+            Some(id)
+                if copy.key_id == self.key && crate::backend::canonical_decimal(id).is_none() =>
+            {
+                Err(FormatError::NotCanonical("key version"))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn wrap(

@@ -1,6 +1,13 @@
 //! The local backend: data keys wrapped with AES-256-GCM under a key-encryption key from a
 //! keyring file (see `keyring.rs`). The embedded default, so the sidecar runs with no cloud.
 //!
+//! Wrap format 2 (written): `0x02 || salt (32 random bytes) || AES-256-GCM(K, zero nonce, aad,
+//! data key)`, where `K = HKDF-SHA256(KEK_v, salt, "keybroker local wrap v2: aes-256-gcm key")`
+//! is a key of its own per wrap. So no count of wraps per KEK version is needed: GCM's 2^32
+//! random-nonce limit applies to each one-use `K`, and two wraps share a `K` only if their
+//! 256-bit salts collide. Format 1 (`nonce (12 random bytes) || AES-256-GCM(KEK_v, nonce, ...)`,
+//! used before) is still unwrapped. docs/envelope.md specifies both, with vectors.
+//!
 //! A running server picks up keyring edits (rotation, disable) without restart: a watcher polls
 //! the file's identity (inode, size, mtime) and swaps in the new keyring; an unwrap that names an
 //! unknown version re-reads the file once before failing. A keyring that fails to load is logged
@@ -12,20 +19,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use aws_lc_rs::aead;
+use aws_lc_rs::{aead, hkdf};
 
 use super::{
     BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
     KeyHint, Wrapped,
 };
-use crate::envelope::WrappedCopy;
+use crate::envelope::{FormatError, WrappedCopy};
 use crate::keyring::{Keyring, KeyringError};
 use crate::secret::{SecretKey, random_fill};
 use crate::util::FileStamp;
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
-const WRAP_LABEL: &[u8] = b"keybroker local wrap v1";
+/// AAD label of wrap format 1 (random nonce under the KEK itself; read only).
+const WRAP_LABEL_V1: &[u8] = b"keybroker local wrap v1";
+/// AAD label of wrap format 2 (a per-wrap key derived with HKDF).
+const WRAP_LABEL_V2: &[u8] = b"keybroker local wrap v2";
+/// HKDF `info` of the per-wrap key.
+const WRAP_KEY_INFO_V2: &[u8] = b"keybroker local wrap v2: aes-256-gcm key";
+/// First byte of a format 2 wrap.
+const WRAP_V2: u8 = 0x02;
+const WRAP_SALT_LEN: usize = 32;
+/// Format 2 overhead: format byte, salt, tag.
+const WRAP_V2_OVERHEAD: usize = 1 + WRAP_SALT_LEN + TAG_LEN;
 
 /// A keyring file loaded into memory, shared by every configured key that uses it.
 pub struct LocalKeyring {
@@ -144,9 +161,9 @@ impl LocalBackend {
         BackendError::new(BackendKind::Local, kind, msg)
     }
 
-    fn aad(&self, version: u32, ctx: &BackendContext<'_>) -> Vec<u8> {
+    fn aad(&self, label: &[u8], version: u32, ctx: &BackendContext<'_>) -> Vec<u8> {
         let mut aad = Vec::with_capacity(96);
-        aad.extend_from_slice(WRAP_LABEL);
+        aad.extend_from_slice(label);
         aad.push(self.name.len() as u8);
         aad.extend_from_slice(self.name.as_bytes());
         aad.extend_from_slice(&version.to_be_bytes());
@@ -176,37 +193,111 @@ impl LocalBackend {
         let Some(kv) = key.versions.get(&version) else {
             return Ok(None);
         };
-        if wrapped.len() < NONCE_LEN + TAG_LEN {
-            return Err(Self::err(
-                BackendErrorKind::InvalidCiphertext,
-                "wrapped key is too short",
-            ));
+        // Format 2 first when it can be one; a format 1 wrap whose random nonce happens to
+        // start with 0x02 (1 in 256) falls through to the format 1 attempt.
+        if wrapped.first() == Some(&WRAP_V2)
+            && wrapped.len() > WRAP_V2_OVERHEAD
+            && let Some(key) = self.open_v2(kv.material(), version, wrapped, ctx)?
+        {
+            return Ok(Some(key));
         }
+        if wrapped.len() > NONCE_LEN + TAG_LEN
+            && let Some(key) = self.open_v1(kv.material(), version, wrapped, ctx)?
+        {
+            return Ok(Some(key));
+        }
+        Err(Self::err(
+            BackendErrorKind::InvalidCiphertext,
+            "wrapped key does not authenticate under this key and context",
+        ))
+    }
+
+    /// Format 2: the per-wrap key from the salt, a zero nonce. `None`: does not authenticate.
+    fn open_v2(
+        &self,
+        kek: &SecretKey,
+        version: u32,
+        wrapped: &[u8],
+        ctx: &BackendContext<'_>,
+    ) -> Result<Option<SecretKey>, BackendError> {
+        let (salt, sealed) = wrapped[1..].split_at(WRAP_SALT_LEN);
+        let key = wrap_key_v2(kek, salt)?;
+        let aad = self.aad(WRAP_LABEL_V2, version, ctx);
+        Ok(open_exact(&key, [0u8; NONCE_LEN], &aad, sealed))
+    }
+
+    /// Format 1: a random nonce under the KEK itself. `None`: does not authenticate.
+    fn open_v1(
+        &self,
+        kek: &SecretKey,
+        version: u32,
+        wrapped: &[u8],
+        ctx: &BackendContext<'_>,
+    ) -> Result<Option<SecretKey>, BackendError> {
         let (nonce, sealed) = wrapped.split_at(NONCE_LEN);
-        let kek = aead::LessSafeKey::new(
-            aead::UnboundKey::new(&aead::AES_256_GCM, kv.material().as_ref())
-                .map_err(|_| Self::err(BackendErrorKind::Internal, "bad key-encryption key"))?,
-        );
-        let nonce = aead::Nonce::try_assume_unique_for_key(nonce)
+        let nonce: [u8; NONCE_LEN] = nonce
+            .try_into()
             .map_err(|_| Self::err(BackendErrorKind::InvalidCiphertext, "bad nonce"))?;
-        let mut buf = sealed.to_vec();
-        let aad = self.aad(version, ctx);
-        let opened = kek.open_in_place(nonce, aead::Aad::from(&aad[..]), &mut buf);
-        match opened {
-            Ok(plain) => {
-                let len = plain.len();
-                buf.truncate(len);
-                Ok(Some(SecretKey::from_vec(buf)))
-            }
-            Err(_) => {
-                zeroize::Zeroize::zeroize(&mut buf);
-                Err(Self::err(
-                    BackendErrorKind::InvalidCiphertext,
-                    "wrapped key does not authenticate under this key and context",
-                ))
-            }
+        let key = aead_key(kek.as_ref())?;
+        let aad = self.aad(WRAP_LABEL_V1, version, ctx);
+        Ok(open_exact(&key, nonce, &aad, sealed))
+    }
+}
+
+fn aead_key(bytes: &[u8]) -> Result<aead::LessSafeKey, BackendError> {
+    Ok(aead::LessSafeKey::new(
+        aead::UnboundKey::new(&aead::AES_256_GCM, bytes)
+            .map_err(|_| LocalBackend::err(BackendErrorKind::Internal, "bad key-encryption key"))?,
+    ))
+}
+
+/// The per-wrap key of format 2: HKDF-SHA256(IKM = KEK version, salt, info) to 32 bytes.
+fn wrap_key_v2(kek: &SecretKey, salt: &[u8]) -> Result<aead::LessSafeKey, BackendError> {
+    struct Len32;
+    impl hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            32
         }
     }
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
+        .extract(kek.as_ref())
+        .expand(&[WRAP_KEY_INFO_V2], Len32)
+        .and_then(|okm| okm.fill(&mut k[..]))
+        .map_err(|_| LocalBackend::err(BackendErrorKind::Internal, "key derivation failed"))?;
+    aead_key(&k[..])
+}
+
+/// Opens `sealed` (ciphertext || tag) into a buffer of exactly the data key's size, wiped on
+/// failure.
+fn open_exact(
+    key: &aead::LessSafeKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Option<SecretKey> {
+    let (ciphertext, tag) = sealed.split_at(sealed.len().checked_sub(TAG_LEN)?);
+    let mut out = vec![0u8; ciphertext.len()];
+    match key.open_separate_gather(
+        aead::Nonce::assume_unique_for_key(nonce),
+        aead::Aad::from(aad),
+        ciphertext,
+        tag,
+        &mut out,
+    ) {
+        Ok(()) => Some(SecretKey::from_vec(out)),
+        Err(_) => {
+            zeroize::Zeroize::zeroize(&mut out);
+            None
+        }
+    }
+}
+
+/// The keyring version a copy names, spelled exactly as `wrap` writes it.
+fn parse_version(copy: &WrappedCopy<'_>) -> Result<u32, FormatError> {
+    crate::backend::canonical_decimal(copy.key_version)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or(FormatError::NotCanonical("key version"))
 }
 
 #[async_trait::async_trait]
@@ -217,6 +308,10 @@ impl KeyBackend for LocalBackend {
 
     fn key_id(&self) -> &str {
         &self.name
+    }
+
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+        parse_version(copy).map(|_| ())
     }
 
     fn hint(&self) -> KeyHint {
@@ -253,23 +348,22 @@ impl KeyBackend for LocalBackend {
             .versions
             .get(&version)
             .ok_or_else(|| Self::err(BackendErrorKind::Internal, "primary version missing"))?;
-        let kek = aead::LessSafeKey::new(
-            aead::UnboundKey::new(&aead::AES_256_GCM, kv.material().as_ref())
-                .map_err(|_| Self::err(BackendErrorKind::Internal, "bad key-encryption key"))?,
-        );
-        let mut nonce = [0u8; NONCE_LEN];
-        random_fill(&mut nonce).map_err(|e| {
+        let mut salt = [0u8; WRAP_SALT_LEN];
+        random_fill(&mut salt).map_err(|e| {
             Self::err(BackendErrorKind::Internal, "random generator failed").with_source(e)
         })?;
-        let mut out = Vec::with_capacity(NONCE_LEN + key.len() + TAG_LEN);
-        out.extend_from_slice(&nonce);
+        let wrap_key = wrap_key_v2(kv.material(), &salt)?;
+        let mut out = Vec::with_capacity(WRAP_V2_OVERHEAD + key.len());
+        out.push(WRAP_V2);
+        out.extend_from_slice(&salt);
+        let body = out.len();
         out.extend_from_slice(key.as_ref());
-        let aad = self.aad(version, ctx);
-        let tag = kek
+        let aad = self.aad(WRAP_LABEL_V2, version, ctx);
+        let tag = wrap_key
             .seal_in_place_separate_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Nonce::assume_unique_for_key([0u8; NONCE_LEN]),
                 aead::Aad::from(&aad[..]),
-                &mut out[NONCE_LEN..],
+                &mut out[body..],
             )
             .map_err(|_| Self::err(BackendErrorKind::Internal, "sealing failed"))?;
         out.extend_from_slice(tag.as_ref());
@@ -291,9 +385,7 @@ impl KeyBackend for LocalBackend {
                 "wrapped key was not made by this key",
             ));
         }
-        let version: u32 = copy
-            .key_version
-            .parse()
+        let version = parse_version(copy)
             .map_err(|_| Self::err(BackendErrorKind::InvalidCiphertext, "bad key version"))?;
         if let Some(key) = self.unwrap_with(&self.ring.snapshot(), version, copy.wrapped, ctx)? {
             return Ok(key);

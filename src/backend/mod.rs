@@ -8,6 +8,10 @@
 //! - `unwrap` only ever uses the key the backend is configured for. A copy that names another
 //!   key, another key's version, or was made under a different [`BackendContext`] fails with
 //!   [`BackendErrorKind::InvalidCiphertext`] (never decrypts under the "wrong" key).
+//! - A copy whose key id or version is not spelled exactly as the backend records it (`01` or
+//!   `+1` for `1`, another case or port in a URL, an AWS version that is not the key ARN) is
+//!   refused by `check_canonical` (and by `unwrap`), without a provider call: each respelling
+//!   would otherwise be a new decrypt-cache entry and a paid call for the same wrapped key.
 //! - Errors are classified into [`BackendErrorKind`]; the caller-visible `message` is written by
 //!   keybroker, never a provider's raw response body (that goes into `source`, for the log).
 //! - No method logs, formats or returns key material except inside [`SecretKey`].
@@ -17,7 +21,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::envelope::WrappedCopy;
+use crate::envelope::{FormatError, WrappedCopy};
 use crate::secret::SecretKey;
 
 pub mod aws;
@@ -192,6 +196,11 @@ pub trait KeyBackend: Send + Sync + 'static {
         ctx: &BackendContext<'_>,
     ) -> Result<Wrapped, BackendError>;
 
+    /// Refuses a copy whose `key_id` or `key_version` is not in the exact form this backend
+    /// writes (see the contract above). Pure and cheap: the broker calls it before any cache
+    /// lookup. Wrappers must forward it, which is why it has no default.
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError>;
+
     /// Unwraps a copy recorded in an envelope (see the contract above).
     async fn unwrap(
         &self,
@@ -317,9 +326,45 @@ impl BackendError {
     }
 }
 
+/// A positive decimal number written the one way keybroker writes it: ASCII digits, no sign, no
+/// leading zero, no whitespace, within `u64` (so `"+1"`, `"01"`, `" 1"` and `"0"` are refused).
+/// Rust's `str::parse` accepts a leading `+`, and leading zeros, so it is not enough.
+pub fn canonical_decimal(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > 20 || b[0] == b'0' || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonical_decimals() {
+        assert_eq!(canonical_decimal("1"), Some(1));
+        assert_eq!(canonical_decimal("4294967296"), Some(1 << 32));
+        for bad in [
+            "",
+            "0",
+            "01",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "1_0",
+            "١",
+            "99999999999999999999",
+        ] {
+            assert_eq!(canonical_decimal(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            "+1".parse::<u32>(),
+            Ok(1),
+            "why a parser of our own is needed"
+        );
+    }
 
     /// The direct encoding is exactly the canonical context encoding of the two pairs.
     #[test]

@@ -1,20 +1,21 @@
 """Fidelity check of the Key Vault fake (tests/support/azure_fake.rs) with Microsoft's official
 Python client, azure-keyvault-keys. Run by tests/azure.rs, which starts the fake and passes:
 
-  argv: <ca.pem> <token> <rsa kid> <disabled rsa kid> <oct-HSM kid>
+  argv: <ca.pem> <token> <rsa kid> <disabled rsa kid> <oct-HSM kid> <rsa kid without get>
 
 Each check prints one line "ok <name> ..." or "FAIL <name> ..."; the exit status is the number
 of failures. The client gets a token the fake minted through a minimal credential, and (because
 the fake listens on 127.0.0.1) skips the challenge-resource check, as the fake's docs say.
 """
 
+import hashlib
 import os
 import sys
 import time
 
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import HttpResponseError
-from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
+from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm, SignatureAlgorithm
 
 
 class StaticCredential:
@@ -34,7 +35,7 @@ def client(kid, cred, ca):
 
 
 def main():
-    ca, token, rsa_kid, disabled_kid, oct_kid = sys.argv[1:6]
+    ca, token, rsa_kid, disabled_kid, oct_kid, noget_kid = sys.argv[1:7]
     cred = StaticCredential(token)
     failures = 0
 
@@ -83,6 +84,32 @@ def main():
     check("oct-wrap", len(wrapped.encrypted_key) == 40, f"kid={wrapped.key_id}")
     unwrapped = hsm.unwrap_key(KeyWrapAlgorithm.aes_256, wrapped.encrypted_key)
     check("oct-unwrap", unwrapped.key == data_key)
+
+    # sign (what keybroker asks for every RSA wrap): Key Vault signs the caller's digest. The
+    # client signs remotely (it holds only the public key) and verifies locally with the JWK's
+    # n/e through the `cryptography` package, so this checks the fake's signatures are genuine
+    # PSS/PKCS#1 v1.5 signatures under the key it publishes.
+    digest = hashlib.sha256(b"keybroker fidelity").digest()
+    for alg, name in ((SignatureAlgorithm.ps256, "ps256"), (SignatureAlgorithm.rs256, "rs256")):
+        signed = rsa.sign(alg, digest)
+        check(f"{name}-sign", len(signed.signature) == 256, f"kid={signed.key_id}")
+        check(f"{name}-verify-local", rsa.verify(alg, digest, signed.signature).is_valid)
+        bad = bytearray(signed.signature)
+        bad[0] ^= 1
+        check(f"{name}-verify-bad", not rsa.verify(alg, digest, bytes(bad)).is_valid)
+    first = rsa.sign(SignatureAlgorithm.rs256, digest).signature
+    check("rs256-deterministic", first == rsa.sign(SignatureAlgorithm.rs256, digest).signature)
+    # Without keys/get the client cannot verify locally: verify goes to the fake as well.
+    remote = client(noget_kid, cred, ca)
+    signed = remote.sign(SignatureAlgorithm.ps256, digest)
+    check("verify-remote", remote.verify(SignatureAlgorithm.ps256, digest, signed.signature).is_valid)
+    check("verify-remote-bad", not remote.verify(SignatureAlgorithm.ps256, hashlib.sha256(b"x").digest(), signed.signature).is_valid)
+    # A digest of the wrong length for the algorithm is a 400, as in Key Vault.
+    try:
+        rsa.sign(SignatureAlgorithm.ps256, digest[:20])
+        check("sign-bad-digest", False, "signed a 20-byte digest with PS256")
+    except HttpResponseError as e:
+        check("sign-bad-digest", e.status_code == 400, f"status={e.status_code}")
 
     check("scopes", set(cred.scopes) == {"https://vault.azure.net/.default"}, str(cred.scopes))
     return failures

@@ -162,3 +162,42 @@ pub async fn describe_reports_an_enabled_key(backend: &dyn KeyBackend) {
     assert!(d.enabled);
     assert!(!d.durable_key_id.is_empty());
 }
+
+/// Respellings of a genuine copy's recorded key id / version (`respell` makes them for one
+/// backend: `01` for `1`, another case, ...) are refused by `check_canonical` and by `unwrap`,
+/// each as InvalidCiphertext, while the copy as recorded is canonical and unwraps. Callers
+/// check at their fake or emulator that no variant reached the provider.
+pub async fn respelled_copies_are_refused(
+    backend: &dyn KeyBackend,
+    respell: impl Fn(&keybroker::backend::Wrapped) -> Vec<keybroker::backend::Wrapped>,
+) {
+    let (key, wrapped) = backend.generate_data_key(32, &CTX).await.expect("generate");
+    backend
+        .check_canonical(&copy(backend, &wrapped))
+        .expect("the copy as recorded is canonical");
+    let variants = respell(&wrapped);
+    assert!(!variants.is_empty());
+    for v in &variants {
+        assert_ne!(v, &wrapped);
+        let what = format!("key id {:?}, version {:?}", v.key_id, v.key_version);
+        assert!(
+            backend.check_canonical(&copy(backend, v)).is_err(),
+            "{what} passed check_canonical"
+        );
+        let err = backend
+            .unwrap(&copy(backend, v), &CTX)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what} unwrapped"));
+        assert_eq!(
+            err.kind,
+            BackendErrorKind::InvalidCiphertext,
+            "{what}: {err}"
+        );
+    }
+    let back = backend
+        .unwrap(&copy(backend, &wrapped), &CTX)
+        .await
+        .expect("the recorded copy still unwraps");
+    assert_eq!(back.as_ref(), key.as_ref());
+}

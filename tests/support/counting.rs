@@ -12,7 +12,7 @@ use keybroker::backend::{
     BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
     KeyHint, Wrapped,
 };
-use keybroker::envelope::WrappedCopy;
+use keybroker::envelope::{FormatError, WrappedCopy};
 use keybroker::registry::BackendLayer;
 use keybroker::secret::SecretKey;
 
@@ -82,6 +82,9 @@ impl KeyBackend for Counting {
     }
     fn hint(&self) -> KeyHint {
         self.inner.hint()
+    }
+    fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
+        self.inner.check_canonical(copy)
     }
     async fn generate_data_key(
         &self,
