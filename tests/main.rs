@@ -14,6 +14,7 @@ mod dashboard;
 mod envelope_vectors;
 mod gcp;
 mod grpcurl;
+mod image;
 mod inject;
 mod local_backend;
 mod metrics;
