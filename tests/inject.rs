@@ -252,7 +252,7 @@ struct Expect<'a> {
 impl Default for Expect<'_> {
     fn default() -> Self {
         Self {
-            image: "keybroker:0.1.0",
+            image: "registry.example.com/keybroker:0.1.0",
             config_map: "keybroker",
             native: true,
             port: 9464,

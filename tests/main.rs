@@ -15,6 +15,7 @@ mod envelope_vectors;
 mod examples;
 mod gcp;
 mod grpcurl;
+mod image;
 mod inject;
 mod interop;
 mod local_backend;

@@ -77,7 +77,11 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9464;
 /// Name of the sidecar's admin container port: the probes use it, and a Prometheus PodMonitor
 /// selects it (`podMetricsEndpoints: [{port: kb-admin}]`). Port names are unique within a pod.
 pub const ADMIN_PORT_NAME: &str = "kb-admin";
-pub const DEFAULT_IMAGE: &str = concat!("keybroker:", env!("CARGO_PKG_VERSION"));
+/// The image `deploy/image/build` produces (`--print-ref`) and the manifests name; the registry
+/// is a placeholder to replace (`--image`), which fails to pull rather than fetching someone
+/// else's `docker.io/library/keybroker`.
+pub const DEFAULT_IMAGE: &str =
+    concat!("registry.example.com/keybroker:", env!("CARGO_PKG_VERSION"));
 pub const DEFAULT_CONFIG_MAP: &str = "keybroker";
 pub const DEFAULT_CPU_REQUEST: &str = "50m";
 pub const DEFAULT_MEMORY_REQUEST: &str = "64Mi";
