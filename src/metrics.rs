@@ -1,4 +1,6 @@
-//! Per-caller usage metrics and cost accounting, exported in the Prometheus text format.
+//! Per-caller usage metrics and cost accounting, exported in the Prometheus text format. Fed
+//! the request's facts and outcome as each request ends, and a [`Snapshot`] of the rest at
+//! scrape time; never imports the broker, the caches or the registry.
 //!
 //! The request path does one read-locked map lookup (caller, key, operation, backend) and a few
 //! relaxed atomic increments; label values are `Arc<str>`s and static strings, so nothing is
@@ -18,12 +20,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::audit::Auditor;
-use crate::backend::BackendKind;
-use crate::broker::{Broker, Facts};
-use crate::cache::CacheResult;
-use crate::identity::Caller;
+use crate::backend_kind::{BackendErrorKind, BackendKind};
+use crate::facts::{BackendOp, CacheResult, Facts, Outcome};
 use crate::operation::Operation;
+use crate::principal::Caller;
+use crate::settings::{Problems, Section};
 
 static OTHER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("other"));
 static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
@@ -90,47 +91,33 @@ impl PriceTable {
             BackendKind::Azure => &mut self.azure,
         }
     }
+
+    /// Reads `[pricing.BACKEND]` sections (`per_10k_requests`, `key_month`) over `self`.
+    pub fn parse(&mut self, pricing: &Section<'_>, p: &mut Problems) {
+        for (name, section) in pricing.subsections(p) {
+            let Some(kind) = BackendKind::parse(name) else {
+                p.push(
+                    section.path.clone(),
+                    "unknown backend (local, aws, gcp or azure)",
+                );
+                continue;
+            };
+            let price = self.get_mut(kind);
+            for (field, slot) in [
+                ("per_10k_requests", &mut price.per_10k_requests),
+                ("key_month", &mut price.key_month),
+            ] {
+                if let Some(v) = section.float(field, p) {
+                    if !(0.0..=1e6).contains(&v) {
+                        p.push(section.at(field), "must be a non-negative price in USD");
+                    }
+                    *slot = v;
+                }
+            }
+            section.finish(p);
+        }
+    }
 }
-
-/// gRPC status codes in numeric order (index = code).
-const CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// Backend call outcomes (label values).
-pub const OUTCOMES: [&str; 12] = [
-    "ok",
-    "not_found",
-    "disabled",
-    "permission_denied",
-    "unauthenticated",
-    "invalid_ciphertext",
-    "throttled",
-    "unavailable",
-    "deadline_exceeded",
-    "integrity",
-    "invalid_argument",
-    "internal",
-];
-
-/// Backend operations (label values).
-pub const BACKEND_OPS: [&str; 4] = ["generate_data_key", "wrap", "unwrap", "rewrap"];
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CellKey {
@@ -138,18 +125,85 @@ struct CellKey {
     key: Arc<str>,
     op: Operation,
     backend: Option<BackendKind>,
+    /// The request's gRPC code name (`Outcome::code`).
+    code: &'static str,
 }
 
-/// Counters for one (caller, key, operation, backend).
+/// This module's own array layout for backend calls: one slot per backend operation, and per
+/// outcome (success first, then each failure kind). Labels come from the values themselves.
+const OP_SLOTS: usize = BackendOp::ALL.len();
+const OUTCOME_SLOTS: usize = 1 + BackendErrorKind::ALL.len();
+
+fn op_slot(op: BackendOp) -> usize {
+    match op {
+        BackendOp::GenerateDataKey => 0,
+        BackendOp::Wrap => 1,
+        BackendOp::Unwrap => 2,
+        BackendOp::Rewrap => 3,
+    }
+}
+
+fn outcome_slot(outcome: Result<(), BackendErrorKind>) -> usize {
+    use BackendErrorKind as K;
+    match outcome {
+        Ok(()) => 0,
+        Err(K::NotFound) => 1,
+        Err(K::Disabled) => 2,
+        Err(K::PermissionDenied) => 3,
+        Err(K::Unauthenticated) => 4,
+        Err(K::InvalidCiphertext) => 5,
+        Err(K::Throttled) => 6,
+        Err(K::Unavailable) => 7,
+        Err(K::DeadlineExceeded) => 8,
+        Err(K::Integrity) => 9,
+        Err(K::InvalidArgument) => 10,
+        Err(K::Internal) => 11,
+    }
+}
+
+/// Every backend-call outcome, in slot order.
+fn outcomes() -> impl Iterator<Item = Result<(), BackendErrorKind>> {
+    std::iter::once(Ok(())).chain(BackendErrorKind::ALL.into_iter().map(Err))
+}
+
+fn outcome_label(outcome: Result<(), BackendErrorKind>) -> &'static str {
+    match outcome {
+        Ok(()) => "ok",
+        Err(kind) => kind.label(),
+    }
+}
+
+fn backend_slot(b: BackendKind) -> usize {
+    match b {
+        BackendKind::Local => 0,
+        BackendKind::Aws => 1,
+        BackendKind::Gcp => 2,
+        BackendKind::Azure => 3,
+    }
+}
+
+/// Counters for one (caller, key, operation, backend, code).
 #[derive(Default)]
 struct Cell {
-    codes: [AtomicU64; 17],
+    requests: AtomicU64,
+    /// Requests that succeeded (the cell's code is OK).
+    succeeded: AtomicU64,
     bytes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     bypasses: AtomicU64,
-    /// [backend op][outcome]
-    backend_calls: [[AtomicU64; OUTCOMES.len()]; BACKEND_OPS.len()],
+    /// [`op_slot`][`outcome_slot`]
+    backend_calls: [[AtomicU64; OUTCOME_SLOTS]; OP_SLOTS],
+}
+
+impl Cell {
+    fn cache(&self, result: CacheResult) -> u64 {
+        get(match result {
+            CacheResult::Hit => &self.hits,
+            CacheResult::Miss => &self.misses,
+            CacheResult::Bypass => &self.bypasses,
+        })
+    }
 }
 
 pub struct Metrics {
@@ -158,8 +212,31 @@ pub struct Metrics {
     prices: ArcSwap<PriceTable>,
     cells: RwLock<HashMap<CellKey, Arc<Cell>>>,
     latency: [Histogram; Operation::ALL.len()],
-    backend_latency: [[Histogram; BACKEND_OPS.len()]; BackendKind::ALL.len()],
+    /// [`backend_slot`][`op_slot`]
+    backend_latency: [[Histogram; OP_SLOTS]; BackendKind::ALL.len()],
     start_time: f64,
+}
+
+/// What the metrics read of the rest of the process at scrape time, handed to [`Metrics::render`]
+/// by whoever serves `/metrics` (this module never reaches into the registry, the caches or the
+/// audit log itself).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every configured key, in name order.
+    pub keys: Vec<KeyFigures>,
+    /// Data keys cached now (encrypt side, decrypt side).
+    pub cache_entries: (u64, u64),
+    pub audit_dropped: u64,
+    pub audit_healthy: bool,
+}
+
+/// One configured key's figures in a [`Snapshot`].
+#[derive(Debug, Clone)]
+pub struct KeyFigures {
+    pub name: Arc<str>,
+    pub backend: BackendKind,
+    /// Cached data keys retired, encrypt side (Encrypt and GenerateDataKey) and decrypt side.
+    pub evictions: (u64, u64),
 }
 
 impl std::fmt::Debug for Metrics {
@@ -212,7 +289,7 @@ impl Metrics {
         caller: &Caller,
         op: Operation,
         facts: &Facts,
-        code: tonic::Code,
+        outcome: Outcome,
         latency: Duration,
     ) {
         if !self.enabled {
@@ -231,10 +308,12 @@ impl Metrics {
             key: facts.key.clone().unwrap_or_else(|| Arc::clone(&NONE)),
             op,
             backend: facts.backend,
+            code: outcome.code,
         };
         let cell = self.cell(key);
-        cell.codes[(code as usize).min(16)].fetch_add(1, Ordering::Relaxed);
-        if code == tonic::Code::Ok {
+        cell.requests.fetch_add(1, Ordering::Relaxed);
+        if outcome.is_ok() {
+            cell.succeeded.fetch_add(1, Ordering::Relaxed);
             cell.bytes.fetch_add(facts.bytes, Ordering::Relaxed);
         }
         match facts.cache {
@@ -244,9 +323,10 @@ impl Metrics {
             None => 0,
         };
         for call in facts.backend_calls.iter() {
-            cell.backend_calls[call.op as usize][call.outcome].fetch_add(1, Ordering::Relaxed);
+            cell.backend_calls[op_slot(call.op)][outcome_slot(call.outcome)]
+                .fetch_add(1, Ordering::Relaxed);
             if let Some(b) = facts.backend {
-                self.backend_latency[b.code() as usize - 1][call.op as usize]
+                self.backend_latency[backend_slot(b)][op_slot(call.op)]
                     .observe(call.latency.as_secs_f64());
             }
         }
@@ -265,13 +345,12 @@ impl Metrics {
         Arc::clone(map.entry(key).or_default())
     }
 
-    /// The Prometheus text exposition of everything.
-    pub fn render(self: &Arc<Self>, broker: &Arc<Broker>, audit: &Arc<Auditor>) -> String {
+    /// The Prometheus text exposition of everything: the counters, and `snapshot`.
+    pub fn render(self: &Arc<Self>, snapshot: Snapshot) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape {
             metrics: Arc::clone(self),
-            broker: Arc::clone(broker),
-            audit: Arc::clone(audit),
+            snapshot,
         }));
         let mut out = String::with_capacity(16 << 10);
         if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
@@ -288,8 +367,7 @@ fn to_arcs(names: BTreeSet<String>) -> BTreeSet<Arc<str>> {
 /// Collector over the live state, built for one scrape.
 struct Scrape {
     metrics: Arc<Metrics>,
-    broker: Arc<Broker>,
-    audit: Arc<Auditor>,
+    snapshot: Snapshot,
 }
 
 impl std::fmt::Debug for Scrape {
@@ -387,170 +465,216 @@ fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
+/// (caller, key, backend) -> (calls, price per 10k calls): counted in calls, priced once at the
+/// end (see `usd`).
+type Priced = BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)>;
+/// Label values (caller, key, operation, and one more) -> a sum over cells.
+type Sums<T> = BTreeMap<(Arc<str>, Arc<str>, &'static str, &'static str), T>;
+
 impl Scrape {
     fn encode_all(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cells: Vec<(CellKey, Arc<Cell>)> = match self.metrics.cells.read() {
             Ok(m) => m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect(),
             Err(_) => Vec::new(),
         };
-        let prices = self.metrics.prices.load();
+        self.encode_requests(&mut enc, &cells)?;
+        self.encode_payload(&mut enc, &cells)?;
+        self.encode_cache_lookups(&mut enc, &cells)?;
+        self.encode_backend_calls(&mut enc, &cells)?;
+        self.encode_keys(&mut enc)?;
+        self.encode_audit(&mut enc)?;
+        let mut m = enc.encode_descriptor(
+            "keybroker_build",
+            "Build information.",
+            None,
+            MetricType::Info,
+        )?;
+        m.encode_info(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+        })?;
+        process_metrics(&mut enc, self.metrics.start_time)
+    }
 
-        // Requests by caller, key, operation and gRPC code.
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_requests",
-                "Requests by caller, key, operation and gRPC status code.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (k, c) in &cells {
-                for (i, code) in CODES.iter().enumerate() {
-                    let n = get(&c.codes[i]);
-                    if n > 0 {
-                        m.encode_family(&RequestLabels {
-                            caller: Arc::clone(&k.caller),
-                            key: Arc::clone(&k.key),
-                            operation: k.op.as_str(),
-                            code,
-                        })?
-                        .encode_counter::<RequestLabels, _, u64>(&n, None)?;
-                    }
+    /// Requests by caller, key, operation and gRPC code, and their latency by operation.
+    fn encode_requests(
+        &self,
+        enc: &mut DescriptorEncoder,
+        cells: &[(CellKey, Arc<Cell>)],
+    ) -> Result<(), std::fmt::Error> {
+        let mut requests = Sums::<u64>::new();
+        for (k, c) in cells {
+            let n = get(&c.requests);
+            if n > 0 {
+                *requests
+                    .entry((
+                        Arc::clone(&k.caller),
+                        Arc::clone(&k.key),
+                        k.op.as_str(),
+                        k.code,
+                    ))
+                    .or_default() += n;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_requests",
+            "Requests by caller, key, operation and gRPC status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((caller, key, operation, code), n) in requests {
+            m.encode_family(&RequestLabels {
+                caller,
+                key,
+                operation,
+                code,
+            })?
+            .encode_counter::<RequestLabels, _, u64>(&n, None)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_request_duration",
+            "Request latency by operation, measured in the service (excludes transport).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (op, h) in Operation::ALL.iter().zip(&self.metrics.latency) {
+            h.encode(m.encode_family(&OpLabels {
+                operation: op.as_str(),
+            })?)?;
+        }
+        Ok(())
+    }
+
+    /// Payload bytes of successful requests by caller, key and operation (also 0 once any
+    /// request succeeded, so the series exists).
+    fn encode_payload(
+        &self,
+        enc: &mut DescriptorEncoder,
+        cells: &[(CellKey, Arc<Cell>)],
+    ) -> Result<(), std::fmt::Error> {
+        // The last label is unused here: "".
+        let mut bytes = Sums::<(u64, bool)>::new();
+        for (k, c) in cells {
+            let e = bytes
+                .entry((Arc::clone(&k.caller), Arc::clone(&k.key), k.op.as_str(), ""))
+                .or_default();
+            e.0 += get(&c.bytes);
+            e.1 |= get(&c.succeeded) > 0;
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_payload",
+            "Payload bytes of successful requests (plaintext in or out) by caller, key and operation.",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for ((caller, key, operation, _), (n, succeeded)) in bytes {
+            if n > 0 || succeeded {
+                m.encode_family(&UsageLabels {
+                    caller,
+                    key,
+                    operation,
+                })?
+                .encode_counter::<UsageLabels, _, u64>(&n, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_cache_lookups(
+        &self,
+        enc: &mut DescriptorEncoder,
+        cells: &[(CellKey, Arc<Cell>)],
+    ) -> Result<(), std::fmt::Error> {
+        type Lookups = BTreeMap<(&'static str, Arc<str>, Arc<str>, &'static str), u64>;
+        let mut lookups = Lookups::new();
+        for (k, c) in cells {
+            for result in CacheResult::ALL {
+                let n = c.cache(result);
+                if n > 0 {
+                    *lookups
+                        .entry((
+                            cache_side(k.op),
+                            Arc::clone(&k.caller),
+                            Arc::clone(&k.key),
+                            result.as_str(),
+                        ))
+                        .or_default() += n;
                 }
             }
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_request_duration",
-                "Request latency by operation, measured in the service (excludes transport).",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for (op, h) in Operation::ALL.iter().zip(&self.metrics.latency) {
-                h.encode(m.encode_family(&OpLabels {
-                    operation: op.as_str(),
-                })?)?;
-            }
+        let mut m = enc.encode_descriptor(
+            "keybroker_cache_lookups",
+            "Data-key cache lookups by cache (encrypt or decrypt side), caller, key and result (hit, miss, bypass).",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((cache, caller, key, result), n) in lookups {
+            m.encode_family(&CacheLabels {
+                cache,
+                caller,
+                key,
+                result,
+            })?
+            .encode_counter::<CacheLabels, _, u64>(&n, None)?;
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_payload",
-                "Payload bytes of successful requests (plaintext in or out) by caller, key and operation.",
-                Some(&Unit::Bytes),
-                MetricType::Counter,
-            )?;
-            for (k, c) in &cells {
-                let n = get(&c.bytes);
-                if n > 0 || get(&c.codes[0]) > 0 {
-                    m.encode_family(&UsageLabels {
-                        caller: Arc::clone(&k.caller),
-                        key: Arc::clone(&k.key),
-                        operation: k.op.as_str(),
-                    })?
-                    .encode_counter::<UsageLabels, _, u64>(&n, None)?;
-                }
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_cache_lookups",
-                "Data-key cache lookups by cache (encrypt or decrypt side), caller, key and result (hit, miss, bypass).",
-                None,
-                MetricType::Counter,
-            )?;
-            for (k, c) in &cells {
-                for (result, n) in [
-                    ("hit", get(&c.hits)),
-                    ("miss", get(&c.misses)),
-                    ("bypass", get(&c.bypasses)),
-                ] {
-                    if n > 0 {
-                        m.encode_family(&CacheLabels {
-                            cache: cache_side(k.op),
-                            caller: Arc::clone(&k.caller),
-                            key: Arc::clone(&k.key),
-                            result,
-                        })?
-                        .encode_counter::<CacheLabels, _, u64>(&n, None)?;
-                    }
-                }
-            }
-        }
-        // Backend calls, and their cost and the cost caching avoided.
+        Ok(())
+    }
+
+    /// Backend calls by backend, key, operation and outcome, their latency, and their cost and
+    /// the cost caching avoided.
+    fn encode_backend_calls(
+        &self,
+        enc: &mut DescriptorEncoder,
+        cells: &[(CellKey, Arc<Cell>)],
+    ) -> Result<(), std::fmt::Error> {
+        let prices = self.metrics.prices.load();
         let mut calls: BTreeMap<(&'static str, Arc<str>, &'static str, &'static str), u64> =
             BTreeMap::new();
-        // Counted in calls, priced once at the end (see `usd`).
-        // (caller, key, backend) -> (calls, price per 10k calls).
-        type Priced = BTreeMap<(Arc<str>, Arc<str>, &'static str), (u64, f64)>;
         let mut spent = Priced::new();
         let mut avoided = Priced::new();
-        for (k, c) in &cells {
+        for (k, c) in cells {
             let Some(backend) = k.backend else { continue };
             let per_10k = prices.get(backend).per_10k_requests;
-            for (oi, op) in BACKEND_OPS.iter().enumerate() {
-                for (ri, outcome) in OUTCOMES.iter().enumerate() {
-                    let n = get(&c.backend_calls[oi][ri]);
-                    if n > 0 {
-                        *calls
-                            .entry((backend.as_str(), Arc::clone(&k.key), op, outcome))
-                            .or_default() += n;
-                        if ri == 0 {
-                            spent
-                                .entry((
-                                    Arc::clone(&k.caller),
-                                    Arc::clone(&k.key),
-                                    backend.as_str(),
-                                ))
-                                .or_insert((0, per_10k))
-                                .0 += n;
-                        }
+            let priced = || (Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str());
+            for op in BackendOp::ALL {
+                for outcome in outcomes() {
+                    let n = get(&c.backend_calls[op_slot(op)][outcome_slot(outcome)]);
+                    if n == 0 {
+                        continue;
+                    }
+                    *calls
+                        .entry((
+                            backend.as_str(),
+                            Arc::clone(&k.key),
+                            op.as_str(),
+                            outcome_label(outcome),
+                        ))
+                        .or_default() += n;
+                    if outcome.is_ok() {
+                        spent.entry(priced()).or_insert((0, per_10k)).0 += n;
                     }
                 }
             }
             let hits = get(&c.hits);
             if hits > 0 {
-                avoided
-                    .entry((Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str()))
-                    .or_insert((0, per_10k))
-                    .0 += hits;
+                avoided.entry(priced()).or_insert((0, per_10k)).0 += hits;
             }
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_backend_calls",
-                "Calls to key backends by backend, key, backend operation and outcome.",
-                None,
-                MetricType::Counter,
-            )?;
-            for ((backend, key, operation, outcome), n) in &calls {
-                m.encode_family(&BackendCallLabels {
-                    backend,
-                    key: Arc::clone(key),
-                    operation,
-                    outcome,
-                })?
-                .encode_counter::<BackendCallLabels, _, u64>(n, None)?;
-            }
+        let mut m = enc.encode_descriptor(
+            "keybroker_backend_calls",
+            "Calls to key backends by backend, key, backend operation and outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((backend, key, operation, outcome), n) in &calls {
+            m.encode_family(&BackendCallLabels {
+                backend,
+                key: Arc::clone(key),
+                operation,
+                outcome,
+            })?
+            .encode_counter::<BackendCallLabels, _, u64>(n, None)?;
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_backend_call_duration",
-                "Backend call latency by backend and backend operation.",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for b in BackendKind::ALL {
-                if b == BackendKind::Local && !cells.iter().any(|(k, _)| k.backend == Some(b)) {
-                    continue;
-                }
-                for (oi, op) in BACKEND_OPS.iter().enumerate() {
-                    let h = &self.metrics.backend_latency[b.code() as usize - 1][oi];
-                    h.encode(m.encode_family(&BackendOpLabels {
-                        backend: b.as_str(),
-                        operation: op,
-                    })?)?;
-                }
-            }
-        }
+        self.encode_backend_latency(enc, cells)?;
         for (name, help, values) in [
             (
                 "keybroker_cost_usd",
@@ -574,99 +698,97 @@ impl Scrape {
                 .encode_counter::<CostLabels, _, u64>(&dollars, None)?;
             }
         }
+        Ok(())
+    }
 
-        // Per-key figures from the registry.
-        let registry = self.broker.registry();
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_key_monthly_cost_usd",
-                "List price of keeping the key itself for a month, in US dollars (from the price table).",
-                None,
-                MetricType::Gauge,
-            )?;
-            for e in registry.iter() {
-                let b = e.backend.kind();
-                m.encode_family(&KeyLabels {
-                    key: Arc::clone(&e.name),
+    fn encode_backend_latency(
+        &self,
+        enc: &mut DescriptorEncoder,
+        cells: &[(CellKey, Arc<Cell>)],
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = enc.encode_descriptor(
+            "keybroker_backend_call_duration",
+            "Backend call latency by backend and backend operation.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for b in BackendKind::ALL {
+            if b == BackendKind::Local && !cells.iter().any(|(k, _)| k.backend == Some(b)) {
+                continue;
+            }
+            for op in BackendOp::ALL {
+                let h = &self.metrics.backend_latency[backend_slot(b)][op_slot(op)];
+                h.encode(m.encode_family(&BackendOpLabels {
                     backend: b.as_str(),
+                    operation: op.as_str(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-key figures from the snapshot: the key's monthly list price, cache evictions, and
+    /// the caches' sizes.
+    fn encode_keys(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let prices = self.metrics.prices.load();
+        let mut m = enc.encode_descriptor(
+            "keybroker_key_monthly_cost_usd",
+            "List price of keeping the key itself for a month, in US dollars (from the price table).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for k in &self.snapshot.keys {
+            m.encode_family(&KeyLabels {
+                key: Arc::clone(&k.name),
+                backend: k.backend.as_str(),
+            })?
+            .encode_gauge(&prices.get(k.backend).key_month)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_cache_evictions",
+            "Cached data keys retired (TTL, usage limits, capacity, invalidation) by cache and key.",
+            None,
+            MetricType::Counter,
+        )?;
+        for k in &self.snapshot.keys {
+            for (cache, n) in [("encrypt", k.evictions.0), ("decrypt", k.evictions.1)] {
+                m.encode_family(&CacheKeyLabels {
+                    cache,
+                    key: Arc::clone(&k.name),
                 })?
-                .encode_gauge(&prices.get(b).key_month)?;
+                .encode_counter::<CacheKeyLabels, _, u64>(&n, None)?;
             }
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_cache_evictions",
-                "Cached data keys retired (TTL, usage limits, capacity, invalidation) by cache and key.",
-                None,
-                MetricType::Counter,
-            )?;
-            for e in registry.iter() {
-                let enc_side = e
-                    .stats
-                    .op(Operation::Encrypt)
-                    .evictions
-                    .load(Ordering::Relaxed)
-                    + e.stats
-                        .op(Operation::GenerateDataKey)
-                        .evictions
-                        .load(Ordering::Relaxed);
-                let dec_side = e
-                    .stats
-                    .op(Operation::Decrypt)
-                    .evictions
-                    .load(Ordering::Relaxed);
-                for (cache, n) in [("encrypt", enc_side), ("decrypt", dec_side)] {
-                    m.encode_family(&CacheKeyLabels {
-                        cache,
-                        key: Arc::clone(&e.name),
-                    })?
-                    .encode_counter::<CacheKeyLabels, _, u64>(&n, None)?;
-                }
-            }
+        let (enc_n, dec_n) = self.snapshot.cache_entries;
+        let mut m = enc.encode_descriptor(
+            "keybroker_cache_entries",
+            "Data keys currently cached, by cache.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cache, n) in [("encrypt", enc_n), ("decrypt", dec_n)] {
+            m.encode_family(&CacheSideLabels { cache })?
+                .encode_gauge(&n)?;
         }
-        {
-            let (enc_n, dec_n) = self.broker.cache().entry_counts_now();
-            let mut m = enc.encode_descriptor(
-                "keybroker_cache_entries",
-                "Data keys currently cached, by cache.",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (cache, n) in [("encrypt", enc_n), ("decrypt", dec_n)] {
-                m.encode_family(&CacheSideLabels { cache })?
-                    .encode_gauge(&n)?;
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_audit_records_dropped",
-                "Audit records dropped because the queue was full (best-effort mode only).",
-                None,
-                MetricType::Counter,
-            )?;
-            m.encode_counter::<OpLabels, _, u64>(&self.audit.dropped(), None)?;
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_audit_writer_healthy",
-                "1 while the audit log can be written, else 0.",
-                None,
-                MetricType::Gauge,
-            )?;
-            m.encode_gauge(&(self.audit.healthy() as u64))?;
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "keybroker_build",
-                "Build information.",
-                None,
-                MetricType::Info,
-            )?;
-            m.encode_info(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            })?;
-        }
-        process_metrics(&mut enc, self.metrics.start_time)
+        Ok(())
+    }
+
+    fn encode_audit(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut m = enc.encode_descriptor(
+            "keybroker_audit_records_dropped",
+            "Audit records dropped because the queue was full (best-effort mode only).",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<OpLabels, _, u64>(&self.snapshot.audit_dropped, None)?;
+        let mut m = enc.encode_descriptor(
+            "keybroker_audit_writer_healthy",
+            "1 while the audit log can be written, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&(self.snapshot.audit_healthy as u64))?;
+        Ok(())
     }
 }
 
