@@ -5,21 +5,25 @@
 //! Order matters and is the same everywhere: input limits, then the key's configuration entry,
 //! then the caller's permission, then the key's state, and only then the cache, so that neither a
 //! cached data key nor a cache hit can get around the policy or a disabled key.
-//! Each operation fills a [`Facts`] as it learns things, so the audit record and the metrics of a
-//! failed request still say which key, backend and version were involved.
+//! Each operation fills a [`Facts`] as it learns things (what the cache and the backends report
+//! included), so the audit record and the metrics of a failed request still say which key,
+//! backend and version were involved. Must never: touch a data key before the policy and the
+//! key's state allowed the request, or let anything but [`Error`] out (no transport types here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{BackendContext, BackendKind};
-use crate::cache::{CacheResult, DataKeyCache, Purpose};
+use crate::backend::{BackendContext, BackendKind, Wrapped};
+use crate::cache::{CacheError, CacheLimits, DataKeyCache, Lookup, Purpose, UnwrappedKey};
 use crate::envelope::{self, Envelope, Kind, WrappedCopy};
 use crate::error::Error;
-use crate::identity::Caller;
+use crate::facts::{BackendCall, BackendOp, CacheResult, Facts};
 use crate::operation::Operation;
 use crate::policy::Need;
+use crate::principal::Caller;
 use crate::registry::{KeyEntry, Registry};
 use crate::secret::SecretKey;
 use crate::stats::{OpSnapshot, bump};
@@ -28,68 +32,24 @@ use crate::stats::{OpSnapshot, bump};
 /// largest header the format allows (8 copies of the longest ids and wrapped keys) plus the tag.
 pub const CIPHERTEXT_OVERHEAD: u64 = 128 << 10;
 
-/// What a request touched, filled in as the operation proceeds (also on failure).
-#[derive(Debug, Default, Clone)]
-pub struct Facts {
-    pub key: Option<Arc<str>>,
-    pub backend: Option<BackendKind>,
-    pub backend_key_id: Option<Arc<str>>,
-    pub key_version: Option<String>,
-    pub cache: Option<CacheResult>,
-    /// Payload bytes (plaintext in or out).
-    pub bytes: u64,
-    /// For ReEncrypt: the source side.
-    pub source_key: Option<Arc<str>>,
-    pub source_key_version: Option<String>,
-    /// Backend calls this request made (not those it waited for).
-    pub backend_calls: Vec<BackendCall>,
+/// Records what a request learnt from its key's configuration entry.
+fn note_entry(facts: &mut Facts, entry: &KeyEntry) {
+    facts.key = Some(Arc::clone(&entry.name));
+    facts.backend = Some(entry.backend.kind());
+    facts.backend_key_id = Some(Arc::clone(&entry.backend_key_id));
 }
 
-/// One call to a backend, for metrics.
-#[derive(Debug, Clone, Copy)]
-pub struct BackendCall {
-    /// Index into `metrics::BACKEND_OPS`.
-    pub op: BackendOp,
-    /// Index into `metrics::OUTCOMES`: 0 is success.
-    pub outcome: usize,
-    pub latency: std::time::Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendOp {
-    GenerateDataKey = 0,
-    Wrap = 1,
-    Unwrap = 2,
-    Rewrap = 3,
-}
-
-impl BackendCall {
-    /// Times `call` and records it in `facts`.
-    pub async fn record<T>(
-        facts: &mut Facts,
-        op: BackendOp,
-        call: impl std::future::Future<Output = Result<T, crate::backend::BackendError>>,
-    ) -> Result<T, crate::backend::BackendError> {
-        let started = std::time::Instant::now();
-        let result = call.await;
-        facts.backend_calls.push(BackendCall {
-            op,
-            outcome: match &result {
-                Ok(_) => 0,
-                Err(e) => e.kind.outcome_index(),
-            },
-            latency: started.elapsed(),
-        });
-        result
-    }
-}
-
-impl Facts {
-    fn entry(&mut self, entry: &KeyEntry) {
-        self.key = Some(Arc::clone(&entry.name));
-        self.backend = Some(entry.backend.kind());
-        self.backend_key_id = Some(Arc::clone(&entry.backend_key_id));
-    }
+/// A cache lookup's answer; its backend calls go into the request's facts.
+fn take<T>(
+    lookup: Lookup<T>,
+    entry: &KeyEntry,
+    facts: &mut Facts,
+) -> Result<(T, CacheResult), Error> {
+    facts.backend_calls.extend(lookup.calls);
+    lookup.result.map_err(|e| match e {
+        CacheError::Backend(e) => Error::backend(&entry.name, e),
+        CacheError::Contention => Error::Internal("data key cache contention"),
+    })
 }
 
 pub struct EncryptOutput {
@@ -129,7 +89,7 @@ pub struct KeyListing {
     pub backend: BackendKind,
     pub backend_key_id: String,
     pub enabled: bool,
-    pub cache: crate::config::CacheLimits,
+    pub cache: CacheLimits,
     pub stats: Vec<(Operation, OpSnapshot)>,
 }
 
@@ -191,16 +151,16 @@ impl Broker {
         check_key_field(key, "key")?;
         let registry = self.registry.load();
         let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::Encrypt), facts)?;
-        let (active, result) = self
+        let lookup = self
             .cache
             .active_key(
-                entry,
+                entry.cached(),
                 &caller.name,
                 Purpose::Messages,
                 plaintext.len() as u64,
-                facts,
             )
-            .await?;
+            .await;
+        let (active, result) = take(lookup, entry, facts)?;
         facts.cache = Some(result);
         facts.key_version = Some(active.wrapped.key_version.clone());
         let ciphertext = envelope::seal(
@@ -271,18 +231,14 @@ impl Broker {
             Need::Op(Operation::GenerateDataKey),
             facts,
         )?;
-        let (active, result) = self
+        let purpose = Purpose::DataKey {
+            len: spec.key_len(),
+        };
+        let lookup = self
             .cache
-            .active_key(
-                entry,
-                &caller.name,
-                Purpose::DataKey {
-                    len: spec.key_len(),
-                },
-                0,
-                facts,
-            )
-            .await?;
+            .active_key(entry.cached(), &caller.name, purpose, 0)
+            .await;
+        let (active, result) = take(lookup, entry, facts)?;
         facts.cache = Some(result);
         facts.key_version = Some(active.wrapped.key_version.clone());
         facts.bytes = spec.key_len() as u64;
@@ -331,25 +287,8 @@ impl Broker {
         let env = envelope::parse(ciphertext)?;
         facts.bytes = env.payload_len() as u64;
         let registry = self.registry.load();
-        let source =
-            self.usable_key(&registry, caller, env.key_name, Need::ReEncryptFrom, facts)?;
-        facts.source_key = Some(Arc::clone(&source.name));
-        let dest_name = if destination_key.is_empty() {
-            env.key_name
-        } else {
-            destination_key
-        };
-        // Both keys are resolved and checked before any backend work. Whether the caller can
-        // read the source decides what it needs on the destination (see `Need`).
-        let source_readable = source.policy.allows(caller, Operation::Decrypt);
-        let dest = self.usable_key(
-            &registry,
-            caller,
-            dest_name,
-            Need::ReEncryptTo { source_readable },
-            facts,
-        )?;
-
+        let (source, dest) =
+            self.re_encrypt_keys(&registry, caller, &env, destination_key, facts)?;
         let (copy, data_key, _) = self
             .unwrap_any(source, &env, Operation::ReEncrypt, facts)
             .await?;
@@ -358,66 +297,27 @@ impl Broker {
             .open(data_key.data_key(), source_context)
             .map_err(|_| Error::DecryptionFailed)?;
         let payload = zeroize::Zeroizing::new(payload);
-
-        let source_ctx = BackendContext {
-            key_name: env.key_name,
-            caller: env.caller,
-        };
         let dest_ctx = BackendContext {
             key_name: &dest.name,
             caller: &caller.name,
         };
-        facts.entry(dest);
-        bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
-        let started = std::time::Instant::now();
-        let (rewrapped, op) = match dest
-            .backend
-            .rewrap_from(source.backend.as_ref(), &copy, &source_ctx, &dest_ctx)
-            .await
-        {
-            Some(result) => (result, BackendOp::Rewrap),
-            None => (
-                dest.backend.wrap(data_key.data_key(), &dest_ctx).await,
-                BackendOp::Wrap,
-            ),
-        };
-        facts.backend_calls.push(BackendCall {
-            op,
-            outcome: rewrapped
-                .as_ref()
-                .map_or_else(|e| e.kind.outcome_index(), |_| 0),
-            latency: started.elapsed(),
-        });
-        let rewrapped = rewrapped.map_err(|e| Error::backend(&dest.name, e))?;
+        note_entry(facts, dest);
+        let rewrapped = self
+            .rewrap(source, dest, &env, &copy, &data_key, &dest_ctx, facts)
+            .await?;
         let new_copy = rewrapped.as_copy(dest.backend.kind());
         facts.key_version = Some(rewrapped.key_version.clone());
-        // A derived data key depends on its blob's salt, so that blob keeps it (safe in version
-        // 2: the new header and context give a new message key); everything else gets a fresh one.
-        let out = match env.kind {
-            Kind::DerivedDataKey => envelope::seal_with_salt(
-                envelope::FORMAT_VERSION,
-                env.kind,
-                &dest.name,
-                &caller.name,
-                &[new_copy],
-                data_key.data_key(),
-                destination_context,
-                &payload,
-                env.salt(),
-            ),
-            Kind::Message | Kind::DataKey => envelope::seal(
-                env.kind,
-                &dest.name,
-                &caller.name,
-                &[new_copy],
-                data_key.data_key(),
-                destination_context,
-                &payload,
-            ),
-        }
-        .map_err(seal_error)?;
+        let out = reseal(
+            &env,
+            dest,
+            caller,
+            new_copy,
+            &data_key,
+            destination_context,
+            &payload,
+        )?;
         self.cache
-            .remember_unwrapped(dest, &new_copy, &dest_ctx, data_key.data_key())
+            .remember_unwrapped(dest.cached(), &new_copy, &dest_ctx, data_key.data_key())
             .await;
         Ok(ReEncryptOutput {
             ciphertext: out,
@@ -426,6 +326,73 @@ impl Broker {
             source_key: Arc::clone(&source.name),
             source_key_version: copy.key_version.to_owned(),
         })
+    }
+
+    /// ReEncrypt's two keys, both resolved and checked before any backend work. Whether the
+    /// caller can read the source decides what it needs on the destination (see `Need`).
+    fn re_encrypt_keys<'r>(
+        &self,
+        registry: &'r Registry,
+        caller: &Caller,
+        env: &Envelope<'_>,
+        destination_key: &str,
+        facts: &mut Facts,
+    ) -> Result<(&'r Arc<KeyEntry>, &'r Arc<KeyEntry>), Error> {
+        let source = self.usable_key(registry, caller, env.key_name, Need::ReEncryptFrom, facts)?;
+        facts.source_key = Some(Arc::clone(&source.name));
+        let dest_name = if destination_key.is_empty() {
+            env.key_name
+        } else {
+            destination_key
+        };
+        let source_readable = source.policy.allows(caller, Operation::Decrypt);
+        let dest = self.usable_key(
+            registry,
+            caller,
+            dest_name,
+            Need::ReEncryptTo { source_readable },
+            facts,
+        )?;
+        Ok((source, dest))
+    }
+
+    /// Wraps the data key under the destination key: inside the provider when the destination
+    /// backend can re-wrap the source's copy itself (`rewrap_from`), else from the data key
+    /// this process holds. One backend call either way, recorded in `facts`.
+    #[allow(clippy::too_many_arguments)]
+    async fn rewrap(
+        &self,
+        source: &KeyEntry,
+        dest: &KeyEntry,
+        env: &Envelope<'_>,
+        copy: &WrappedCopy<'_>,
+        data_key: &UnwrappedKey,
+        dest_ctx: &BackendContext<'_>,
+        facts: &mut Facts,
+    ) -> Result<Wrapped, Error> {
+        let source_ctx = BackendContext {
+            key_name: env.key_name,
+            caller: env.caller,
+        };
+        bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
+        let started = Instant::now();
+        let (rewrapped, op) = match dest
+            .backend
+            .rewrap_from(source.backend.as_ref(), copy, &source_ctx, dest_ctx)
+            .await
+        {
+            Some(result) => (result, BackendOp::Rewrap),
+            None => (
+                dest.backend.wrap(data_key.data_key(), dest_ctx).await,
+                BackendOp::Wrap,
+            ),
+        };
+        facts.backend_calls.push(BackendCall {
+            op,
+            outcome: rewrapped.as_ref().map(|_| ()).map_err(|e| e.kind),
+            latency: started.elapsed(),
+        });
+        rewrapped.map_err(|e| Error::backend(&dest.name, e))
     }
 
     /// The keys `caller` may list, with their limits and counters (no secrets).
@@ -477,7 +444,7 @@ impl Broker {
                 operation: need.describe(),
             });
         };
-        facts.entry(entry);
+        note_entry(facts, entry);
         let op = match need {
             Need::Op(op) => op,
             Need::ReEncryptFrom | Need::ReEncryptTo { .. } => Operation::ReEncrypt,
@@ -534,14 +501,7 @@ impl Broker {
         env: &Envelope<'e>,
         op: Operation,
         facts: &mut Facts,
-    ) -> Result<
-        (
-            WrappedCopy<'e>,
-            Arc<crate::cache::UnwrappedKey>,
-            CacheResult,
-        ),
-        Error,
-    > {
+    ) -> Result<(WrappedCopy<'e>, Arc<UnwrappedKey>, CacheResult), Error> {
         let ctx = BackendContext {
             key_name: env.key_name,
             caller: env.caller,
@@ -556,7 +516,11 @@ impl Broker {
                 .backend
                 .check_canonical(copy)
                 .map_err(Error::InvalidCiphertext)?;
-            match self.cache.unwrapped_key(entry, copy, &ctx, op, facts).await {
+            let lookup = self
+                .cache
+                .unwrapped_key(entry.cached(), copy, &ctx, op)
+                .await;
+            match take(lookup, entry, facts) {
                 Ok((key, result)) => {
                     facts.cache = Some(result);
                     return Ok((*copy, key, result));
@@ -591,6 +555,43 @@ fn check_key_field(name: &str, field: &str) -> Result<(), Error> {
         )));
     }
     crate::util::check_name(name).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
+}
+
+/// The re-encrypted ciphertext. A derived data key depends on its blob's salt, so that blob
+/// keeps it (safe in version 2: the new header and context give a new message key); everything
+/// else gets a fresh one.
+fn reseal(
+    env: &Envelope<'_>,
+    dest: &KeyEntry,
+    caller: &Caller,
+    new_copy: WrappedCopy<'_>,
+    data_key: &UnwrappedKey,
+    destination_context: &BTreeMap<String, String>,
+    payload: &[u8],
+) -> Result<Vec<u8>, Error> {
+    match env.kind {
+        Kind::DerivedDataKey => envelope::seal_with_salt(
+            envelope::FORMAT_VERSION,
+            env.kind,
+            &dest.name,
+            &caller.name,
+            &[new_copy],
+            data_key.data_key(),
+            destination_context,
+            payload,
+            env.salt(),
+        ),
+        Kind::Message | Kind::DataKey => envelope::seal(
+            env.kind,
+            &dest.name,
+            &caller.name,
+            &[new_copy],
+            data_key.data_key(),
+            destination_context,
+            payload,
+        ),
+    }
+    .map_err(seal_error)
 }
 
 fn check_context(context: &BTreeMap<String, String>, field: &str) -> Result<(), Error> {

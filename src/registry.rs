@@ -1,21 +1,65 @@
-//! The registry: configured key names mapped to backend instances, limits and counters.
+//! The registry: configured key names mapped to backend instances, limits, policies and
+//! counters, and what one configured key is ([`KeyConfig`], read from `[keys.NAME]`).
 //!
-//! Built once per configuration (and rebuilt on reload). Backends that can share a client or a
-//! file share it through [`BackendFactory`]: one keyring watcher per file, one SDK client per
-//! cloud endpoint.
+//! Built once per configuration (and rebuilt on reload) with a backend [`Factory`], which
+//! shares clients and keyrings between keys. Must never: hand out a key whose backend failed
+//! to build (the whole registry fails, with every key's problem), or reuse a data-key cache
+//! epoch across a change of a key's backend or limits.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::backend::KeyBackend;
-use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
-use crate::backend::local::{LocalBackend, LocalKeyring};
-use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
-use crate::identity::Caller;
+use crate::backend::{BackendConfig, Factory, KeyBackend, KeyDefaults};
+use crate::cache::{CacheLimits, CachedKey};
 use crate::operation::Operation;
 use crate::policy::{Need, Policy};
+use crate::principal::{ANONYMOUS, Caller};
+use crate::settings::{Problem, Problems, Section};
 use crate::stats::KeyStats;
+
+/// One configured key, as `[keys.NAME]` describes it.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    pub backend: BackendConfig,
+    pub cache: CacheLimits,
+    /// Who may do what with this key; empty denies everything.
+    pub policy: Policy,
+}
+
+impl KeyConfig {
+    /// Reads `[keys.NAME]` over the section-level defaults (the caller reports unknown fields
+    /// with `finish`).
+    pub fn parse(
+        name: &str,
+        s: &Section<'_>,
+        cache: CacheLimits,
+        backends: KeyDefaults<'_>,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Self> {
+        let description = s.str("description", p).unwrap_or_default().to_owned();
+        let enabled = s.bool("enabled", p).unwrap_or(true);
+        let backend_name = s.req_str("backend", p);
+        let key_id = s.req_str("key_id", p);
+        let cache_section = s.section("cache", p);
+        let cache = CacheLimits::parse(&cache_section, cache, p);
+        cache_section.finish(p);
+        let policy = Policy::parse(s, p);
+        let backend = BackendConfig::parse(backend_name?, key_id, s, backends, base, p)?;
+        Some(Self {
+            name: name.to_owned(),
+            description,
+            enabled,
+            backend,
+            cache,
+            policy,
+        })
+    }
+}
 
 /// One configured key.
 pub struct KeyEntry {
@@ -42,6 +86,19 @@ static NEXT_CACHE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 
 fn new_cache_epoch() -> u64 {
     NEXT_CACHE_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl KeyEntry {
+    /// What the data-key caches need of this key.
+    pub fn cached(&self) -> CachedKey<'_> {
+        CachedKey {
+            name: &self.name,
+            epoch: self.cache_epoch,
+            limits: self.cache,
+            stats: &self.stats,
+            backend: self.backend.as_ref(),
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -107,7 +164,7 @@ impl Grants {
 
     fn allow(&self, caller: &Caller, need: Need) -> bool {
         let mut ops = self.named.get(&*caller.name).copied().unwrap_or(0);
-        if &*caller.name != crate::identity::ANONYMOUS {
+        if &*caller.name != ANONYMOUS {
             ops |= self.any_identified;
         }
         let has = |op: Operation| ops & (1 << op.index()) != 0;
@@ -115,86 +172,6 @@ impl Grants {
             Need::Op(op) => has(op),
             Need::ReEncryptFrom => has(Operation::Decrypt) || has(Operation::ReEncrypt),
             Need::ReEncryptTo { .. } => has(Operation::Encrypt) || has(Operation::ReEncrypt),
-        }
-    }
-}
-
-/// Builds backends, sharing what can be shared between keys.
-pub struct BackendFactory {
-    local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
-    poll_interval: std::time::Duration,
-    aws: crate::backend::aws::AwsClients,
-    gcp: GcpSettings,
-    /// One Cloud KMS client per endpoint (credentials are process-wide).
-    gcp_clients: HashMap<String, Arc<GcpClient>>,
-    azure: crate::backend::azure::AzureClients,
-}
-
-impl BackendFactory {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            local_rings: HashMap::new(),
-            poll_interval: config.local.poll_interval,
-            aws: Default::default(),
-            gcp: config.gcp.clone(),
-            gcp_clients: HashMap::new(),
-            azure: Default::default(),
-        }
-    }
-
-    async fn build(&mut self, backend: &BackendConfig) -> Result<Arc<dyn KeyBackend>, String> {
-        match backend {
-            BackendConfig::Local {
-                keyring,
-                key_id,
-                create,
-            } => {
-                let ring = match self.local_rings.get(keyring) {
-                    Some(r) => {
-                        if *create {
-                            // The shared handle was opened for another key; make sure this one
-                            // exists too.
-                            LocalKeyring::open(keyring, Some(key_id)).map_err(|e| e.to_string())?;
-                            r.reload_if_changed();
-                        }
-                        Arc::clone(r)
-                    }
-                    None => {
-                        let r = LocalKeyring::open(keyring, create.then_some(key_id.as_str()))
-                            .map_err(|e| e.to_string())?;
-                        r.watch(self.poll_interval);
-                        self.local_rings.insert(keyring.clone(), Arc::clone(&r));
-                        r
-                    }
-                };
-                if !ring.snapshot().keys.contains_key(key_id.as_str()) {
-                    return Err(format!(
-                        "key {key_id:?} is not in keyring {} (create it with `keybroker keys create {key_id}`)",
-                        keyring.display()
-                    ));
-                }
-                Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
-            }
-            BackendConfig::Aws(cfg) => Ok(Arc::new(self.aws.backend(cfg).await?)),
-            BackendConfig::Gcp { key_id, endpoint } => {
-                let endpoint = endpoint.as_deref().unwrap_or(&self.gcp.endpoint);
-                let client = match self.gcp_clients.get(endpoint) {
-                    Some(c) => Arc::clone(c),
-                    None => {
-                        let c = GcpClient::connect(endpoint, &self.gcp)
-                            .await
-                            .map_err(|e| format!("Cloud KMS client: {e}"))?;
-                        self.gcp_clients.insert(endpoint.to_owned(), Arc::clone(&c));
-                        c
-                    }
-                };
-                Ok(Arc::new(GcpBackend::new(client, key_id.clone())?))
-            }
-            BackendConfig::Azure {
-                key_id,
-                key,
-                settings,
-            } => Ok(Arc::new(self.azure.backend(key, key_id, settings)?)),
         }
     }
 }
@@ -209,15 +186,15 @@ impl Registry {
     /// `previous` (a configuration reload) lends its backends to keys whose backend
     /// configuration did not change, so a policy edit does not rebuild cloud clients.
     pub async fn build(
-        config: &Config,
+        config: &BTreeMap<String, KeyConfig>,
+        mut factory: Factory,
         stats: &StatsBook,
         layer: Option<&BackendLayer>,
         previous: Option<&Registry>,
-    ) -> Result<Self, ConfigError> {
-        let mut factory = BackendFactory::new(config);
+    ) -> Result<Self, Vec<Problem>> {
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
-        for (name, kc) in &config.keys {
+        for (name, kc) in config {
             let same_backend = previous
                 .and_then(|p| p.get(name))
                 .filter(|e| e.backend_config == kc.backend);
@@ -258,10 +235,7 @@ impl Registry {
             }
         }
         if !problems.is_empty() {
-            return Err(ConfigError {
-                source_name: config.source_name.clone(),
-                problems,
-            });
+            return Err(problems);
         }
         let grants = Grants::of(keys.values().map(|e| &e.policy));
         Ok(Self { keys, grants })
@@ -286,8 +260,8 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IdentitySource;
     use crate::policy::Statement;
+    use crate::principal::IdentitySource;
 
     fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
         Policy {

@@ -20,8 +20,8 @@ use clap::{Args, ValueEnum};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::cli::CliResult;
 use crate::client::KeyBrokerClient;
+use crate::command::CliResult;
 use crate::proto;
 use crate::proto::key_broker_server::{KeyBroker, KeyBrokerServer};
 
