@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::backend_kind::{BackendErrorKind, BackendKind};
-use crate::facts::{BackendOp, CacheResult, Facts, Outcome};
+use crate::facts::{BackendOp, CacheResult, CopyRef, Facts, Outcome};
 use crate::operation::Operation;
 use crate::principal::Caller;
 use crate::settings::{Problems, Section};
@@ -192,8 +192,24 @@ struct Cell {
     hits: AtomicU64,
     misses: AtomicU64,
     bypasses: AtomicU64,
-    /// [`op_slot`][`outcome_slot`]
-    backend_calls: [[AtomicU64; OUTCOME_SLOTS]; OP_SLOTS],
+    /// [`backend_slot`][`op_slot`][`outcome_slot`]: a key with several wrapping backends calls
+    /// each of them, so a call is counted under its own backend, not the request's.
+    backend_calls: [[[AtomicU64; OUTCOME_SLOTS]; OP_SLOTS]; BackendKind::ALL.len()],
+}
+
+/// A multi-backend copy event: which copy of a key's data key served a decrypt
+/// (`served`), or which wrapping backend a new data key went without (`missing`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct CopyKey {
+    event: CopyEvent,
+    key: Arc<str>,
+    copy: CopyRef,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum CopyEvent {
+    Served,
+    Missing,
 }
 
 impl Cell {
@@ -211,6 +227,7 @@ pub struct Metrics {
     known_callers: ArcSwap<BTreeSet<Arc<str>>>,
     prices: ArcSwap<PriceTable>,
     cells: RwLock<HashMap<CellKey, Arc<Cell>>>,
+    copies: RwLock<HashMap<CopyKey, Arc<AtomicU64>>>,
     latency: [Histogram; Operation::ALL.len()],
     /// [`backend_slot`][`op_slot`]
     backend_latency: [[Histogram; OP_SLOTS]; BackendKind::ALL.len()],
@@ -264,6 +281,7 @@ impl Metrics {
             known_callers: ArcSwap::from_pointee(to_arcs(known_callers)),
             prices: ArcSwap::from_pointee(prices),
             cells: RwLock::new(HashMap::new()),
+            copies: RwLock::new(HashMap::new()),
             latency: std::array::from_fn(|_| latency_histogram()),
             backend_latency: std::array::from_fn(|_| std::array::from_fn(|_| backend_histogram())),
             start_time: SystemTime::now()
@@ -323,13 +341,46 @@ impl Metrics {
             None => 0,
         };
         for call in facts.backend_calls.iter() {
-            cell.backend_calls[op_slot(call.op)][outcome_slot(call.outcome)]
+            cell.backend_calls[backend_slot(call.backend)][op_slot(call.op)]
+                [outcome_slot(call.outcome)]
+            .fetch_add(1, Ordering::Relaxed);
+            self.backend_latency[backend_slot(call.backend)][op_slot(call.op)]
+                .observe(call.latency.as_secs_f64());
+        }
+        if let Some(key) = &facts.key {
+            let events = facts
+                .served_by
+                .filter(|_| outcome.is_ok())
+                .map(|c| (CopyEvent::Served, c))
+                .into_iter()
+                .chain(
+                    facts
+                        .missing_copies
+                        .iter()
+                        .map(|c| (CopyEvent::Missing, *c)),
+                );
+            for (event, copy) in events {
+                self.copy_counter(CopyKey {
+                    event,
+                    key: Arc::clone(key),
+                    copy,
+                })
                 .fetch_add(1, Ordering::Relaxed);
-            if let Some(b) = facts.backend {
-                self.backend_latency[backend_slot(b)][op_slot(call.op)]
-                    .observe(call.latency.as_secs_f64());
             }
         }
+    }
+
+    fn copy_counter(&self, key: CopyKey) -> Arc<AtomicU64> {
+        if let Ok(map) = self.copies.read()
+            && let Some(c) = map.get(&key)
+        {
+            return Arc::clone(c);
+        }
+        let mut map = match self.copies.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        Arc::clone(map.entry(key).or_default())
     }
 
     fn cell(&self, key: CellKey) -> Arc<Cell> {
@@ -411,6 +462,13 @@ struct BackendCallLabels {
     key: Arc<str>,
     operation: &'static str,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CopyLabels {
+    key: Arc<str>,
+    backend: &'static str,
+    copy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -632,31 +690,40 @@ impl Scrape {
         let mut spent = Priced::new();
         let mut avoided = Priced::new();
         for (k, c) in cells {
-            let Some(backend) = k.backend else { continue };
-            let per_10k = prices.get(backend).per_10k_requests;
-            let priced = || (Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str());
-            for op in BackendOp::ALL {
-                for outcome in outcomes() {
-                    let n = get(&c.backend_calls[op_slot(op)][outcome_slot(outcome)]);
-                    if n == 0 {
-                        continue;
-                    }
-                    *calls
-                        .entry((
-                            backend.as_str(),
-                            Arc::clone(&k.key),
-                            op.as_str(),
-                            outcome_label(outcome),
-                        ))
-                        .or_default() += n;
-                    if outcome.is_ok() {
-                        spent.entry(priced()).or_insert((0, per_10k)).0 += n;
+            for backend in BackendKind::ALL {
+                let per_10k = prices.get(backend).per_10k_requests;
+                let priced = || (Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str());
+                for op in BackendOp::ALL {
+                    for outcome in outcomes() {
+                        let n = get(&c.backend_calls[backend_slot(backend)][op_slot(op)]
+                            [outcome_slot(outcome)]);
+                        if n == 0 {
+                            continue;
+                        }
+                        *calls
+                            .entry((
+                                backend.as_str(),
+                                Arc::clone(&k.key),
+                                op.as_str(),
+                                outcome_label(outcome),
+                            ))
+                            .or_default() += n;
+                        if outcome.is_ok() {
+                            spent.entry(priced()).or_insert((0, per_10k)).0 += n;
+                        }
                     }
                 }
             }
+            // A hit saved the call its request's backend (the first, or the copy that served)
+            // would have been asked.
+            let Some(backend) = k.backend else { continue };
             let hits = get(&c.hits);
             if hits > 0 {
-                avoided.entry(priced()).or_insert((0, per_10k)).0 += hits;
+                let per_10k = prices.get(backend).per_10k_requests;
+                avoided
+                    .entry((Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str()))
+                    .or_insert((0, per_10k))
+                    .0 += hits;
             }
         }
         let mut m = enc.encode_descriptor(
@@ -675,6 +742,7 @@ impl Scrape {
             .encode_counter::<BackendCallLabels, _, u64>(n, None)?;
         }
         self.encode_backend_latency(enc, cells)?;
+        self.encode_copies(enc)?;
         for (name, help, values) in [
             (
                 "keybroker_cost_usd",
@@ -696,6 +764,38 @@ impl Scrape {
                     backend,
                 })?
                 .encode_counter::<CostLabels, _, u64>(&dollars, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Multi-backend keys: which copy served decrypts, and which copies new data keys lack.
+    fn encode_copies(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut copies: Vec<(CopyKey, u64)> = match self.metrics.copies.read() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), get(v))).collect(),
+            Err(_) => Vec::new(),
+        };
+        copies.sort();
+        for (event, name, help) in [
+            (
+                CopyEvent::Served,
+                "keybroker_copy_served",
+                "Decrypts and re-encrypts by key and by the wrapped copy whose data key opened the envelope (backend, and its place among the envelope's copies).",
+            ),
+            (
+                CopyEvent::Missing,
+                "keybroker_copies_missing",
+                "Data keys made without the copy of one of their key's wrapping backends (require = \"first\" while that backend failed), by key, backend and its place in the key's wrap list.",
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (k, n) in copies.iter().filter(|(k, _)| k.event == event) {
+                m.encode_family(&CopyLabels {
+                    key: Arc::clone(&k.key),
+                    backend: k.copy.backend.as_str(),
+                    copy: k.copy.index_label(),
+                })?
+                .encode_counter::<CopyLabels, _, u64>(n, None)?;
             }
         }
         Ok(())
