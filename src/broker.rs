@@ -599,8 +599,16 @@ impl Broker {
         let mut refused = None;
         for w in breaker::order(&breakers) {
             let backend = &entry.wraps[w];
+            // A backend's own copies are those naming its key; when its configured id is not
+            // the durable one a copy records (an alias), every copy of its kind is a candidate
+            // (a copy of another key fails to unwrap, as the backend contract says).
+            let own = |c: &WrappedCopy<'_>| c.backend == backend.kind();
+            let exact = env
+                .copies
+                .iter()
+                .any(|c| own(c) && c.key_id == backend.key_id());
             for (i, copy) in env.copies.iter().enumerate() {
-                if copy.backend != backend.kind() {
+                if !own(copy) || (exact && copy.key_id != backend.key_id()) {
                     continue;
                 }
                 // A respelling of a genuine copy ("01" for "1") must not become a new cache
@@ -627,7 +635,7 @@ impl Broker {
             .await
         {
             let (w, i) = seen[k];
-            note_served(facts, &env.copies[i], i, CacheResult::Hit);
+            note_served(facts, entry, w, &env.copies[i], i, CacheResult::Hit);
             return Ok((env.copies[i], w, key));
         }
         let mut last = Error::DecryptionFailed;
@@ -640,7 +648,7 @@ impl Broker {
                 .await;
             match take(lookup, entry, facts) {
                 Ok((key, result)) => {
-                    note_served(facts, &copy, i, result);
+                    note_served(facts, entry, w, &copy, i, result);
                     return Ok((copy, w, key));
                 }
                 // Fail over to the next copy; the answer, if none works, says why the backends
@@ -669,12 +677,22 @@ impl Broker {
     }
 }
 
-/// Records which copy opened an envelope (and so which backend and durable key served).
-fn note_served(facts: &mut Facts, copy: &WrappedCopy<'_>, index: usize, result: CacheResult) {
+/// Records which copy opened an envelope; for a key with several wrapping backends also which
+/// of them vouches for it (`backend` and `backend_key_id` then name it, as configured).
+fn note_served(
+    facts: &mut Facts,
+    entry: &KeyEntry,
+    wrap: usize,
+    copy: &WrappedCopy<'_>,
+    index: usize,
+    result: CacheResult,
+) {
     facts.cache = Some(result);
     facts.key_version = Some(copy.key_version.to_owned());
-    facts.backend = Some(copy.backend);
-    facts.backend_key_id = Some(Arc::from(copy.key_id));
+    if entry.wraps.len() > 1 {
+        facts.backend = Some(copy.backend);
+        facts.backend_key_id = Some(Arc::from(entry.wraps[wrap].key_id()));
+    }
     facts.served_by = Some(CopyRef {
         index: u8::try_from(index).unwrap_or(u8::MAX),
         backend: copy.backend,

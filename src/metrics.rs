@@ -347,7 +347,7 @@ impl Metrics {
             self.backend_latency[backend_slot(call.backend)][op_slot(call.op)]
                 .observe(call.latency.as_secs_f64());
         }
-        if let Some(key) = &facts.key {
+        if let Some(key) = facts.key.as_ref().filter(|_| facts.wraps > 1) {
             let events = facts
                 .served_by
                 .filter(|_| outcome.is_ok())

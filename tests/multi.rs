@@ -144,7 +144,13 @@ async fn two_keyrings_fail_over_and_each_copy_alone_recovers() {
     // The first keyring loses the key: a fresh `orders` key takes its place (another secret).
     let saved = shared.path().join("a.saved");
     std::fs::rename(&a, &saved).unwrap();
-    let server = TestServer::start(&both).await;
+    // (The server's own directory goes with it: the log is kept beside the keyrings.)
+    let audit_log = shared.path().join("audit.jsonl");
+    let server = TestServer::start(&format!(
+        "{both}[audit]\npath = \"{}\"\n",
+        audit_log.display()
+    ))
+    .await;
     let mut c = server.client().await;
     assert_eq!(decrypt(&mut c, &ct).await.unwrap(), b"order 1");
     let m = scrape(&server).await;
@@ -157,6 +163,19 @@ async fn two_keyrings_fail_over_and_each_copy_alone_recovers() {
         "{m}"
     );
     assert!(server.stop().await);
+    // The audit record names the copy that served and every backend the request called.
+    let text = std::fs::read_to_string(&audit_log).unwrap();
+    let record: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["operation"] == "decrypt")
+        .unwrap();
+    assert_eq!(record["result"], "OK", "{record}");
+    assert_eq!(record["copy_served"]["copy"], 1, "{record}");
+    assert_eq!(record["copy_served"]["backend"], "local", "{record}");
+    let backends = record["backends"].as_array().unwrap();
+    assert!(backends.iter().any(|b| b == "local#0"), "{record}");
+    assert!(backends.iter().any(|b| b == "local#1"), "{record}");
 
     // Restored: each keyring alone (a sidecar with only that copy) opens it, and both together.
     std::fs::rename(&saved, &a).unwrap();
