@@ -153,13 +153,39 @@ async fn two_keyrings_fail_over_and_each_copy_alone_recovers() {
     .await;
     let mut c = server.client().await;
     assert_eq!(decrypt(&mut c, &ct).await.unwrap(), b"order 1");
+    // Again: the data key cached through copy 1 serves it, although the first keyring (still
+    // first in health order: a copy that does not authenticate is no outage) would try copy 0.
+    assert_eq!(decrypt(&mut c, &ct).await.unwrap(), b"order 1");
     let m = scrape(&server).await;
     assert_eq!(
         metric(
             &m,
             "keybroker_copy_served_total{key=\"orders\",backend=\"local\",copy=\"1\"}"
         ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "keybroker_cache_lookups_total{cache=\"decrypt\",caller=\"anonymous\",key=\"orders\",result=\"hit\"}"
+        ),
         1.0,
+        "{m}"
+    );
+    let unwraps = |outcome: &str| {
+        metric(
+            &m,
+            &format!(
+                "keybroker_backend_calls_total{{backend=\"local\",key=\"orders\",operation=\"unwrap\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    // First request only: copy 0 and copy 1 on the first keyring, copy 0 on the second fail,
+    // copy 1 on the second opens (a backend tries the copies naming its key, here both).
+    assert_eq!(
+        (unwraps("invalid_ciphertext"), unwraps("ok")),
+        (3.0, 1.0),
         "{m}"
     );
     assert!(server.stop().await);
@@ -290,6 +316,8 @@ struct Clouds {
     aws_key: String,
     gcp_key: String,
     azure_key: String,
+    /// The servers' audit log (outlives each server's own directory).
+    logs: tempfile::TempDir,
 }
 
 impl Clouds {
@@ -309,6 +337,7 @@ impl Clouds {
             aws_key,
             gcp_key,
             azure_key,
+            logs: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -320,13 +349,27 @@ impl Clouds {
         )
     }
 
+    fn audit_log(&self) -> std::path::PathBuf {
+        self.logs.path().join("audit.jsonl")
+    }
+
+    /// Every audit record written so far.
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     async fn server(&self, keys: &str, layer: Option<&CountingLayer>) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         // One attempt per call: an outage costs each request one failed call per backend.
         let text = format!(
-            "{}max_attempts = 1\ntimeout = \"3s\"\n[gcp]\nendpoint = \"{}\"\nmax_attempts = 1\n[azure]\nmax_attempts = 1\n{keys}",
+            "{}max_attempts = 1\ntimeout = \"3s\"\n[gcp]\nendpoint = \"{}\"\nmax_attempts = 1\n[azure]\nmax_attempts = 1\n[audit]\npath = \"{}\"\n{keys}",
             self.moto.aws_section(),
-            self.gcp.endpoint()
+            self.gcp.endpoint(),
+            self.audit_log().display()
         );
         let mut config =
             Config::parse(&text, "multi.toml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -455,6 +498,31 @@ async fn three_clouds_in_one_key() {
         "{m}"
     );
     assert!(server.stop().await);
+    // The audit records say the same: the refused encrypt called all three, the best-effort one
+    // went without the AWS copy.
+    let records = clouds.audit();
+    let encrypts = |key: &str| -> Vec<&serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["operation"] == "encrypt" && r["key"] == key)
+            .collect()
+    };
+    let refused = encrypts("mix")
+        .into_iter()
+        .find(|r| r["result"] == "UNAVAILABLE")
+        .unwrap();
+    assert_eq!(
+        refused["backends"],
+        serde_json::json!(["gcp#0", "azure#1", "aws#2"]),
+        "{refused}"
+    );
+    let partial = encrypts("best_effort")[0];
+    assert_eq!(partial["result"], "OK", "{partial}");
+    assert_eq!(
+        partial["copies_missing"],
+        serde_json::json!([{"wrap": 2, "backend": "aws"}]),
+        "{partial}"
+    );
 }
 
 /// A hung backend (accepts, never answers) costs the first request its deadline and then
