@@ -16,11 +16,13 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{BackendContext, BackendKind, Wrapped};
-use crate::cache::{CacheError, CacheLimits, DataKeyCache, Lookup, Purpose, UnwrappedKey};
+use crate::backend::{BackendContext, BackendError, BackendKind, KeyBackend, Wrapped, breaker};
+use crate::cache::{
+    ActiveKey, CacheError, CacheLimits, DataKeyCache, Lookup, Purpose, Require, UnwrappedKey,
+};
 use crate::envelope::{self, Envelope, Kind, WrappedCopy};
 use crate::error::Error;
-use crate::facts::{BackendCall, BackendOp, CacheResult, Facts};
+use crate::facts::{BackendCall, BackendOp, CacheResult, CopyRef, Facts};
 use crate::operation::Operation;
 use crate::policy::Need;
 use crate::principal::Caller;
@@ -37,6 +39,26 @@ fn note_entry(facts: &mut Facts, entry: &KeyEntry) {
     facts.key = Some(Arc::clone(&entry.name));
     facts.backend = Some(entry.backend.kind());
     facts.backend_key_id = Some(Arc::clone(&entry.backend_key_id));
+    facts.wraps = u8::try_from(entry.wraps.len()).unwrap_or(u8::MAX);
+}
+
+/// Feeds a request's backend calls to the breakers of the wrapping backends they went to.
+fn record_health(entry: &KeyEntry, calls: &[BackendCall]) {
+    for call in calls {
+        if let Some(b) = entry.breakers.get(usize::from(call.wrap)) {
+            b.record(call);
+        }
+    }
+}
+
+/// What a request learnt from the encrypt-side data key it used: its version, and on the
+/// request that made it, the copies it lacks (`require = "first"`).
+fn note_active(facts: &mut Facts, active: &ActiveKey, result: CacheResult) {
+    facts.cache = Some(result);
+    facts.key_version = Some(active.wrapped.key_version.clone());
+    if result != CacheResult::Hit {
+        facts.missing_copies.extend_from_slice(&active.missing);
+    }
 }
 
 /// A cache lookup's answer; its backend calls go into the request's facts.
@@ -45,6 +67,7 @@ fn take<T>(
     entry: &KeyEntry,
     facts: &mut Facts,
 ) -> Result<(T, CacheResult), Error> {
+    record_health(entry, &lookup.calls);
     facts.backend_calls.extend(lookup.calls);
     lookup.result.map_err(|e| match e {
         CacheError::Backend(e) => Error::backend(&entry.name, e),
@@ -88,6 +111,9 @@ pub struct KeyListing {
     pub description: String,
     pub backend: BackendKind,
     pub backend_key_id: String,
+    /// Every wrapping backend (kind, key id as configured, health), the first one first.
+    pub wraps: Vec<(BackendKind, String, breaker::Health)>,
+    pub require: Require,
     pub enabled: bool,
     pub cache: CacheLimits,
     pub stats: Vec<(Operation, OpSnapshot)>,
@@ -161,13 +187,12 @@ impl Broker {
             )
             .await;
         let (active, result) = take(lookup, entry, facts)?;
-        facts.cache = Some(result);
-        facts.key_version = Some(active.wrapped.key_version.clone());
+        note_active(facts, &active, result);
         let ciphertext = envelope::seal(
             Kind::Message,
             &entry.name,
             &caller.name,
-            &[active.copy()],
+            &active.copies(),
             active.data_key(),
             context,
             plaintext,
@@ -239,15 +264,14 @@ impl Broker {
             .active_key(entry.cached(), &caller.name, purpose, 0)
             .await;
         let (active, result) = take(lookup, entry, facts)?;
-        facts.cache = Some(result);
-        facts.key_version = Some(active.wrapped.key_version.clone());
+        note_active(facts, &active, result);
         facts.bytes = spec.key_len() as u64;
         // The cached data key is only the root of a derivation: every call gets its own key,
         // HKDF(root, fresh salt), and the blob carries the salt (docs/envelope.md, kind 3).
         let (wrapped_key, plaintext_key) = envelope::seal_derived_data_key(
             &entry.name,
             &caller.name,
-            &[active.copy()],
+            &active.copies(),
             active.data_key(),
             context,
             spec.key_len(),
@@ -289,7 +313,7 @@ impl Broker {
         let registry = self.registry.load();
         let (source, dest) =
             self.re_encrypt_keys(&registry, caller, &env, destination_key, facts)?;
-        let (copy, data_key, _) = self
+        let (copy, served, data_key) = self
             .unwrap_any(source, &env, Operation::ReEncrypt, facts)
             .await?;
         facts.source_key_version = Some(copy.key_version.to_owned());
@@ -302,27 +326,40 @@ impl Broker {
             caller: &caller.name,
         };
         note_entry(facts, dest);
+        let source_backend = source.wraps[served].as_ref();
         let rewrapped = self
-            .rewrap(source, dest, &env, &copy, &data_key, &dest_ctx, facts)
+            .rewrap(
+                source_backend,
+                dest,
+                &env,
+                &copy,
+                &data_key,
+                &dest_ctx,
+                facts,
+            )
             .await?;
-        let new_copy = rewrapped.as_copy(dest.backend.kind());
-        facts.key_version = Some(rewrapped.key_version.clone());
+        let new_copies: Vec<WrappedCopy<'_>> =
+            rewrapped.iter().map(|(kind, w)| w.as_copy(*kind)).collect();
+        let key_version = rewrapped[0].1.key_version.clone();
+        facts.key_version = Some(key_version.clone());
         let out = reseal(
             &env,
             dest,
             caller,
-            new_copy,
+            &new_copies,
             &data_key,
             destination_context,
             &payload,
         )?;
-        self.cache
-            .remember_unwrapped(dest.cached(), &new_copy, &dest_ctx, data_key.data_key())
-            .await;
+        for new_copy in &new_copies {
+            self.cache
+                .remember_unwrapped(dest.cached(), new_copy, &dest_ctx, data_key.data_key())
+                .await;
+        }
         Ok(ReEncryptOutput {
             ciphertext: out,
             key: Arc::clone(&dest.name),
-            key_version: rewrapped.key_version.clone(),
+            key_version,
             source_key: Arc::clone(&source.name),
             source_key_version: copy.key_version.to_owned(),
         })
@@ -356,43 +393,80 @@ impl Broker {
         Ok((source, dest))
     }
 
-    /// Wraps the data key under the destination key: inside the provider when the destination
-    /// backend can re-wrap the source's copy itself (`rewrap_from`), else from the data key
-    /// this process holds. One backend call either way, recorded in `facts`.
+    /// Wraps the data key under every wrapping backend of the destination key, in parallel:
+    /// inside the provider when a destination backend can re-wrap the source's copy itself
+    /// (`rewrap_from`), else from the data key this process holds. One backend call per
+    /// destination backend, recorded in `facts`. The result has the destination's copies in its
+    /// `wrap` order: this is how ReEncrypt adds a copy for a backend added to a key, and drops
+    /// the copy of one removed from it. A secondary's failure fails the request under
+    /// `require = "all"`; under `"first"` that copy is left out (and counted as missing).
     #[allow(clippy::too_many_arguments)]
     async fn rewrap(
         &self,
-        source: &KeyEntry,
+        source_backend: &dyn KeyBackend,
         dest: &KeyEntry,
         env: &Envelope<'_>,
         copy: &WrappedCopy<'_>,
         data_key: &UnwrappedKey,
         dest_ctx: &BackendContext<'_>,
         facts: &mut Facts,
-    ) -> Result<Wrapped, Error> {
+    ) -> Result<Vec<(BackendKind, Wrapped)>, Error> {
         let source_ctx = BackendContext {
             key_name: env.key_name,
             caller: env.caller,
         };
-        bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
-        let started = Instant::now();
-        let (rewrapped, op) = match dest
-            .backend
-            .rewrap_from(source.backend.as_ref(), copy, &source_ctx, dest_ctx)
-            .await
-        {
-            Some(result) => (result, BackendOp::Rewrap),
-            None => (
-                dest.backend.wrap(data_key.data_key(), dest_ctx).await,
-                BackendOp::Wrap,
-            ),
-        };
-        facts.backend_calls.push(BackendCall {
-            op,
-            outcome: rewrapped.as_ref().map(|_| ()).map_err(|e| e.kind),
-            latency: started.elapsed(),
+        let calls = dest.wraps.iter().enumerate().map(|(i, b)| {
+            bump(&dest.stats.op(Operation::ReEncrypt).backend_calls);
+            let source_ctx = &source_ctx;
+            async move {
+                let started = Instant::now();
+                let (result, op) = match b
+                    .rewrap_from(source_backend, copy, source_ctx, dest_ctx)
+                    .await
+                {
+                    Some(result) => (result, BackendOp::Rewrap),
+                    None => (b.wrap(data_key.data_key(), dest_ctx).await, BackendOp::Wrap),
+                };
+                let call = BackendCall {
+                    backend: b.kind(),
+                    wrap: u8::try_from(i).unwrap_or(u8::MAX),
+                    op,
+                    outcome: result.as_ref().map(|_| ()).map_err(|e| e.kind),
+                    latency: started.elapsed(),
+                };
+                (result, call)
+            }
         });
-        rewrapped.map_err(|e| Error::backend(&dest.name, e))
+        let results: Vec<(Result<Wrapped, BackendError>, BackendCall)> =
+            futures_util::future::join_all(calls).await;
+        let mut out = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for (result, call) in results {
+            record_health(dest, std::slice::from_ref(&call));
+            facts.backend_calls.push(call);
+            match result {
+                Ok(w) => out.push((call.backend, w)),
+                Err(e) if call.wrap > 0 && dest.require == Require::First => {
+                    tracing::warn!(
+                        key = %dest.name,
+                        error = %e,
+                        wrap = call.wrap,
+                        "a secondary backend could not re-wrap a data key; it goes without that copy"
+                    );
+                    facts.missing_copies.push(CopyRef {
+                        index: call.wrap,
+                        backend: call.backend,
+                    });
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(Error::backend(&dest.name, e)),
+            None => Ok(out),
+        }
     }
 
     /// The keys `caller` may list, with their limits and counters (no secrets).
@@ -406,7 +480,14 @@ impl Broker {
                 description: e.description.clone(),
                 backend: e.backend.kind(),
                 backend_key_id: e.backend.key_id().to_owned(),
-                enabled: e.enabled && !e.backend.hint().disabled,
+                wraps: e
+                    .wraps
+                    .iter()
+                    .zip(&e.breakers)
+                    .map(|(b, h)| (b.kind(), b.key_id().to_owned(), h.health()))
+                    .collect(),
+                require: e.require,
+                enabled: e.usable(),
                 cache: e.cache,
                 stats: [
                     Operation::Encrypt,
@@ -466,7 +547,7 @@ impl Broker {
                 operation: need.describe(),
             });
         }
-        if !entry.enabled || entry.backend.hint().disabled {
+        if !entry.usable() {
             return Err(Error::KeyDisabled {
                 key: name.to_owned(),
             });
@@ -474,8 +555,8 @@ impl Broker {
         Ok(entry)
     }
 
-    /// Gets the data key for an envelope (trying each copy this key's backend can unwrap) and
-    /// opens it. For a data-key envelope the "plaintext" is the data key itself.
+    /// Gets the data key for an envelope (trying its copies, see `unwrap_any`) and opens it.
+    /// For a data-key envelope the "plaintext" is the data key itself.
     async fn open(
         &self,
         entry: &KeyEntry,
@@ -484,7 +565,7 @@ impl Broker {
         op: Operation,
         facts: &mut Facts,
     ) -> Result<(SecretKey, String), Error> {
-        let (copy, data_key, _) = self.unwrap_any(entry, env, op, facts).await?;
+        let (copy, _, data_key) = self.unwrap_any(entry, env, op, facts).await?;
         let plaintext = match env.kind {
             Kind::Message => env
                 .open(data_key.data_key(), context)
@@ -495,38 +576,90 @@ impl Broker {
         Ok((plaintext, copy.key_version.to_owned()))
     }
 
+    /// The data key of an envelope, through any of its copies that a wrapping backend of the
+    /// key can unwrap: first from the cache under any copy (no backend call), else copy by copy
+    /// in order of backend health (`backend::breaker`; configured order among equals), falling
+    /// over to the next when one fails. Each backend call runs under that backend's own deadline,
+    /// so a hung backend costs at most its deadline once; its breaker then sends it to the back.
+    /// Returns the copy that served and the index of the wrapping backend that vouches for it.
     async fn unwrap_any<'e>(
         &self,
         entry: &KeyEntry,
         env: &Envelope<'e>,
         op: Operation,
         facts: &mut Facts,
-    ) -> Result<(WrappedCopy<'e>, Arc<UnwrappedKey>, CacheResult), Error> {
+    ) -> Result<(WrappedCopy<'e>, usize, Arc<UnwrappedKey>), Error> {
         let ctx = BackendContext {
             key_name: env.key_name,
             caller: env.caller,
         };
-        let kind = entry.backend.kind();
+        let breakers: Vec<&breaker::Breaker> = entry.breakers.iter().map(|b| &**b).collect();
+        // (wrapping backend, copy index), best backend first.
+        let mut candidates: Vec<(usize, usize)> = Vec::new();
+        let mut refused = None;
+        for w in breaker::order(&breakers) {
+            let backend = &entry.wraps[w];
+            // A backend's own copies are those naming its key; when its configured id is not
+            // the durable one a copy records (an alias), every copy of its kind is a candidate
+            // (a copy of another key fails to unwrap, as the backend contract says).
+            let own = |c: &WrappedCopy<'_>| c.backend == backend.kind();
+            let exact = env
+                .copies
+                .iter()
+                .any(|c| own(c) && c.key_id == backend.key_id());
+            for (i, copy) in env.copies.iter().enumerate() {
+                if !own(copy) || (exact && copy.key_id != backend.key_id()) {
+                    continue;
+                }
+                // A respelling of a genuine copy ("01" for "1") must not become a new cache
+                // entry and a paid backend call: refused before the cache is consulted.
+                match backend.check_canonical(copy) {
+                    Ok(()) => candidates.push((w, i)),
+                    Err(e) => refused = Some(e),
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Err(refused.map_or(Error::DecryptionFailed, Error::InvalidCiphertext));
+        }
+        let mut seen = Vec::with_capacity(env.copies.len());
+        for &(w, i) in &candidates {
+            if !seen.iter().any(|&(_, j)| j == i) {
+                seen.push((w, i));
+            }
+        }
+        let peek: Vec<WrappedCopy<'_>> = seen.iter().map(|&(_, i)| env.copies[i]).collect();
+        if let Some((k, key)) = self
+            .cache
+            .peek_unwrapped(entry.cached(), &peek, &ctx, op)
+            .await
+        {
+            let (w, i) = seen[k];
+            note_served(facts, entry, w, &env.copies[i], i, CacheResult::Hit);
+            return Ok((env.copies[i], w, key));
+        }
         let mut last = Error::DecryptionFailed;
-        for copy in env.copies.iter().filter(|c| c.backend == kind) {
+        for (w, i) in candidates {
+            let copy = env.copies[i];
             facts.key_version = Some(copy.key_version.to_owned());
-            // A respelling of a genuine copy ("01" for "1") must not become a new cache entry
-            // and a paid backend call: refused before the cache is consulted.
-            entry
-                .backend
-                .check_canonical(copy)
-                .map_err(Error::InvalidCiphertext)?;
             let lookup = self
                 .cache
-                .unwrapped_key(entry.cached(), copy, &ctx, op)
+                .unwrapped_key(entry.cached_through(w), &copy, &ctx, op)
                 .await;
             match take(lookup, entry, facts) {
                 Ok((key, result)) => {
-                    facts.cache = Some(result);
-                    return Ok((*copy, key, result));
+                    note_served(facts, entry, w, &copy, i, result);
+                    return Ok((copy, w, key));
                 }
-                // Fail over to the next copy only when this one could not be unwrapped.
-                Err(e) => last = e,
+                // Fail over to the next copy; the answer, if none works, says why the backends
+                // failed rather than that some copy did not authenticate.
+                Err(e) => {
+                    if !matches!(e, Error::DecryptionFailed)
+                        || matches!(last, Error::DecryptionFailed)
+                    {
+                        last = e;
+                    }
+                }
             }
         }
         Err(last)
@@ -542,6 +675,28 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// Records which copy opened an envelope; for a key with several wrapping backends also which
+/// of them vouches for it (`backend` and `backend_key_id` then name it, as configured).
+fn note_served(
+    facts: &mut Facts,
+    entry: &KeyEntry,
+    wrap: usize,
+    copy: &WrappedCopy<'_>,
+    index: usize,
+    result: CacheResult,
+) {
+    facts.cache = Some(result);
+    facts.key_version = Some(copy.key_version.to_owned());
+    if entry.wraps.len() > 1 {
+        facts.backend = Some(copy.backend);
+        facts.backend_key_id = Some(Arc::from(entry.wraps[wrap].key_id()));
+    }
+    facts.served_by = Some(CopyRef {
+        index: u8::try_from(index).unwrap_or(u8::MAX),
+        backend: copy.backend,
+    });
 }
 
 /// A key name from a request field: the name rules (docs/api.md) before any lookup, so a
@@ -564,7 +719,7 @@ fn reseal(
     env: &Envelope<'_>,
     dest: &KeyEntry,
     caller: &Caller,
-    new_copy: WrappedCopy<'_>,
+    new_copies: &[WrappedCopy<'_>],
     data_key: &UnwrappedKey,
     destination_context: &BTreeMap<String, String>,
     payload: &[u8],
@@ -575,7 +730,7 @@ fn reseal(
             env.kind,
             &dest.name,
             &caller.name,
-            &[new_copy],
+            new_copies,
             data_key.data_key(),
             destination_context,
             payload,
@@ -585,7 +740,7 @@ fn reseal(
             env.kind,
             &dest.name,
             &caller.name,
-            &[new_copy],
+            new_copies,
             data_key.data_key(),
             destination_context,
             payload,

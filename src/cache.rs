@@ -33,7 +33,7 @@ use moka::ops::compute::Op;
 
 use crate::backend::{BackendContext, BackendError, BackendKind, KeyBackend, Wrapped};
 use crate::envelope::WrappedCopy;
-use crate::facts::{BackendCall, BackendOp, CacheResult};
+use crate::facts::{BackendCall, BackendOp, CacheResult, CopyRef};
 use crate::operation::Operation;
 use crate::secret::SecretKey;
 use crate::settings::{Problems, Section};
@@ -109,6 +109,43 @@ impl CacheLimits {
     }
 }
 
+/// What a new data key needs when one of its key's secondary wrapping backends cannot wrap it
+/// (`require = "..."` of `[keys.NAME]`; docs/multi-backend.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Require {
+    /// Every configured copy: the miss fails with the failing backend's error.
+    #[default]
+    All,
+    /// The first backend's copy: the others are best effort (counted as missing copies).
+    First,
+}
+
+impl Require {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::First => "first",
+        }
+    }
+
+    /// Reads `require` (default `all`).
+    pub fn parse(s: &Section<'_>, p: &mut Problems) -> Self {
+        match s.str("require", p) {
+            None | Some("all") => Self::All,
+            Some("first") => Self::First,
+            Some(_) => {
+                p.push(s.at("require"), "must be \"all\" or \"first\"");
+                Self::All
+            }
+        }
+    }
+}
+
+/// How long a data key that lacks some of its copies (`require = "first"` during an outage)
+/// stays in the encrypt-side cache at most: the outage should cost few ciphertexts their
+/// escrow copy, and not a whole TTL's worth.
+pub const DEGRADED_TTL: Duration = Duration::from_secs(30);
+
 /// `[cache]`: the default limits of every key, and the caches' size.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -161,7 +198,16 @@ pub struct CachedKey<'a> {
     pub epoch: u64,
     pub limits: CacheLimits,
     pub stats: &'a Arc<KeyStats>,
+    /// The backend that generates data keys (encrypt side) or unwraps (decrypt side).
     pub backend: &'a dyn KeyBackend,
+    /// `backend`'s place in the key's `wrap` list (for the facts of its calls).
+    pub wrap: u8,
+    /// Encrypt side: the key's other wrapping backends (`wrap[1..]`), each wrapping the data key
+    /// `backend` made.
+    pub secondaries: &'a [Arc<dyn KeyBackend>],
+    pub require: Require,
+    /// Changes whenever any wrapping backend's generation does (see `KeyHint`).
+    pub generation: u64,
 }
 
 /// Why a lookup failed. Cloneable: single flight hands one failure to every waiting request.
@@ -218,11 +264,17 @@ struct Slot {
     purpose: Purpose,
 }
 
-/// An encrypt-side data key with its wrapped copy and its usage so far.
+/// An encrypt-side data key with its wrapped copies and its usage so far.
 pub struct ActiveKey {
     data_key: SecretKey,
     backend: BackendKind,
+    /// The first backend's copy.
     pub wrapped: Wrapped,
+    /// The secondaries' copies, in `wrap` order (those that failed under `require = "first"`
+    /// are missing, and listed in `missing`).
+    pub more: Vec<(BackendKind, Wrapped)>,
+    /// Wrapping backends whose copy this data key lacks (see [`DEGRADED_TTL`]).
+    pub missing: Vec<CopyRef>,
     generation: u64,
     expires: Instant,
     messages: AtomicU64,
@@ -237,8 +289,11 @@ impl ActiveKey {
         &self.data_key
     }
 
-    pub fn copy(&self) -> WrappedCopy<'_> {
-        self.wrapped.as_copy(self.backend)
+    /// Every copy, the first backend's first: what the envelope carries.
+    pub fn copies(&self) -> Vec<WrappedCopy<'_>> {
+        std::iter::once(self.wrapped.as_copy(self.backend))
+            .chain(self.more.iter().map(|(kind, w)| w.as_copy(*kind)))
+            .collect()
     }
 
     fn fresh(&self, now: Instant, generation: u64) -> bool {
@@ -299,8 +354,8 @@ impl fmt::Debug for UnwrappedKey {
 struct TtlExpiry;
 
 impl moka::Expiry<Slot, Arc<ActiveKey>> for TtlExpiry {
-    fn expire_after_create(&self, _: &Slot, v: &Arc<ActiveKey>, _: Instant) -> Option<Duration> {
-        Some(v.limits.ttl)
+    fn expire_after_create(&self, _: &Slot, v: &Arc<ActiveKey>, now: Instant) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
     }
 }
 
@@ -381,7 +436,7 @@ impl DataKeyCache {
         calls: &mut Vec<BackendCall>,
     ) -> Result<(Arc<ActiveKey>, CacheResult), CacheError> {
         let op = purpose.operation();
-        let generation = key.backend.hint().generation;
+        let generation = key.generation;
         // A message larger than a whole data key's byte budget gets a data key of its own.
         if !key.limits.enabled || bytes > key.limits.max_bytes {
             let active = self
@@ -433,8 +488,10 @@ impl DataKeyCache {
             .await;
     }
 
-    /// One backend call for a new data key. The unwrapped form is also placed in the decrypt
-    /// cache, so reading back what was just written costs no second call.
+    /// One backend call for a new data key, then one per secondary wrapping backend (in
+    /// parallel, each under its own call policy's deadline). The unwrapped form is also placed
+    /// in the decrypt cache under every copy, so reading back what was just written costs no
+    /// second call.
     async fn fetch(
         &self,
         key: CachedKey<'_>,
@@ -448,38 +505,102 @@ impl DataKeyCache {
             key_name: key.name,
             caller,
         };
+        let backend = key.backend.kind();
         bump(&key.stats.op(purpose.operation()).backend_calls);
         let (result, call) = crate::backend::timed(
+            backend,
+            key.wrap,
             BackendOp::GenerateDataKey,
             key.backend.generate_data_key(purpose.key_len(), &ctx),
         )
         .await;
         calls.push(call);
         let (data_key, wrapped) = result?;
-        let now = Instant::now();
-        let backend = key.backend.kind();
-        if seed_decrypt {
-            let digest = copy_digest(&wrapped.as_copy(backend), &ctx, key.epoch);
-            let unwrapped = UnwrappedKey {
-                data_key: data_key.duplicate(),
-                expires: now + key.limits.ttl,
-                stats: Arc::clone(key.stats),
-                key: Arc::clone(key.name),
-            };
-            self.decrypt.insert(digest, Arc::new(unwrapped)).await;
+        let wraps = key.secondaries.iter().enumerate().map(|(i, b)| {
+            bump(&key.stats.op(purpose.operation()).backend_calls);
+            let index = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            crate::backend::timed(b.kind(), index, BackendOp::Wrap, b.wrap(&data_key, &ctx))
+        });
+        let mut more = Vec::with_capacity(key.secondaries.len());
+        let mut missing = Vec::new();
+        for (result, call) in futures_util::future::join_all(wraps).await {
+            calls.push(call);
+            match result {
+                Ok(w) => more.push((call.backend, w)),
+                Err(e) if key.require == Require::First => {
+                    tracing::warn!(
+                        key = %key.name,
+                        error = %e,
+                        wrap = call.wrap,
+                        "a secondary backend could not wrap a new data key; it goes without that copy"
+                    );
+                    missing.push(CopyRef {
+                        index: call.wrap,
+                        backend: call.backend,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Arc::new(ActiveKey {
+        let now = Instant::now();
+        let ttl = if missing.is_empty() {
+            key.limits.ttl
+        } else {
+            key.limits.ttl.min(DEGRADED_TTL)
+        };
+        let active = ActiveKey {
             data_key,
             backend,
             wrapped,
+            more,
+            missing,
             generation,
-            expires: now + key.limits.ttl,
+            expires: now + ttl,
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             limits: key.limits,
             stats: Arc::clone(key.stats),
             purpose,
-        }))
+        };
+        if seed_decrypt {
+            for copy in active.copies() {
+                let unwrapped = UnwrappedKey {
+                    data_key: active.data_key.duplicate(),
+                    expires: now + key.limits.ttl,
+                    stats: Arc::clone(key.stats),
+                    key: Arc::clone(key.name),
+                };
+                self.decrypt
+                    .insert(copy_digest(&copy, &ctx, key.epoch), Arc::new(unwrapped))
+                    .await;
+            }
+        }
+        Ok(Arc::new(active))
+    }
+
+    /// A cached data key for any of `copies` (all of one envelope), without a backend call: a
+    /// data key unwrapped through one copy serves later requests that name it through another.
+    /// Only mappings a backend (or this process, having made the data key) vouched for are
+    /// ever inserted, so a crafted copy list cannot make one copy stand for another's key.
+    pub async fn peek_unwrapped(
+        &self,
+        key: CachedKey<'_>,
+        copies: &[WrappedCopy<'_>],
+        ctx: &BackendContext<'_>,
+        op: Operation,
+    ) -> Option<(usize, Arc<UnwrappedKey>)> {
+        if !key.limits.enabled {
+            return None;
+        }
+        for (i, copy) in copies.iter().enumerate() {
+            if let Some(hit) = self.decrypt.get(&copy_digest(copy, ctx, key.epoch)).await
+                && Instant::now() < hit.expires
+            {
+                count(key.stats, op, CacheResult::Hit);
+                return Some((i, hit));
+            }
+        }
+        None
     }
 
     /// The unwrapped data key of an envelope's wrapped copy. `op` is the request's operation
@@ -542,8 +663,13 @@ impl DataKeyCache {
         calls: &mut Vec<BackendCall>,
     ) -> Result<Arc<UnwrappedKey>, CacheError> {
         bump(&key.stats.op(op).backend_calls);
-        let (result, call) =
-            crate::backend::timed(BackendOp::Unwrap, key.backend.unwrap(copy, ctx)).await;
+        let (result, call) = crate::backend::timed(
+            key.backend.kind(),
+            key.wrap,
+            BackendOp::Unwrap,
+            key.backend.unwrap(copy, ctx),
+        )
+        .await;
         calls.push(call);
         Ok(Arc::new(UnwrappedKey {
             data_key: result?,
@@ -665,6 +791,8 @@ mod tests {
                 key_version: "1".into(),
                 ciphertext: vec![1, 2, 3],
             },
+            more: Vec::new(),
+            missing: Vec::new(),
             generation: 0,
             expires: Instant::now(),
             messages: AtomicU64::new(0),
@@ -701,6 +829,8 @@ mod tests {
                 key_version: "1".into(),
                 ciphertext: vec![1],
             },
+            more: Vec::new(),
+            missing: Vec::new(),
             generation: 0,
             expires: Instant::now(),
             messages: AtomicU64::new(0),

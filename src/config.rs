@@ -274,6 +274,8 @@ impl Config {
                     key_id: DEFAULT_KEY.to_owned(),
                     create: true,
                 },
+                secondaries: Vec::new(),
+                require: Default::default(),
                 cache: CacheLimits::default(),
                 // Development mode: anyone who can reach the sidecar may use the key.
                 policy: Policy::allow_anonymous_everything(),

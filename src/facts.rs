@@ -27,6 +27,30 @@ pub struct Facts {
     pub source_key_version: Option<String>,
     /// Backend calls this request made (not those it waited for).
     pub backend_calls: Vec<BackendCall>,
+    /// How many wrapping backends the request's key has (0 until the key is known).
+    pub wraps: u8,
+    /// Decrypt and ReEncrypt: the wrapped copy whose data key opened the envelope (`index` is
+    /// its place among the envelope's copies), from the cache or a backend.
+    pub served_by: Option<CopyRef>,
+    /// A data key made for this request under `require = "first"` that lacks the copies of
+    /// these wrapping backends (`index`: the place in the key's `wrap` list), which failed.
+    pub missing_copies: Vec<CopyRef>,
+}
+
+/// One wrapped copy of a data key, or one of a key's wrapping backends: a position (bounded by
+/// the envelope's eight copies) and the backend kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CopyRef {
+    pub index: u8,
+    pub backend: BackendKind,
+}
+
+impl CopyRef {
+    /// The position as a metric label (`0`..`7`; `8+` never happens: the envelope holds 8).
+    pub fn index_label(self) -> &'static str {
+        const LABELS: [&str; 9] = ["0", "1", "2", "3", "4", "5", "6", "7", "8+"];
+        LABELS[usize::from(self.index).min(8)]
+    }
 }
 
 /// How a request's data key was obtained.
@@ -56,6 +80,9 @@ impl CacheResult {
 /// One call to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendCall {
+    /// Which backend was called, and its place in the key's `wrap` list (0: the first).
+    pub backend: BackendKind,
+    pub wrap: u8,
     pub op: BackendOp,
     /// `Err` carries the kind of failure the backend reported.
     pub outcome: Result<(), BackendErrorKind>,

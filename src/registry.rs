@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::backend::breaker::Breaker;
 use crate::backend::{BackendConfig, Factory, KeyBackend, KeyDefaults};
-use crate::cache::{CacheLimits, CachedKey};
+use crate::cache::{CacheLimits, CachedKey, Require};
 use crate::operation::Operation;
 use crate::policy::{Need, Policy};
 use crate::principal::{ANONYMOUS, Caller};
@@ -24,7 +25,13 @@ pub struct KeyConfig {
     pub name: String,
     pub description: String,
     pub enabled: bool,
+    /// The first (or only) wrapping backend: it generates the data keys.
     pub backend: BackendConfig,
+    /// The other wrapping backends of a `wrap = [...]` key, in order: each wraps the same data
+    /// key, and the envelope carries every copy (docs/multi-backend.md).
+    pub secondaries: Vec<BackendConfig>,
+    /// What a data key needs when a secondary cannot wrap it.
+    pub require: Require,
     pub cache: CacheLimits,
     /// Who may do what with this key; empty denies everything.
     pub policy: Policy,
@@ -43,21 +50,85 @@ impl KeyConfig {
     ) -> Option<Self> {
         let description = s.str("description", p).unwrap_or_default().to_owned();
         let enabled = s.bool("enabled", p).unwrap_or(true);
-        let backend_name = s.req_str("backend", p);
-        let key_id = s.req_str("key_id", p);
+        let require = Require::parse(s, p);
+        let wraps = if s.has("wrap") {
+            Self::parse_wrap_list(s, backends, base, p)
+        } else {
+            let backend_name = s.req_str("backend", p);
+            let key_id = s.req_str("key_id", p);
+            backend_name
+                .and_then(|b| BackendConfig::parse(b, key_id, s, backends, base, p))
+                .map(|b| vec![b])
+        };
         let cache_section = s.section("cache", p);
         let cache = CacheLimits::parse(&cache_section, cache, p);
         cache_section.finish(p);
         let policy = Policy::parse(s, p);
-        let backend = BackendConfig::parse(backend_name?, key_id, s, backends, base, p)?;
+        let mut wraps = wraps?.into_iter();
+        let backend = wraps.next()?;
         Some(Self {
             name: name.to_owned(),
             description,
             enabled,
             backend,
+            secondaries: wraps.collect(),
+            require,
             cache,
             policy,
         })
+    }
+
+    /// `wrap = [ {backend = "...", key_id = "...", ...}, ... ]`: every wrapping backend, each
+    /// entry with the backend's own key fields. At most as many as an envelope has copies.
+    fn parse_wrap_list(
+        s: &Section<'_>,
+        backends: KeyDefaults<'_>,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Vec<BackendConfig>> {
+        for single in ["backend", "key_id"] {
+            if s.has(single) {
+                p.push(
+                    s.at(single),
+                    "a key with `wrap` names its backends there only",
+                );
+            }
+        }
+        let entries = s.section_list("wrap", p);
+        if entries.is_empty() || entries.len() > crate::envelope::MAX_COPIES {
+            p.push(
+                s.at("wrap"),
+                format!("must list 1 to {} backends", crate::envelope::MAX_COPIES),
+            );
+            return None;
+        }
+        let mut out: Vec<BackendConfig> = Vec::with_capacity(entries.len());
+        let mut complete = true;
+        for e in &entries {
+            let backend_name = e.req_str("backend", p);
+            let key_id = e.req_str("key_id", p);
+            let parsed =
+                backend_name.and_then(|b| BackendConfig::parse(b, key_id, e, backends, base, p));
+            e.finish(p);
+            match parsed {
+                Some(b) => {
+                    if let Some(j) = out.iter().position(|o| *o == b) {
+                        p.push(
+                            e.path.clone(),
+                            format!("wraps with the same backend and key as wrap[{j}]"),
+                        );
+                    }
+                    out.push(b);
+                }
+                None => complete = false,
+            }
+        }
+        complete.then_some(out)
+    }
+
+    /// Every wrapping backend, the first one first.
+    pub fn wraps(&self) -> impl Iterator<Item = &BackendConfig> {
+        std::iter::once(&self.backend).chain(&self.secondaries)
     }
 }
 
@@ -67,11 +138,17 @@ pub struct KeyEntry {
     pub description: String,
     /// Switched off in the configuration (checked before anything else).
     pub enabled: bool,
+    /// The first wrapping backend (`wraps[0]`): it generates the data keys.
     pub backend: Arc<dyn KeyBackend>,
     /// `backend.key_id()`, shared (every request's audit record names it).
     pub backend_key_id: Arc<str>,
-    /// What the backend was built from (a reload reuses it when unchanged).
-    pub backend_config: BackendConfig,
+    /// Every wrapping backend in configured order (one for a single-backend key).
+    pub wraps: Vec<Arc<dyn KeyBackend>>,
+    /// What each of `wraps` was built from (a reload reuses a backend when unchanged).
+    pub wrap_configs: Vec<BackendConfig>,
+    /// Each of `wraps`' recent record, for the order decrypt tries copies in.
+    pub breakers: Vec<Arc<Breaker>>,
+    pub require: Require,
     pub cache: CacheLimits,
     pub policy: Policy,
     pub stats: Arc<KeyStats>,
@@ -91,13 +168,38 @@ fn new_cache_epoch() -> u64 {
 impl KeyEntry {
     /// What the data-key caches need of this key.
     pub fn cached(&self) -> CachedKey<'_> {
+        // Any wrapping backend's rotation or state change retires the cached data keys (their
+        // copy under that backend's old version would otherwise live on).
+        let generation = self.wraps.iter().fold(0u64, |g, b| {
+            g.wrapping_mul(0x100_0000_01b3)
+                .wrapping_add(b.hint().generation)
+        });
         CachedKey {
             name: &self.name,
             epoch: self.cache_epoch,
             limits: self.cache,
             stats: &self.stats,
             backend: self.backend.as_ref(),
+            wrap: 0,
+            secondaries: self.wraps.get(1..).unwrap_or_default(),
+            require: self.require,
+            generation,
         }
+    }
+
+    /// As [`Self::cached`], to unwrap through wrapping backend `i` (decrypt side).
+    pub fn cached_through(&self, i: usize) -> CachedKey<'_> {
+        CachedKey {
+            backend: self.wraps[i].as_ref(),
+            wrap: u8::try_from(i).unwrap_or(u8::MAX),
+            ..self.cached()
+        }
+    }
+
+    /// Whether the key may be used now: enabled in the configuration, and not disabled in the
+    /// first backend (which generates every data key).
+    pub fn usable(&self) -> bool {
+        self.enabled && !self.backend.hint().disabled
     }
 }
 
@@ -107,6 +209,7 @@ impl std::fmt::Debug for KeyEntry {
             .field("name", &self.name)
             .field("backend", &self.backend.kind())
             .field("backend_key_id", &self.backend.key_id())
+            .field("wraps", &self.wraps.len())
             .field("enabled", &self.enabled)
             .field("cache", &self.cache)
             .finish()
@@ -195,44 +298,71 @@ impl Registry {
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, kc) in config {
-            let same_backend = previous
-                .and_then(|p| p.get(name))
-                .filter(|e| e.backend_config == kc.backend);
-            let reused = same_backend.map(|e| Arc::clone(&e.backend));
-            let cache_epoch = same_backend
-                .filter(|e| e.cache == kc.cache)
+            let configs: Vec<BackendConfig> = kc.wraps().cloned().collect();
+            let prev = previous.and_then(|p| p.get(name));
+            let cache_epoch = prev
+                .filter(|e| e.wrap_configs == configs && e.cache == kc.cache)
                 .map_or_else(new_cache_epoch, |e| e.cache_epoch);
-            let built = match reused {
-                Some(b) => Ok(b),
-                None => factory.build(&kc.backend).await.map(|backend| match layer {
-                    Some(wrap) => wrap(name, backend),
-                    None => backend,
-                }),
-            };
-            match built {
-                Ok(backend) => {
-                    let name: Arc<str> = Arc::from(name.as_str());
-                    keys.insert(
-                        Arc::clone(&name),
-                        Arc::new(KeyEntry {
-                            stats: stats.get(&name),
-                            name,
-                            description: kc.description.clone(),
-                            enabled: kc.enabled,
-                            backend_key_id: Arc::from(backend.key_id()),
-                            backend,
-                            backend_config: kc.backend.clone(),
-                            cache: kc.cache,
-                            policy: kc.policy.clone(),
-                            cache_epoch,
-                        }),
-                    );
+            let mut wraps = Vec::with_capacity(configs.len());
+            let mut breakers = Vec::with_capacity(configs.len());
+            let mut failed = false;
+            for (i, bc) in configs.iter().enumerate() {
+                let reused = prev.and_then(|e| {
+                    let j = e.wrap_configs.iter().position(|c| c == bc)?;
+                    Some((Arc::clone(&e.wraps[j]), Arc::clone(&e.breakers[j])))
+                });
+                let built = match reused {
+                    Some(b) => Ok(b),
+                    None => factory.build(bc).await.map(|backend| {
+                        let backend = match layer {
+                            Some(wrap) if i == 0 => wrap(name, backend),
+                            Some(wrap) => wrap(&format!("{name}#{i}"), backend),
+                            None => backend,
+                        };
+                        (backend, Arc::new(Breaker::default()))
+                    }),
+                };
+                match built {
+                    Ok((b, h)) => {
+                        wraps.push(b);
+                        breakers.push(h);
+                    }
+                    Err(message) => {
+                        failed = true;
+                        problems.push(Problem {
+                            at: if kc.secondaries.is_empty() {
+                                format!("keys.{name}")
+                            } else {
+                                format!("keys.{name}.wrap[{i}]")
+                            },
+                            message,
+                        });
+                    }
                 }
-                Err(message) => problems.push(Problem {
-                    at: format!("keys.{name}"),
-                    message,
-                }),
             }
+            if failed {
+                continue;
+            }
+            let backend = Arc::clone(&wraps[0]);
+            let name: Arc<str> = Arc::from(name.as_str());
+            keys.insert(
+                Arc::clone(&name),
+                Arc::new(KeyEntry {
+                    stats: stats.get(&name),
+                    name,
+                    description: kc.description.clone(),
+                    enabled: kc.enabled,
+                    backend_key_id: Arc::from(backend.key_id()),
+                    backend,
+                    wraps,
+                    wrap_configs: configs,
+                    breakers,
+                    require: kc.require,
+                    cache: kc.cache,
+                    policy: kc.policy.clone(),
+                    cache_epoch,
+                }),
+            );
         }
         if !problems.is_empty() {
             return Err(problems);

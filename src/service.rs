@@ -186,6 +186,16 @@ impl KeyBroker for KeyBrokerService {
                     })
                     .collect(),
                 description: k.description,
+                wraps: k
+                    .wraps
+                    .into_iter()
+                    .map(|(kind, key_id, health)| proto::WrapBackend {
+                        backend: kind.as_str().to_owned(),
+                        backend_key_id: key_id,
+                        health: health.as_str().to_owned(),
+                    })
+                    .collect(),
+                require: k.require.as_str().to_owned(),
             })
             .collect();
         Ok(Response::new(proto::ListKeysResponse { keys }))

@@ -22,6 +22,7 @@ mod layering;
 mod local_backend;
 mod metrics;
 mod mtls;
+mod multi;
 mod policy;
 mod process;
 mod rotation;

@@ -236,6 +236,7 @@ impl Writer {
         field(out, "result", Some(r.code));
         field(out, "reason", r.reason);
         field(out, "cache", f.cache.map(|c| c.as_str()));
+        write_copies(out, f);
         let _ = write!(
             out,
             ",\"bytes\":{},\"latency_us\":{}",
@@ -389,4 +390,54 @@ fn last_link(path: &Path, key: Option<&AuditKey>) -> io::Result<Option<Chain>> {
         seq,
         prev: link_of(line),
     }))
+}
+
+/// What a request did with a multi-backend key's copies, only for such keys (single-backend
+/// records keep their shape): `backends`, every backend it called, as
+/// `kind#place` in the key's wrap list, in call order; `copy_served`, the envelope copy whose
+/// data key opened it (`{"copy":i,"backend":kind}`); `copies_missing`, wrapping backends a new
+/// data key went without (`require = "first"`).
+fn write_copies(out: &mut Vec<u8>, f: &crate::facts::Facts) {
+    use std::io::Write as _;
+    let mut called: Vec<(crate::backend_kind::BackendKind, u8)> = Vec::new();
+    for c in &f.backend_calls {
+        if !called.contains(&(c.backend, c.wrap)) {
+            called.push((c.backend, c.wrap));
+        }
+    }
+    let multi = f.wraps > 1 || called.iter().any(|&(_, w)| w > 0);
+    if !multi {
+        return;
+    }
+    out.extend_from_slice(b",\"backends\":[");
+    for (i, (kind, wrap)) in called.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = write!(out, "\"{}#{wrap}\"", kind.as_str());
+    }
+    out.push(b']');
+    if let Some(c) = f.served_by {
+        let _ = write!(
+            out,
+            ",\"copy_served\":{{\"copy\":{},\"backend\":\"{}\"}}",
+            c.index,
+            c.backend.as_str()
+        );
+    }
+    if !f.missing_copies.is_empty() {
+        out.extend_from_slice(b",\"copies_missing\":[");
+        for (i, c) in f.missing_copies.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let _ = write!(
+                out,
+                "{{\"wrap\":{},\"backend\":\"{}\"}}",
+                c.index,
+                c.backend.as_str()
+            );
+        }
+        out.push(b']');
+    }
 }

@@ -23,6 +23,7 @@ use crate::settings::{Problems, Section};
 
 pub mod aws;
 pub mod azure;
+pub mod breaker;
 pub mod call;
 pub mod gcp;
 pub mod local;
@@ -236,12 +237,16 @@ impl BackendError {
 /// Runs one backend call and times it: its result, and the [`BackendCall`] fact that says what
 /// it was and how it ended (the cache hands these to the request; nothing here records them).
 pub async fn timed<T>(
+    backend: BackendKind,
+    wrap: u8,
     op: BackendOp,
     call: impl Future<Output = Result<T, BackendError>>,
 ) -> (Result<T, BackendError>, BackendCall) {
     let started = Instant::now();
     let result = call.await;
     let fact = BackendCall {
+        backend,
+        wrap,
         op,
         outcome: result.as_ref().map(|_| ()).map_err(|e| e.kind),
         latency: started.elapsed(),

@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::backend_kind::{BackendErrorKind, BackendKind};
-use crate::facts::{BackendOp, CacheResult, Facts, Outcome};
+use crate::facts::{BackendOp, CacheResult, CopyRef, Facts, Outcome};
 use crate::operation::Operation;
 use crate::principal::Caller;
 use crate::settings::{Problems, Section};
@@ -190,8 +190,24 @@ struct Cell {
     hits: AtomicU64,
     misses: AtomicU64,
     bypasses: AtomicU64,
-    /// [`op_slot`][`outcome_slot`]
-    backend_calls: [[AtomicU64; OUTCOME_SLOTS]; OP_SLOTS],
+    /// [`backend_slot`][`op_slot`][`outcome_slot`]: a key with several wrapping backends calls
+    /// each of them, so a call is counted under its own backend, not the request's.
+    backend_calls: [[[AtomicU64; OUTCOME_SLOTS]; OP_SLOTS]; BackendKind::ALL.len()],
+}
+
+/// A multi-backend copy event: which copy of a key's data key served a decrypt
+/// (`served`), or which wrapping backend a new data key went without (`missing`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct CopyKey {
+    event: CopyEvent,
+    key: Arc<str>,
+    copy: CopyRef,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum CopyEvent {
+    Served,
+    Missing,
 }
 
 impl Cell {
@@ -209,6 +225,7 @@ pub struct Metrics {
     known_callers: ArcSwap<BTreeSet<Arc<str>>>,
     prices: ArcSwap<PriceTable>,
     cells: RwLock<HashMap<CellKey, Arc<Cell>>>,
+    copies: RwLock<HashMap<CopyKey, Arc<AtomicU64>>>,
     latency: [Histogram; Operation::ALL.len()],
     /// [`backend_slot`][`op_slot`]
     backend_latency: [[Histogram; OP_SLOTS]; BackendKind::ALL.len()],
@@ -262,6 +279,7 @@ impl Metrics {
             known_callers: ArcSwap::from_pointee(to_arcs(known_callers)),
             prices: ArcSwap::from_pointee(prices),
             cells: RwLock::new(HashMap::new()),
+            copies: RwLock::new(HashMap::new()),
             latency: std::array::from_fn(|_| latency_histogram()),
             backend_latency: std::array::from_fn(|_| std::array::from_fn(|_| backend_histogram())),
             start_time: SystemTime::now()
@@ -321,13 +339,46 @@ impl Metrics {
             None => 0,
         };
         for call in facts.backend_calls.iter() {
-            cell.backend_calls[op_slot(call.op)][outcome_slot(call.outcome)]
+            cell.backend_calls[backend_slot(call.backend)][op_slot(call.op)]
+                [outcome_slot(call.outcome)]
+            .fetch_add(1, Ordering::Relaxed);
+            self.backend_latency[backend_slot(call.backend)][op_slot(call.op)]
+                .observe(call.latency.as_secs_f64());
+        }
+        if let Some(key) = facts.key.as_ref().filter(|_| facts.wraps > 1) {
+            let events = facts
+                .served_by
+                .filter(|_| outcome.is_ok())
+                .map(|c| (CopyEvent::Served, c))
+                .into_iter()
+                .chain(
+                    facts
+                        .missing_copies
+                        .iter()
+                        .map(|c| (CopyEvent::Missing, *c)),
+                );
+            for (event, copy) in events {
+                self.copy_counter(CopyKey {
+                    event,
+                    key: Arc::clone(key),
+                    copy,
+                })
                 .fetch_add(1, Ordering::Relaxed);
-            if let Some(b) = facts.backend {
-                self.backend_latency[backend_slot(b)][op_slot(call.op)]
-                    .observe(call.latency.as_secs_f64());
             }
         }
+    }
+
+    fn copy_counter(&self, key: CopyKey) -> Arc<AtomicU64> {
+        if let Ok(map) = self.copies.read()
+            && let Some(c) = map.get(&key)
+        {
+            return Arc::clone(c);
+        }
+        let mut map = match self.copies.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        Arc::clone(map.entry(key).or_default())
     }
 
     fn cell(&self, key: CellKey) -> Arc<Cell> {

@@ -61,6 +61,13 @@ struct BackendCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CopyLabels {
+    key: Arc<str>,
+    backend: &'static str,
+    copy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CostLabels {
     caller: Arc<str>,
     key: Arc<str>,
@@ -275,31 +282,40 @@ impl Scrape {
         let mut spent = Priced::new();
         let mut avoided = Priced::new();
         for (k, c) in cells {
-            let Some(backend) = k.backend else { continue };
-            let per_10k = prices.get(backend).per_10k_requests;
-            let priced = || (Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str());
-            for op in BackendOp::ALL {
-                for outcome in outcomes() {
-                    let n = get(&c.backend_calls[op_slot(op)][outcome_slot(outcome)]);
-                    if n == 0 {
-                        continue;
-                    }
-                    *calls
-                        .entry((
-                            backend.as_str(),
-                            Arc::clone(&k.key),
-                            op.as_str(),
-                            outcome_label(outcome),
-                        ))
-                        .or_default() += n;
-                    if outcome.is_ok() {
-                        spent.entry(priced()).or_insert((0, per_10k)).0 += n;
+            for backend in BackendKind::ALL {
+                let per_10k = prices.get(backend).per_10k_requests;
+                let priced = || (Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str());
+                for op in BackendOp::ALL {
+                    for outcome in outcomes() {
+                        let n = get(&c.backend_calls[backend_slot(backend)][op_slot(op)]
+                            [outcome_slot(outcome)]);
+                        if n == 0 {
+                            continue;
+                        }
+                        *calls
+                            .entry((
+                                backend.as_str(),
+                                Arc::clone(&k.key),
+                                op.as_str(),
+                                outcome_label(outcome),
+                            ))
+                            .or_default() += n;
+                        if outcome.is_ok() {
+                            spent.entry(priced()).or_insert((0, per_10k)).0 += n;
+                        }
                     }
                 }
             }
+            // A hit saved the call its request's backend (the first, or the copy that served)
+            // would have been asked.
+            let Some(backend) = k.backend else { continue };
             let hits = get(&c.hits);
             if hits > 0 {
-                avoided.entry(priced()).or_insert((0, per_10k)).0 += hits;
+                let per_10k = prices.get(backend).per_10k_requests;
+                avoided
+                    .entry((Arc::clone(&k.caller), Arc::clone(&k.key), backend.as_str()))
+                    .or_insert((0, per_10k))
+                    .0 += hits;
             }
         }
         let mut m = enc.encode_descriptor(
@@ -318,6 +334,7 @@ impl Scrape {
             .encode_counter::<BackendCallLabels, _, u64>(n, None)?;
         }
         self.encode_backend_latency(enc, cells)?;
+        self.encode_copies(enc)?;
         for (name, help, values) in [
             (
                 "keybroker_cost_usd",
@@ -339,6 +356,38 @@ impl Scrape {
                     backend,
                 })?
                 .encode_counter::<CostLabels, _, u64>(&dollars, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Multi-backend keys: which copy served decrypts, and which copies new data keys lack.
+    fn encode_copies(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut copies: Vec<(CopyKey, u64)> = match self.metrics.copies.read() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), get(v))).collect(),
+            Err(_) => Vec::new(),
+        };
+        copies.sort();
+        for (event, name, help) in [
+            (
+                CopyEvent::Served,
+                "keybroker_copy_served",
+                "Decrypts and re-encrypts by key and by the wrapped copy whose data key opened the envelope (backend, and its place among the envelope's copies).",
+            ),
+            (
+                CopyEvent::Missing,
+                "keybroker_copies_missing",
+                "Data keys made without the copy of one of their key's wrapping backends (require = \"first\" while that backend failed), by key, backend and its place in the key's wrap list.",
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (k, n) in copies.iter().filter(|(k, _)| k.event == event) {
+                m.encode_family(&CopyLabels {
+                    key: Arc::clone(&k.key),
+                    backend: k.copy.backend.as_str(),
+                    copy: k.copy.index_label(),
+                })?
+                .encode_counter::<CopyLabels, _, u64>(n, None)?;
             }
         }
         Ok(())

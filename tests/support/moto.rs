@@ -59,6 +59,13 @@ impl Drop for Moto {
 }
 
 impl Moto {
+    /// Stops the server (an AWS outage: connections are refused from now on); the credentials
+    /// file stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts moto on a free loopback port and waits (at most 30 s) until it answers.
     pub async fn start() -> Self {
         let venv = venv();
