@@ -545,7 +545,9 @@ impl Config {
     /// them as errors; `serve` and reloads log them as warnings.
     pub fn warnings(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        let rules = self.identity.caller_names();
+        let mut rules = self.identity.caller_names();
+        // The KMS plugin listener names its caller itself.
+        rules.extend(self.kms_plugin.iter().map(|k| k.caller.clone()));
         for k in self.keys.values() {
             for (i, st) in k.policy.statements.iter().enumerate() {
                 for c in &st.callers {

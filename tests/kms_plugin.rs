@@ -597,3 +597,160 @@ async fn grpcio_client_generated_from_the_repo_proto() {
     }
     server.stop().await;
 }
+
+// ---- deploy/kubernetes/kms-plugin ----
+
+/// kube-apiserver's `apiserver.config.k8s.io/v1` EncryptionConfiguration (not in k8s-openapi):
+/// the fields the manifests use, strictly (k8s.io/apiserver/pkg/apis/apiserver/v1 types.go).
+pub mod encryption_config {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct EncryptionConfiguration {
+        pub api_version: String,
+        pub kind: String,
+        pub resources: Vec<ResourceConfiguration>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ResourceConfiguration {
+        pub resources: Vec<String>,
+        pub providers: Vec<ProviderConfiguration>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ProviderConfiguration {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub kms: Option<KmsConfiguration>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub identity: Option<Empty>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Empty {}
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct KmsConfiguration {
+        pub api_version: String,
+        pub name: String,
+        pub endpoint: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub timeout: Option<String>,
+    }
+}
+
+fn repo(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn yaml_doc(rel: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo(rel)).unwrap();
+    let mut docs = keybroker::inject::file::parse_documents(&text).unwrap();
+    assert_eq!(docs.len(), 1, "{rel}");
+    docs.remove(0)
+}
+
+/// The EncryptionConfiguration, each cloud's static pod and each cloud's keybroker
+/// configuration agree: KMS v2, the plugin socket the configuration listens on, mounted from
+/// the host directory kube-apiserver also mounts, the config file the pod names, a backend of
+/// the right kind, and the apiserver's timeout above the backend's call deadline.
+#[test]
+fn kms_plugin_manifests_and_configurations_agree() {
+    use k8s_openapi::api::core::v1::Pod;
+    let enc: encryption_config::EncryptionConfiguration = serde_json::from_value(yaml_doc(
+        "deploy/kubernetes/kms-plugin/encryption-configuration.yaml",
+    ))
+    .unwrap();
+    assert_eq!(enc.kind, "EncryptionConfiguration");
+    let providers = &enc.resources[0].providers;
+    let kms = providers[0].kms.as_ref().expect("kms first");
+    assert_eq!(kms.api_version, "v2");
+    assert!(
+        providers.last().unwrap().identity.is_some(),
+        "identity last, for data written before encryption"
+    );
+    let socket = kms.endpoint.strip_prefix("unix://").unwrap();
+    for (cloud, backend) in [
+        ("local", "local"),
+        ("aws", "aws"),
+        ("gcp", "gcp"),
+        ("azure", "azure"),
+    ] {
+        let dir = format!("deploy/kubernetes/kms-plugin/{cloud}");
+        let pod: Pod =
+            serde_json::from_value(yaml_doc(&format!("{dir}/keybroker-kms.yaml"))).unwrap();
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.host_network, Some(true), "{cloud}");
+        let c = &spec.containers[0];
+        assert_eq!(
+            c.args.as_deref(),
+            Some(&["serve".to_owned()][..]),
+            "{cloud}"
+        );
+        let env = c.env.as_ref().unwrap();
+        let config_path = env
+            .iter()
+            .find(|e| e.name == "KEYBROKER_CONFIG")
+            .and_then(|e| e.value.clone())
+            .unwrap();
+        // Every mount is a hostPath volume; the socket's and the config's directories are.
+        let host_dir_of = |container_path: &Path| -> String {
+            let m = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|m| container_path.starts_with(&m.mount_path))
+                .max_by_key(|m| m.mount_path.len())
+                .unwrap_or_else(|| panic!("{cloud}: nothing mounts {container_path:?}"));
+            let v = spec
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == m.name)
+                .unwrap();
+            let host = v.host_path.as_ref().unwrap().path.clone();
+            assert_eq!(
+                host, m.mount_path,
+                "{cloud}: same path inside and on the host"
+            );
+            host
+        };
+        host_dir_of(Path::new(socket));
+        host_dir_of(Path::new(&config_path));
+        assert_eq!(
+            Path::new(&config_path).file_name().unwrap(),
+            "keybroker-kms.toml"
+        );
+        let toml_rel = format!("{dir}/keybroker-kms.toml");
+        let config =
+            keybroker::config::Config::load(&repo(&toml_rel)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            config.warnings().is_empty(),
+            "{cloud}: {:?}",
+            config.warnings()
+        );
+        let plugin = config.kms_plugin.as_ref().expect("[kms_plugin]");
+        assert_eq!(plugin.socket, Path::new(socket), "{cloud}");
+        assert_eq!(plugin.caller, "kube-apiserver");
+        let key = &config.keys[&plugin.key];
+        assert_eq!(key.backend.kind().as_str(), backend, "{cloud}");
+        for l in &config.server.listen {
+            // Nothing else listens beyond the node's own sockets.
+            assert!(l.to_string().starts_with("unix://"), "{cloud}: {l}");
+        }
+        if cloud == "local" {
+            let keyring = match &key.backend {
+                keybroker::config::BackendConfig::Local { keyring, .. } => keyring.clone(),
+                _ => unreachable!(),
+            };
+            host_dir_of(&keyring);
+        }
+    }
+}
