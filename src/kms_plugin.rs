@@ -310,11 +310,13 @@ impl Inner {
     /// One wrap under the configured key: (ciphertext, key_id), both within the apiserver's
     /// limits.
     async fn wrap(&self, seed: &SecretKey, facts: &mut Facts) -> Result<(Vec<u8>, String), Error> {
-        let generation = self.generation();
         let out = self
             .broker
             .wrap_key(&self.caller, &self.settings.key, seed, facts)
             .await?;
+        // Read after the wrap: a backend that learns of a rotation from the wrap's answer (an
+        // AWS alias that moved) has already counted it, so it does not cause one more probe.
+        let generation = self.generation();
         let backend = facts.backend.unwrap_or(BackendKind::Local);
         if out.ciphertext.len() > MAX_CIPHERTEXT_LEN {
             return Err(Error::Precondition {

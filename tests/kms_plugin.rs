@@ -128,6 +128,13 @@ async fn round_trip(c: &mut Client, key_id_prefix: &str) -> EncryptResponse {
         Some(&b"2"[..])
     );
     assert_eq!(decrypt(c, &enc).await.unwrap(), seed(1));
+    // For docs/kubernetes-kms.md (sizes per backend; `--nocapture` shows them).
+    eprintln!(
+        "KMS ciphertext {} bytes, key_id {} bytes ({})",
+        enc.ciphertext.len(),
+        enc.key_id.len(),
+        enc.key_id.split(':').nth(1).unwrap_or("")
+    );
     enc
 }
 
@@ -304,6 +311,74 @@ async fn decrypt_of_1000_ciphertexts_of_10_seeds_makes_at_most_10_backend_calls(
     }
     let calls = counters.unwrap() - before;
     assert!((1..=10).contains(&calls), "{calls} backend unwraps");
+    server.stop().await;
+}
+
+/// Status is free: with a long probe interval, polls make no backend call after the startup
+/// probe; health follows the real Encrypt outcomes (down at once, up again on the next success).
+#[tokio::test]
+async fn status_polls_cost_nothing_and_follow_real_outcomes() {
+    let (server, layer) = TestServer::counted(&local_config("probe_interval = \"1h\"")).await;
+    let mut c = client(&server).await;
+    status_until(&mut c, "ok", |s| s.healthz == HEALTHY).await;
+    let counters = layer.key("etcd");
+    let after_startup = counters.total();
+    assert_eq!(after_startup, 1, "one startup probe");
+    for _ in 0..50 {
+        assert_eq!(status(&mut c).await.healthz, HEALTHY);
+    }
+    assert_eq!(
+        counters.total(),
+        after_startup,
+        "Status polls made backend calls"
+    );
+    let enc = encrypt(&mut c, &seed(1)).await;
+    assert_eq!(counters.wrap(), 2);
+    // Encrypt does not fill the decrypt cache; the first Decrypt does (one unwrap).
+    assert_eq!(decrypt(&mut c, &enc).await.unwrap(), seed(1));
+    assert_eq!(counters.unwrap(), 1);
+
+    counters.set_fail(true);
+    let e = c
+        .encrypt(EncryptRequest {
+            plaintext: seed(2).into(),
+            uid: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let down = status(&mut c).await;
+    assert!(down.healthz.contains("BACKEND_UNAVAILABLE"), "{down:?}");
+    assert_eq!(down.key_id, enc.key_id, "the last key_id stays");
+    // A cached Decrypt is no news about the backend: still down, and still no probe.
+    assert_eq!(decrypt(&mut c, &enc).await.unwrap(), seed(1));
+    assert_eq!(counters.unwrap(), 1);
+    assert_ne!(status(&mut c).await.healthz, HEALTHY);
+    counters.set_fail(false);
+    encrypt(&mut c, &seed(3)).await;
+    assert_eq!(status(&mut c).await.healthz, HEALTHY);
+    server.stop().await;
+}
+
+/// A backend that hangs holds no Status: each answers within the status timeout.
+#[tokio::test]
+async fn status_answers_fast_while_the_backend_hangs() {
+    let (server, layer) = TestServer::counted(&local_config("probe_interval = \"1s\"")).await;
+    let mut c = client(&server).await;
+    status_until(&mut c, "ok", |s| s.healthz == HEALTHY).await;
+    let counters = layer.key("etcd");
+    counters.set_delay(Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let probes_before = counters.wrap();
+    for _ in 0..6 {
+        let t = Instant::now();
+        let s = status(&mut c).await;
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(s.version, "v2");
+    }
+    // One probe in flight at a time, however often Status is asked.
+    assert!(counters.wrap() <= probes_before + 1, "{}", counters.wrap());
+    counters.set_delay(Duration::ZERO);
     server.stop().await;
 }
 
