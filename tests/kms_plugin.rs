@@ -528,6 +528,7 @@ async fn aws_round_trip_and_alias_rotation() {
     assert_eq!(new.key_id, st.key_id);
     assert_eq!(decrypt(&mut c, &old).await.unwrap(), seed(1));
     assert_eq!(decrypt(&mut c, &new).await.unwrap(), seed(2));
+    grpcio_round_trip(&server, &st.key_id).await;
     server.stop().await;
 }
 
@@ -606,6 +607,7 @@ async fn gcp_round_trip_and_rotation() {
     assert_eq!(new.key_id, st.key_id);
     assert_eq!(decrypt(&mut c, &old).await.unwrap(), seed(1));
     assert_eq!(decrypt(&mut c, &new).await.unwrap(), seed(2));
+    grpcio_round_trip(&server, &st.key_id).await;
     server.stop().await;
 }
 
@@ -633,23 +635,22 @@ async fn azure_round_trip_and_rotation() {
     let new = encrypt(&mut c, &seed(2)).await;
     assert_eq!(decrypt(&mut c, &old).await.unwrap(), seed(1));
     assert_eq!(decrypt(&mut c, &new).await.unwrap(), seed(2));
+    grpcio_round_trip(&server, &st.key_id).await;
     server.stop().await;
 }
 
 // ---- Python grpcio, stubs generated from the repo's .proto ----
 
-#[tokio::test]
-async fn grpcio_client_generated_from_the_repo_proto() {
-    let server = TestServer::start(&local_config("")).await;
-    let mut c = client(&server).await;
-    status_until(&mut c, "ok", |s| s.healthz == HEALTHY).await;
+/// Runs tests/clients/kms_v2_client.py (grpcio, stubs generated from the repo's .proto by
+/// grpcio-tools) against the server's plugin socket; it must see `key_id`.
+async fn grpcio_round_trip(server: &TestServer, key_id: &str) {
     let venv = crate::support::venv();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kms_v2_client.py");
+    let script = repo("tests/clients/kms_v2_client.py");
     let out_dir = tempfile::tempdir().unwrap();
     let sock = server.path("kms.sock");
     let out = tokio::process::Command::new(venv.join("bin/python"))
         .arg(&script)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto"))
+        .arg(repo("proto"))
         .arg(out_dir.path())
         .arg(format!("unix://{}", sock.display()))
         .output()
@@ -659,17 +660,25 @@ async fn grpcio_client_generated_from_the_repo_proto() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for line in [
-        "status v2 ok etcd:local:1",
-        "encrypt etcd:local:1",
-        "decrypt ok",
-        "tampered INVALID_ARGUMENT",
-        "foreign FAILED_PRECONDITION KMS_KEY_ID_MISMATCH",
+        format!("status v2 ok {key_id}"),
+        format!("encrypt {key_id}"),
+        "decrypt ok".to_owned(),
+        "tampered INVALID_ARGUMENT".to_owned(),
+        "foreign FAILED_PRECONDITION KMS_KEY_ID_MISMATCH".to_owned(),
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
             "no {line:?} in:\n{stdout}"
         );
     }
+}
+
+#[tokio::test]
+async fn grpcio_client_generated_from_the_repo_proto() {
+    let server = TestServer::start(&local_config("")).await;
+    let mut c = client(&server).await;
+    status_until(&mut c, "ok", |s| s.healthz == HEALTHY).await;
+    grpcio_round_trip(&server, "etcd:local:1").await;
     server.stop().await;
 }
 
