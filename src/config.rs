@@ -402,6 +402,11 @@ impl Config {
         azure.finish(p);
         config.keys_section(root, base, p);
         config.kms_plugin = KmsPluginSettings::parse(&root.section("kms_plugin", p), base, p);
+        // The plugin listener owns its caller name: no client certificate may take it.
+        config
+            .identity
+            .reserved
+            .extend(config.kms_plugin.iter().map(|k| k.caller.clone()));
         if let Some(k) = &config.kms_plugin
             && !k.key.is_empty()
             && !config.keys.contains_key(&k.key)
