@@ -166,7 +166,40 @@ async fn local_round_trip_health_and_reflection_on_the_plugin_socket() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+
+    // Reflection on the plugin socket, as grpcurl (a client we did not write) sees it.
+    let sock = sock.to_str().unwrap();
+    let listed = grpcurl(&[sock, "list"]).await;
+    for service in ["v2.KeyManagementService", "grpc.health.v1.Health"] {
+        assert!(listed.lines().any(|l| l == service), "{listed}");
+    }
+    assert!(!listed.contains("keybroker.v1"), "{listed}");
+    let described = grpcurl(&[sock, "describe", "v2.StatusResponse"]).await;
+    assert!(described.contains("string key_id = 3;"), "{described}");
+    let answered = grpcurl(&[sock, "v2.KeyManagementService/Status"]).await;
+    assert!(answered.contains("\"healthz\": \"ok\""), "{answered}");
+    assert!(
+        answered.contains("\"keyId\": \"etcd:local:1\""),
+        "{answered}"
+    );
     server.stop().await;
+}
+
+/// grpcurl over a Unix socket (async: the server runs on this test's runtime).
+async fn grpcurl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(crate::support::venv_bin("grpcurl"))
+        .args(["-plaintext", "-unix"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 #[tokio::test]
