@@ -285,6 +285,54 @@ impl Broker {
         })
     }
 
+    /// Wraps a key the caller brings (the Kubernetes KMS v2 plugin's DEK seed) under `key`'s
+    /// current backend version: exactly one backend wrap, no data-key cache (the seed is the
+    /// data key), sealed as a data-key envelope (kind 2, empty body, no context), so
+    /// [`Broker::decrypt`] returns the seed and its decrypt-side cache serves repeats. The seed is
+    /// never remembered here.
+    pub async fn wrap_key(
+        &self,
+        caller: &Caller,
+        key: &str,
+        seed: &SecretKey,
+        facts: &mut Facts,
+    ) -> Result<EncryptOutput, Error> {
+        facts.bytes = seed.len() as u64;
+        check_key_field(key, "key")?;
+        let registry = self.registry.load();
+        let entry = self.usable_key(&registry, caller, key, Need::Op(Operation::Encrypt), facts)?;
+        let ctx = BackendContext {
+            key_name: &entry.name,
+            caller: &caller.name,
+        };
+        bump(&entry.stats.op(Operation::Encrypt).backend_calls);
+        let started = Instant::now();
+        let wrapped = entry.backend.wrap(seed, &ctx).await;
+        facts.backend_calls.push(BackendCall {
+            op: BackendOp::Wrap,
+            outcome: wrapped.as_ref().map(|_| ()).map_err(|e| e.kind),
+            latency: started.elapsed(),
+        });
+        facts.cache = Some(CacheResult::Bypass);
+        let wrapped = wrapped.map_err(|e| Error::backend(&entry.name, e))?;
+        facts.key_version = Some(wrapped.key_version.clone());
+        let ciphertext = envelope::seal(
+            Kind::DataKey,
+            &entry.name,
+            &caller.name,
+            &[wrapped.as_copy(entry.backend.kind())],
+            seed,
+            &BTreeMap::new(),
+            &[],
+        )
+        .map_err(seal_error)?;
+        Ok(EncryptOutput {
+            ciphertext,
+            key: Arc::clone(&entry.name),
+            key_version: wrapped.key_version,
+        })
+    }
+
     /// Opens the source ciphertext with its data key, re-wraps that data key under the
     /// destination key (by the provider's own re-encrypt where it has one, so the data key is
     /// not handled in the clear for that step) and re-seals the payload with a fresh salt, the

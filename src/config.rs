@@ -24,6 +24,7 @@ use crate::backend::gcp::GcpSettings;
 use crate::backend::local::LocalSettings;
 use crate::backend::{Factory, KeyDefaults};
 use crate::identity::IdentityConfig;
+use crate::kms_plugin::KmsPluginSettings;
 use crate::metrics::PriceTable;
 use crate::policy::{ANY_IDENTIFIED, Policy};
 use crate::registry::{BackendLayer, Registry, StatsBook};
@@ -237,6 +238,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub azure: AzureSettings,
     pub keys: BTreeMap<String, KeyConfig>,
+    /// `[kms_plugin]`: the Kubernetes KMS v2 plugin socket (None: off).
+    pub kms_plugin: Option<KmsPluginSettings>,
     /// What the file says in a way that still works but should change (deprecated names):
     /// `config check` shows them, `serve` logs them.
     pub notices: Vec<Problem>,
@@ -318,6 +321,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             azure: Default::default(),
             keys,
+            kms_plugin: None,
             notices: Vec::new(),
         }
     }
@@ -399,6 +403,21 @@ impl Config {
         config.azure = AzureSettings::parse(&azure, base, p);
         azure.finish(p);
         config.keys_section(root, base, p);
+        config.kms_plugin = KmsPluginSettings::parse(&root.section("kms_plugin", p), base, p);
+        // The plugin listener owns its caller name: no client certificate may take it.
+        config
+            .identity
+            .reserved
+            .extend(config.kms_plugin.iter().map(|k| k.caller.clone()));
+        if let Some(k) = &config.kms_plugin
+            && !k.key.is_empty()
+            && !config.keys.contains_key(&k.key)
+        {
+            p.push(
+                "kms_plugin.key",
+                format!("names key {:?}, which is not configured", k.key),
+            );
+        }
         Some(config)
     }
 
@@ -533,7 +552,9 @@ impl Config {
     /// them as errors; `serve` and reloads log them as warnings.
     pub fn warnings(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        let rules = self.identity.caller_names();
+        let mut rules = self.identity.caller_names();
+        // The KMS plugin listener names its caller itself.
+        rules.extend(self.kms_plugin.iter().map(|k| k.caller.clone()));
         for k in self.keys.values() {
             for (i, st) in k.policy.statements.iter().enumerate() {
                 for c in &st.callers {
@@ -588,6 +609,7 @@ impl Config {
     /// those the policies name (plus `anonymous`).
     pub fn known_callers(&self) -> std::collections::BTreeSet<String> {
         let mut names = self.identity.caller_names();
+        names.extend(self.kms_plugin.iter().map(|k| k.caller.clone()));
         for k in self.keys.values() {
             names.extend(
                 k.policy

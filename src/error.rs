@@ -76,6 +76,14 @@ pub enum Error {
     AuditUnavailable,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// A request this front door cannot serve as asked although it is well formed: a Kubernetes
+    /// KMS `key_id` of another key, or a result over kube-apiserver's limits. `reason` is the
+    /// stable ErrorInfo reason; `message` names only configuration values and limits.
+    #[error("{message}")]
+    Precondition {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Error {
@@ -106,6 +114,7 @@ impl Error {
             Error::Unauthenticated(_) => "UNAUTHENTICATED",
             Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
+            Error::Precondition { reason, .. } => reason,
             Error::Backend { source, .. } => match source.kind {
                 BackendErrorKind::NotFound => "BACKEND_KEY_NOT_FOUND",
                 BackendErrorKind::Disabled => "KEY_DISABLED",

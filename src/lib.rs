@@ -22,8 +22,8 @@
 //! - 6 records of requests: `audit`, `metrics`
 //! - 7.1 edge, the one error to status mapping: `status`
 //! - 7.2 edge, transport: `tls`, `transport`, `uds_authority`, `health`, `codec`
-//! - 7.3 edge, callers and requests: `proto`, `identity`, `observe`
-//! - 7.4 edge, front doors: `service`, `admission`, `admin`
+//! - 7.3 edge, callers and requests: `proto`, `kms_proto`, `identity`, `observe`
+//! - 7.4 edge, front doors: `service`, `kms_plugin`, `admission`, `admin`
 //! - 8.1 composition: `config`
 //! - 8.2 composition: `reload`
 //! - 8.3 composition: `server`
@@ -73,6 +73,7 @@ pub mod health;
 pub mod identity;
 pub mod inject;
 pub mod keyring;
+pub mod kms_plugin;
 pub mod metrics;
 pub mod observe;
 pub mod operation;
@@ -90,6 +91,41 @@ pub mod tls;
 pub mod transport;
 pub mod uds_authority;
 pub mod util;
+
+/// The generated Kubernetes KMS v2 plugin API (`v2.KeyManagementService`,
+/// proto/k8s/kms/v2/api.proto): server for `kms_plugin`, client for tests and the benchmark.
+#[allow(clippy::all, missing_docs)]
+pub mod kms_proto {
+    tonic::include_proto!("v2");
+
+    /// The encoded descriptors served by gRPC reflection on the plugin socket.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kms_v2_descriptor");
+
+    use std::fmt;
+
+    impl fmt::Debug for EncryptRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("EncryptRequest")
+                .field(
+                    "plaintext",
+                    &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                )
+                .field("uid", &self.uid)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for DecryptResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("DecryptResponse")
+                .field(
+                    "plaintext",
+                    &format_args!("<{} bytes redacted>", self.plaintext.len()),
+                )
+                .finish()
+        }
+    }
+}
 
 /// The generated `keybroker.v1` protobuf and gRPC code.
 #[allow(clippy::all, missing_docs)]

@@ -16,6 +16,9 @@ pub enum IdentitySource {
     Mtls,
     PeerCredentials,
     BearerToken,
+    /// The listener itself names the caller (the Kubernetes KMS plugin socket: whoever the
+    /// socket file's mode lets connect is kube-apiserver).
+    Listener,
     Anonymous,
 }
 
@@ -26,6 +29,7 @@ impl IdentitySource {
             Self::Mtls => "mtls",
             Self::PeerCredentials => "peer_credentials",
             Self::BearerToken => "bearer_token",
+            Self::Listener => "listener",
             Self::Anonymous => "anonymous",
         }
     }

@@ -24,7 +24,7 @@ pub fn code(e: &Error) -> Code {
     match e {
         Error::KeyNotFound { .. } => Code::NotFound,
         Error::NoGrant { .. } | Error::PolicyDenied { .. } => Code::PermissionDenied,
-        Error::KeyDisabled { .. } => Code::FailedPrecondition,
+        Error::KeyDisabled { .. } | Error::Precondition { .. } => Code::FailedPrecondition,
         Error::InvalidArgument(_)
         | Error::MalformedRequest(_)
         | Error::InvalidCiphertext(_)

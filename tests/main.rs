@@ -18,6 +18,7 @@ mod grpcurl;
 mod image;
 mod inject;
 mod interop;
+mod kms_plugin;
 mod layering;
 mod local_backend;
 mod metrics;

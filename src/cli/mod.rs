@@ -50,6 +50,9 @@ pub enum Cmd {
     Inject(crate::inject::InjectArgs),
     /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks.md).
     BenchAws(bench::aws::BenchAwsArgs),
+    /// Benchmark the Kubernetes KMS v2 plugin: apiserver-restart Decrypts and Encrypt's added
+    /// latency (see docs/benchmarks.md).
+    BenchKms(bench::kms::BenchKmsArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
     BenchServer(bench::BenchServerArgs),
@@ -214,6 +217,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Inject(args) => return crate::inject::run(args),
         Cmd::BenchServer(args) => bench::run_server(args),
         Cmd::BenchAws(args) => bench::aws::run(args),
+        Cmd::BenchKms(args) => bench::kms::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

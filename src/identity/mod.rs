@@ -64,6 +64,9 @@ pub struct IdentityConfig {
     pub mtls: Vec<MtlsRule>,
     /// How often token files (and certificates) are checked for changes.
     pub reload_interval: Duration,
+    /// Caller names another part owns (the Kubernetes KMS plugin listener's caller): an unmapped
+    /// client certificate may not take them, so no certificate becomes `kube-apiserver`.
+    pub reserved: Vec<String>,
 }
 
 impl Default for IdentityConfig {
@@ -73,6 +76,7 @@ impl Default for IdentityConfig {
             peers: Vec::new(),
             mtls: Vec::new(),
             reload_interval: Duration::from_secs(5),
+            reserved: Vec::new(),
         }
     }
 }
@@ -217,6 +221,7 @@ impl Identifier {
             .collect::<Result<Vec<_>, _>>()?;
         let mut reserved = config.caller_names();
         reserved.insert(ANY_IDENTIFIED.to_owned());
+        reserved.extend(config.reserved.iter().cloned());
         Ok(Self {
             config,
             reserved,
@@ -421,6 +426,7 @@ mod tests {
                     id: "billing.example".into(),
                 },
             ],
+            reserved: vec!["kube-apiserver".into()],
             ..Default::default()
         })
         .unwrap();
@@ -428,7 +434,14 @@ mod tests {
             id.identify(Some(&tls_conn(name)), None)
                 .map(|c| c.name.to_string())
         };
-        for taken in ["billing", "local-app", "shop-api", "anonymous", "*"] {
+        for taken in [
+            "billing",
+            "local-app",
+            "shop-api",
+            "anonymous",
+            "*",
+            "kube-apiserver",
+        ] {
             assert!(
                 matches!(who(taken), Err(Error::Unauthenticated(_))),
                 "{taken}"

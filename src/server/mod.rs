@@ -38,6 +38,7 @@ use crate::service::KeyBrokerService;
 use crate::tls::{ReloadingTls, TlsOptions};
 use crate::transport::{ConnGate, Limited};
 
+mod kms;
 mod listen;
 
 use listen::{Conn, Listener, OwnedSocket, accept_loop, bind_unix};
@@ -96,6 +97,8 @@ pub struct Running {
     accept_tasks: Vec<JoinHandle<()>>,
     sockets: Vec<OwnedSocket>,
     grace: Duration,
+    /// The Kubernetes KMS v2 plugin listener, when `[kms_plugin]` is configured.
+    kms: Option<kms::KmsServing>,
 }
 
 /// Optional extras for [`start_with`].
@@ -199,6 +202,12 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         ReceiverStream::new(conn_rx),
         shutdown_rx,
     )?;
+    let kms = match &config.kms_plugin {
+        Some(settings) => {
+            Some(kms::spawn(config, settings, &core, &health, drain.subscribe()).await?)
+        }
+        None => None,
+    };
     for a in &bound.addrs {
         tracing::info!(addr = %a, "listening");
     }
@@ -225,6 +234,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         accept_tasks,
         sockets: bound.sockets,
         grace: config.server.shutdown_grace,
+        kms,
     })
 }
 
@@ -426,6 +436,11 @@ fn spawn_grpc(
 }
 
 impl Running {
+    /// The Kubernetes KMS v2 plugin, when `[kms_plugin]` is configured (tests, the benchmark).
+    pub fn kms_plugin(&self) -> Option<&crate::kms_plugin::KmsPlugin> {
+        self.kms.as_ref().map(|k| &k.plugin)
+    }
+
     /// Drains and stops the server (see the module docs). Returns whether every connection
     /// finished within the grace period.
     pub async fn shutdown(mut self) -> bool {
@@ -436,6 +451,11 @@ impl Running {
         self.health
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
             .await;
+        if self.kms.is_some() {
+            self.health
+                .set_service_status(crate::kms_plugin::SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+        }
         // After NOT_SERVING is set, so every watcher sees it before its stream ends.
         let _ = self.drain.send(true);
         for t in self.accept_tasks.iter().chain(&self.background) {
@@ -443,6 +463,13 @@ impl Running {
         }
         if let Some(tx) = self.shutdown_tx.take() {
             let _ = tx.send(());
+        }
+        let mut kms = self.kms.take();
+        if let Some(k) = &mut kms {
+            k.accept.abort();
+            if let Some(tx) = k.shutdown.take() {
+                let _ = tx.send(());
+            }
         }
         let drained = match tokio::time::timeout(self.grace, &mut self.serve).await {
             Ok(Ok(Ok(()))) => true,
@@ -460,6 +487,14 @@ impl Running {
                 false
             }
         };
+        if let Some(k) = kms {
+            if tokio::time::timeout(self.grace, k.serve).await.is_err() {
+                tracing::warn!(
+                    "the KMS plugin's connections were still open after the grace period"
+                );
+            }
+            self.sockets.push(k.socket);
+        }
         for s in &self.sockets {
             if std::fs::metadata(&s.path).map(|m| m.ino()).ok() == Some(s.ino) {
                 let _ = std::fs::remove_file(&s.path);

@@ -8,6 +8,7 @@
 //! alternate run by run so a noisy neighbour hits both; medians over runs are reported.
 
 pub mod aws;
+pub mod kms;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
