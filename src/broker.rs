@@ -306,13 +306,14 @@ impl Broker {
             caller: &caller.name,
         };
         bump(&entry.stats.op(Operation::Encrypt).backend_calls);
-        let started = Instant::now();
-        let wrapped = entry.backend.wrap(seed, &ctx).await;
-        facts.backend_calls.push(BackendCall {
-            op: BackendOp::Wrap,
-            outcome: wrapped.as_ref().map(|_| ()).map_err(|e| e.kind),
-            latency: started.elapsed(),
-        });
+        let (wrapped, call) = crate::backend::timed(
+            entry.backend.kind(),
+            0,
+            BackendOp::Wrap,
+            entry.backend.wrap(seed, &ctx),
+        )
+        .await;
+        facts.backend_calls.push(call);
         facts.cache = Some(CacheResult::Bypass);
         let wrapped = wrapped.map_err(|e| Error::backend(&entry.name, e))?;
         facts.key_version = Some(wrapped.key_version.clone());

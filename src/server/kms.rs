@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::listen::{Conn, Listener, OwnedSocket, accept_loop, bind_unix};
-use super::{Core, Serving, StartError};
+use super::{Core, Serving, StartError, reflection};
 use crate::config::{Config, ListenAddr};
 use crate::kms_plugin::{KmsPlugin, KmsPluginSettings, SERVICE_NAME};
 use crate::kms_proto::key_management_service_server::KeyManagementServiceServer;
@@ -52,18 +52,7 @@ pub(super) async fn spawn(
     let (conn_tx, conn_rx) = mpsc::channel::<io::Result<Limited<Conn>>>(16);
     let gate = ConnGate::new(&addr, &config.server.limits);
     let accept = tokio::spawn(accept_loop(Listener::Unix(listener), gate, conn_tx));
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::kms_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(crate::proto::ERROR_DETAILS_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| StartError::Services(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| StartError::Services(e.to_string()))?;
+    let (reflection_v1, reflection_v1alpha) = reflection(crate::kms_proto::FILE_DESCRIPTOR_SET)?;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;

@@ -377,6 +377,36 @@ impl Bound {
     }
 }
 
+/// gRPC reflection (both protocol versions grpcurl and other tools speak) for one listener's
+/// API, with health and the `google.rpc` error details beside it so tools decode reasons.
+fn reflection(
+    api: &'static [u8],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    StartError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| StartError::Services(e.to_string()))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| StartError::Services(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
 /// The gRPC stack, serving the accepted connections until `shutdown`: identity and the codec's
 /// size check in front of health, reflection and KeyBroker (behind admission).
 fn spawn_grpc(
@@ -387,18 +417,7 @@ fn spawn_grpc(
     conns: ReceiverStream<io::Result<Limited<Conn>>>,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<Serving, StartError> {
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(proto::ERROR_DETAILS_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| StartError::Services(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| StartError::Services(e.to_string()))?;
+    let (reflection_v1, reflection_v1alpha) = reflection(proto::FILE_DESCRIPTOR_SET)?;
     let decode_limit =
         (config.server.max_request_bytes + CIPHERTEXT_OVERHEAD + REQUEST_FIELDS_SLACK) as usize;
     let keybroker_service = Arc::new(KeyBrokerService::new(
