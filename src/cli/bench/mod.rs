@@ -93,6 +93,12 @@ pub struct BenchArgs {
     /// time to the listen line and to health SERVING, and idle RSS (medians).
     #[arg(long)]
     pub startup: Option<usize>,
+    /// Instead of the table: a soak of this many cache-hit requests (Encrypt and Decrypt, at the
+    /// first `--concurrency`), with key rotations and configuration reloads during the run;
+    /// reports RSS growth after warm-up, errors, the server's request count against the
+    /// requests sent, and the audit chain.
+    #[arg(long)]
+    pub soak: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -509,6 +515,9 @@ pub fn run(args: BenchArgs) -> CliResult {
     if let Some(n) = args.startup {
         return startup(&args, n);
     }
+    if let Some(n) = args.soak {
+        return soak(&args, n);
+    }
     pin_self(args.client_cpu);
     let token = args.token_file.as_ref().map(|_| fresh_token());
     let echo = spawn_echo(&args)?;
@@ -778,4 +787,207 @@ fn startup(args: &BenchArgs, n: usize) -> CliResult {
         median(rss),
     );
     Ok(())
+}
+
+/// Requests of one soak chunk: bounded, so a chunk is a few seconds at most.
+const SOAK_CHUNKS: u64 = 100;
+
+/// `--soak N`: N cache-hit requests in 100 chunks, alternating Encrypt and Decrypt; every 10th
+/// chunk rotates the key (keyring edit under its lock, as `keys rotate` does), every 10th (offset
+/// 5) rewrites the configuration's cache TTL and sends SIGHUP. RSS is read after every chunk.
+fn soak(args: &BenchArgs, total: u64) -> CliResult {
+    pin_self(args.client_cpu);
+    let concurrency = args.concurrency.first().copied().unwrap_or(16);
+    let dir = tempdir()?.join("soak");
+    let config_text = |ttl: &str| format!("{}\n[cache]\nttl = \"{ttl}\"\n", embedded_equivalent());
+    let spec = serve::ServeSpec {
+        generated: Some(config_text("5m")),
+        listen: Some(listen_addr(args.transport, "soak")?),
+        worker_threads: args.worker_threads,
+        cpu: args.server_cpu,
+        ..Default::default()
+    };
+    let kb = serve::start(&spec, dir.clone())?;
+    let pid = kb.child.id();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let per_chunk = (total / SOAK_CHUNKS).max(1);
+    let plaintext = bytes::Bytes::from(vec![0x5a; args.payload.first().copied().unwrap_or(1024)]);
+    let started = Instant::now();
+    let (sent, errors, rss, rotations, reloads) = rt.block_on(async {
+        let cs = clients(&kb.addr, args.connections).await?;
+        let mut c0 = cs[0].clone();
+        let ct = c0
+            .encrypt(proto::EncryptRequest {
+                key: "default".into(),
+                plaintext: plaintext.clone(),
+                context: BTreeMap::new(),
+            })
+            .await?
+            .into_inner()
+            .ciphertext;
+        let mut sent = 1u64;
+        let mut errors = 0u64;
+        let mut rss = Vec::new();
+        let (mut rotations, mut reloads) = (0, 0);
+        for chunk in 0..SOAK_CHUNKS {
+            let op = if chunk % 2 == 0 {
+                BenchOp::Encrypt
+            } else {
+                BenchOp::Decrypt
+            };
+            let load = Arc::new(Load {
+                op,
+                keys: vec!["default".into()],
+                payloads: vec![match op {
+                    BenchOp::Encrypt => plaintext.clone(),
+                    BenchOp::Decrypt => ct.clone(),
+                }],
+                token: None,
+            });
+            let (n, e) = fixed_count(&cs, &load, concurrency, per_chunk).await;
+            sent += n;
+            errors += e;
+            rss.push(serve::usage(pid).rss_kib);
+            if chunk % 10 == 9 {
+                crate::keyring::edit(&kb.dir.join(".keybroker/keyring"), false, |r| {
+                    r.rotate_key("default")
+                })?;
+                rotations += 1;
+            }
+            if chunk % 10 == 4 {
+                std::fs::write(
+                    kb.dir.join("keybroker.toml"),
+                    config_text(if reloads % 2 == 0 { "4m" } else { "5m" }),
+                )?;
+                let _ = Command::new("kill")
+                    .args(["-HUP", &pid.to_string()])
+                    .status();
+                reloads += 1;
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error>>((sent, errors, rss, rotations, reloads))
+    })?;
+    let elapsed = started.elapsed();
+    let scrape = kb
+        .admin
+        .as_deref()
+        .map(|a| serve::admin_get(a, "/metrics"))
+        .transpose()?
+        .unwrap_or_default();
+    let counted = serve::counter_sum(&scrape, "keybroker_requests");
+    // SIGTERM: the server drains and the audit writer writes everything before exiting.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let mut kb = kb;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kb.child.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = kb.dir.join(".keybroker/audit.jsonl");
+    let mut files: Vec<PathBuf> = (1..=64)
+        .rev()
+        .map(|n| crate::audit::rotated(&log, n))
+        .filter(|p| p.exists())
+        .collect();
+    files.push(log);
+    let chain = crate::audit::verify(&files);
+    let warm = rss[SOAK_CHUNKS as usize / 10];
+    let last = *rss.last().unwrap_or(&0);
+    let peak = rss.iter().copied().max().unwrap_or(0);
+    println!(
+        "# keybroker bench --soak {total}: `keybroker serve` (embedded default shape), {:?} transport, {concurrency} in flight over {} connections, server cpu {}, client cpu {}",
+        args.transport, args.connections, args.server_cpu, args.client_cpu
+    );
+    println!();
+    println!(
+        "| requests sent | server counted | errors | time s | req/s | key rotations | reloads | RSS MiB after warm-up (10 %) / end / peak | growth after warm-up | audit chain |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "| {sent} | {counted:.0} | {errors} | {:.0} | {:.0} | {rotations} | {reloads} | {:.1} / {:.1} / {:.1} | {:+.1} % | {} |",
+        elapsed.as_secs_f64(),
+        sent as f64 / elapsed.as_secs_f64(),
+        mib(warm),
+        mib(last),
+        mib(peak),
+        if warm > 0 {
+            (last as f64 - warm as f64) * 100.0 / warm as f64
+        } else {
+            0.0
+        },
+        match &chain {
+            Ok(r) => format!(
+                "verifies: {} records in {} file(s){}",
+                r.records,
+                files.len(),
+                if r.starts_mid_chain {
+                    ", oldest rotated away"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => format!("BROKEN: {e:?}"),
+        }
+    );
+    Ok(())
+}
+
+/// Sends exactly `count` requests with `concurrency` workers; (sent, errors).
+async fn fixed_count(
+    clients: &[KeyBrokerClient<Channel>],
+    load: &Arc<Load>,
+    concurrency: usize,
+    count: u64,
+) -> (u64, u64) {
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(count));
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut client = clients[i % clients.len()].clone();
+        let (load, left) = (Arc::clone(load), Arc::clone(&left));
+        tasks.push(tokio::spawn(async move {
+            let (mut n, mut e) = (0u64, 0u64);
+            while left
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |v| v.checked_sub(1),
+                )
+                .is_ok()
+            {
+                let ok = match load.op {
+                    BenchOp::Encrypt => client
+                        .encrypt(proto::EncryptRequest {
+                            key: load.keys[0].clone(),
+                            plaintext: load.payloads[0].clone(),
+                            context: BTreeMap::new(),
+                        })
+                        .await
+                        .is_ok(),
+                    BenchOp::Decrypt => client
+                        .decrypt(proto::DecryptRequest {
+                            ciphertext: load.payloads[0].clone(),
+                            context: BTreeMap::new(),
+                        })
+                        .await
+                        .is_ok(),
+                };
+                n += 1;
+                if !ok {
+                    e += 1;
+                }
+            }
+            (n, e)
+        }));
+    }
+    let (mut n, mut e) = (0, 0);
+    for t in tasks {
+        if let Ok((a, b)) = t.await {
+            n += a;
+            e += b;
+        }
+    }
+    (n, e)
 }
