@@ -932,6 +932,17 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
             Err(e) => format!("BROKEN: {e:?}"),
         }
     );
+    let curve: Vec<String> = rss
+        .iter()
+        .step_by(10)
+        .chain(rss.last())
+        .map(|k| format!("{:.1}", mib(*k)))
+        .collect();
+    println!();
+    println!(
+        "RSS MiB at 0 %, 10 %, … 100 % of the run: {}",
+        curve.join(", ")
+    );
     Ok(())
 }
 
