@@ -49,6 +49,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 /// Unix socket file mode (octal, e.g. `0666`): the injector sets it because app containers run
 /// as arbitrary uids and the socket sits in a pod-private volume.
 pub const ENV_SOCKET_MODE: &str = "KEYBROKER_SOCKET_MODE";
+/// `[server] worker_threads` from the pod spec (e.g. the downward API's `limits.cpu`).
+pub const ENV_WORKER_THREADS: &str = "KEYBROKER_WORKER_THREADS";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_KEYRING: &str = ".keybroker/keyring";
@@ -88,7 +90,8 @@ pub struct ServerConfig {
     /// Largest plaintext (Encrypt) accepted; ciphertexts may exceed it by the envelope overhead.
     pub max_request_bytes: u64,
     pub shutdown_grace: Duration,
-    /// 0: one worker per core; 1: a single-threaded runtime (cheapest for a sidecar).
+    /// 0: chosen from the usable CPUs (`command::RuntimeShape::choose`); 1: a single-threaded
+    /// runtime; N: N workers.
     pub worker_threads: usize,
     /// TLS for `tls://` listeners (`[server.tls]`).
     pub tls: Option<ServerTls>,
@@ -142,7 +145,7 @@ impl ServerConfig {
         }
         if let Some(n) = s.u64("worker_threads", p) {
             if n > 256 {
-                p.push(s.at("worker_threads"), "must be 0 (one per core) to 256");
+                p.push(s.at("worker_threads"), "must be 0 (automatic) to 256");
             }
             out.worker_threads = n as usize;
         }
@@ -476,7 +479,7 @@ impl Config {
         self.keys = parsed;
     }
     /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_ADMIN_LISTEN`,
-    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`,
+    /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`, `KEYBROKER_WORKER_THREADS`,
     /// `KEYBROKER_ALLOW_INSECURE_REMOTE`); problems are reported like file problems.
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
@@ -523,6 +526,15 @@ impl Config {
                 _ => problems.push(Problem {
                     at: ENV_SOCKET_MODE.to_owned(),
                     message: "must be an octal file mode like \"0660\"".to_owned(),
+                }),
+            }
+        }
+        if let Ok(v) = std::env::var(ENV_WORKER_THREADS) {
+            match v.trim().parse::<usize>() {
+                Ok(n) if n <= 256 => self.server.worker_threads = n,
+                _ => problems.push(Problem {
+                    at: ENV_WORKER_THREADS.to_owned(),
+                    message: "must be 0 (automatic) to 256".to_owned(),
                 }),
             }
         }

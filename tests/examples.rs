@@ -1,8 +1,9 @@
 //! Every example configuration the docs and deploy/ show passes `keybroker config check`, the
 //! command users are told to run on their copy: TOML blocks in README.md, docs/*.md and
 //! deploy/README.md that configure at least one key (fragments showing a single section are
-//! skipped), the `keybroker.toml` of every ConfigMap under deploy/, and every file under
-//! docs/examples/ (tests/multi.rs also serves two-keyrings.toml).
+//! skipped), the `keybroker.toml` of every ConfigMap under deploy/, every file under
+//! docs/examples/ (tests/multi.rs also serves two-keyrings.toml) and deploy/local/keybroker.toml
+//! (which is also served here, as the benchmark harness runs it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,6 +107,7 @@ fn every_example_config_passes_config_check() {
         files.iter().any(|f| f.ends_with("two-keyrings.toml")),
         "{files:?}"
     );
+    files.push(root().join("deploy/local/keybroker.toml"));
     let example_files = files.len();
     for f in files {
         examples.push((
@@ -139,4 +141,77 @@ fn every_example_config_passes_config_check() {
         examples.len(),
         failed.join("\n")
     );
+}
+
+/// deploy/local/keybroker.toml as shipped (production paths moved into a scratch directory,
+/// nothing else changed), served by the binary: the token caller encrypts and decrypts over the
+/// Unix socket, anyone else (this test's uid is not the app's) is denied, every use is in a
+/// chain that verifies.
+#[tokio::test]
+async fn the_shipped_local_sidecar_config_serves_its_callers() {
+    use keybroker::proto::{DecryptRequest, EncryptRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let at = |sub: &str| format!("{}/{sub}", dir.path().display());
+    let text = std::fs::read_to_string(root().join("deploy/local/keybroker.toml"))
+        .unwrap()
+        .replace("/run/keybroker/", &at("run/"))
+        .replace("/etc/keybroker/", &at("etc/"))
+        .replace("/var/lib/keybroker/", &at("lib/"));
+    std::fs::create_dir_all(dir.path().join("etc/tokens")).unwrap();
+    std::fs::write(
+        dir.path().join("etc/tokens/reports"),
+        "tok-reports-0123456789\n",
+    )
+    .unwrap();
+    let config = dir.path().join("keybroker.toml");
+    std::fs::write(&config, text).unwrap();
+    let server = crate::support::ServeProcess::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(server.addr.starts_with("unix://"), "{}", server.banner);
+    let mut c = keybroker::client::client(
+        keybroker::client::connect(&server.addr).await.unwrap(),
+        1 << 20,
+    );
+    fn with_token<T>(msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(
+            "authorization",
+            "Bearer tok-reports-0123456789".parse().unwrap(),
+        );
+        r
+    }
+    let ct = c
+        .encrypt(with_token(EncryptRequest {
+            key: "app-data".into(),
+            plaintext: b"row 1".to_vec().into(),
+            context: Default::default(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let pt = c
+        .decrypt(with_token(DecryptRequest {
+            ciphertext: ct.clone(),
+            context: Default::default(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+    assert_eq!(&pt[..], b"row 1");
+    let denied = c
+        .decrypt(DecryptRequest {
+            ciphertext: ct,
+            context: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    drop(server);
+    let report = keybroker::audit::verify(&[dir.path().join("lib/audit/audit.jsonl")]).unwrap();
+    assert_eq!(report.records, 3, "{report:?}");
 }

@@ -677,10 +677,14 @@ async fn azure_round_trip_and_rotation() {
 /// Runs tests/clients/kms_v2_client.py (grpcio, stubs generated from the repo's .proto by
 /// grpcio-tools) against the server's plugin socket; it must see `key_id`.
 async fn grpcio_round_trip(server: &TestServer, key_id: &str) {
+    grpcio_round_trip_at(&server.path("kms.sock"), key_id).await;
+}
+
+/// The grpcio client (generated from the repo's proto) against the plugin socket `sock`.
+async fn grpcio_round_trip_at(sock: &Path, key_id: &str) {
     let venv = crate::support::venv();
     let script = repo("tests/clients/kms_v2_client.py");
     let out_dir = tempfile::tempdir().unwrap();
-    let sock = server.path("kms.sock");
     let out = tokio::process::Command::new(venv.join("bin/python"))
         .arg(&script)
         .arg(repo("proto"))
@@ -716,6 +720,78 @@ async fn grpcio_client_generated_from_the_repo_proto() {
 }
 
 // ---- deploy/kubernetes/kms-plugin ----
+
+/// The shipped local plugin configuration, as the static pod runs it: the release-shaped binary
+/// (`keybroker serve --config`), its own paths moved into a scratch directory and nothing else
+/// changed, driven by a client we did not write (grpcio). Its audit log goes to stdout (the
+/// banner to stderr), so nothing here waits for a banner: the plugin socket appearing is the
+/// sign that it serves.
+#[tokio::test]
+async fn the_shipped_local_plugin_config_serves_a_grpcio_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let text = std::fs::read_to_string(repo(
+        "deploy/kubernetes/kms-plugin/local/keybroker-kms.toml",
+    ))
+    .unwrap()
+    .replace("/var/run/kmsplugin/", &format!("{}/run/", root.display()))
+    .replace("/var/lib/keybroker/", &format!("{}/lib/", root.display()))
+    .replace("127.0.0.1:9464", "127.0.0.1:0");
+    let config = root.join("keybroker-kms.toml");
+    std::fs::write(&config, text).unwrap();
+    let stdout = std::fs::File::create(root.join("stdout")).unwrap();
+    let stderr = std::fs::File::create(root.join("stderr")).unwrap();
+    let mut child = std::process::Command::new(crate::support::keybroker_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(root)
+        .env_remove("KEYBROKER_CONFIG")
+        .env_remove("KEYBROKER_LISTEN")
+        .env_remove("KEYBROKER_ADMIN_LISTEN")
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let sock = root.join("run/kms.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sock.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "serve exited ({status}): {}",
+                std::fs::read_to_string(root.join("stderr")).unwrap()
+            );
+        }
+        assert!(Instant::now() < deadline, "no plugin socket within 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    grpcio_round_trip_at(&sock, "etcd:local:1").await;
+    // SIGTERM, as the kubelet stops the static pod: the audit writer flushes and closes.
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // stdout carried only audit records, and they chain: the shipped config's audit works.
+    let report = keybroker::audit::verify(&[root.join("stdout")]).unwrap();
+    assert!(report.records >= 3, "{report:?}");
+    // The keyring was made where the config says (moved), mode 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join("lib/keyring"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
 
 /// kube-apiserver's `apiserver.config.k8s.io/v1` EncryptionConfiguration (not in k8s-openapi):
 /// the fields the manifests use, strictly (k8s.io/apiserver/pkg/apis/apiserver/v1 types.go).

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::command::{CliResult, Signals, init_logging, load_config, runtime};
+use crate::command::{CliResult, Signals, init_logging, load_config};
 use crate::config::{self, BackendConfig, Config};
 use crate::keyring::{self, Keyring};
 
@@ -53,7 +53,7 @@ pub enum Cmd {
     /// Benchmark the Kubernetes KMS v2 plugin: apiserver-restart Decrypts and Encrypt's added
     /// latency (see docs/benchmarks.md).
     BenchKms(bench::kms::BenchKmsArgs),
-    /// A benchmark server process (started by `bench`).
+    /// The echo baseline server (started by `bench`).
     #[command(hide = true)]
     BenchServer(bench::BenchServerArgs),
 }
@@ -238,7 +238,10 @@ fn serve(args: ServeArgs) -> CliResult {
             .collect::<Result<_, _>>()?;
     }
     init_logging(config.log.format, &config.log.level);
-    runtime(config.server.worker_threads)?.block_on(async move {
+    let (shape, cpus) =
+        crate::command::RuntimeShape::for_this_process(config.server.worker_threads);
+    crate::command::build_runtime(shape)?.block_on(async move {
+        tracing::info!(runtime = %shape.describe(), usable_cpus = cpus, worker_threads = config.server.worker_threads, "runtime chosen");
         // Handlers first: a SIGTERM right after the banner must drain, not kill.
         let signal = Signals::install()?;
         let options = crate::server::StartOptions {

@@ -183,7 +183,7 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `keybroker serve ARGS` in `cwd` and waits for its banner.
     pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead;
+        use std::io::BufRead as _;
         let mut cmd = std::process::Command::new(keybroker_bin());
         cmd.arg("serve")
             .args(args)
@@ -198,23 +198,50 @@ impl ServeProcess {
         }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let mut reader = std::io::BufReader::new(stdout);
+        // Banner lines come through a thread so that a banner that never comes (a config
+        // that sends it elsewhere, a server stuck at startup) fails the test in 15 s instead
+        // of hanging it; the reader stops after the `try:` line, as the banner ends there.
+        let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        return;
+                    }
+                    Ok(_) => {
+                        let last = line.contains("try:");
+                        if tx.send(Some(line)).is_err() || last {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         let mut banner = String::new();
         let mut addr = None;
         let mut admin = None;
-        for _ in 0..10 {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
-                let mut err = String::new();
-                use std::io::Read;
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("keybroker serve exited early: {banner}\n{err}");
-            }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                    panic!("keybroker serve exited early: {banner}\n{err}");
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let mut err = String::new();
+                    use std::io::Read;
+                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                    panic!("no complete banner on stdout within 15 s: {banner:?}\n{err}");
+                }
+            };
             banner.push_str(&line);
             if let Some(a) = line.trim().strip_prefix("admin on http://") {
                 admin.get_or_insert_with(|| a.split_whitespace().next().unwrap_or("").to_owned());

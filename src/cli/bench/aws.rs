@@ -9,7 +9,7 @@
 //! 2. Steady 1 KiB workload with caching on: KMS calls per 1M Encrypts, counted by keybroker
 //!    (ListKeys backend_calls) and, with `--moto`, on the emulator's side (moto's recorder).
 //!
-//! The keybroker server is a separate process (`bench-server`), as in `keybroker bench`.
+//! The keybroker server is a separate `keybroker serve` process, as in `keybroker bench`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use aws_sdk_kms::config::Region;
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Sample, ServerMode, median};
+use super::{Sample, median};
 use crate::command::CliResult;
 use crate::proto;
 
@@ -116,22 +116,15 @@ async fn bench(args: BenchAwsArgs) -> CliResult {
 
     let config = dir.join("keybroker.toml");
     std::fs::write(&config, server_config(&args, &arn, creds.as_ref()))?;
-    let bench_args = super::BenchArgs {
-        duration: args.duration,
-        warmup: args.warmup,
-        concurrency: args.concurrency.clone(),
-        runs: args.runs,
-        payload: args.payload,
-        connections: 1,
-        ops: Vec::new(),
-        transport: super::Transport::Tcp,
-        server_cpu: args.server_cpu,
-        client_cpu: args.client_cpu,
-        server_config: Some(config),
-        compare_metrics: false,
-        target: None,
-    };
-    let server = super::spawn_server(ServerMode::Keybroker, &bench_args, "keybroker-aws", false)?;
+    let server = super::serve::start(
+        &super::serve::ServeSpec {
+            config: Some(config),
+            listen: Some("127.0.0.1:0".into()),
+            cpu: args.server_cpu,
+            ..Default::default()
+        },
+        dir.join("server"),
+    )?;
     let mut kb = crate::client::client(crate::client::connect(&server.addr).await?, 8 << 20);
     let plaintext = bytes::Bytes::from(vec![0x5a; args.payload]);
 

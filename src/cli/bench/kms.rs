@@ -10,7 +10,7 @@
 //!    sequentially, runs alternating.
 //!
 //! Backend: the local keyring by default; with `--aws-endpoint` an AWS KMS endpoint (moto here).
-//! The plugin is a separate process (`bench-server`), as in `keybroker bench`.
+//! The plugin is a separate `keybroker serve` process, as in `keybroker bench`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tonic::transport::Channel;
 
-use super::{Sample, ServerMode, median};
+use super::{Sample, median};
 use crate::backend::BackendContext;
 use crate::command::CliResult;
 use crate::kms_proto::key_management_service_client::KeyManagementServiceClient;
@@ -328,24 +328,25 @@ async fn aws_section(
 fn spawn(
     args: &BenchKmsArgs,
     config: &Path,
-) -> Result<super::ServerProcess, Box<dyn std::error::Error>> {
-    let bench_args = super::BenchArgs {
-        duration: Duration::from_secs(1),
-        warmup: Duration::ZERO,
-        concurrency: Vec::new(),
-        runs: 1,
-        payload: 0,
-        connections: 1,
-        ops: Vec::new(),
-        transport: super::Transport::Tcp,
-        server_cpu: args.server_cpu,
-        client_cpu: args.client_cpu,
-        server_config: Some(config.to_owned()),
-        compare_metrics: false,
-        target: None,
-    };
-    super::spawn_server(ServerMode::Keybroker, &bench_args, "keybroker-kms", false)
+) -> Result<super::serve::Serve, Box<dyn std::error::Error>> {
+    let dir = config.parent().unwrap_or(Path::new(".")).join(format!(
+        "server-{}",
+        SERVERS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    super::serve::spawn(
+        &super::serve::ServeSpec {
+            listen: Some("127.0.0.1:0".into()),
+            cpu: args.server_cpu,
+            ..Default::default()
+        },
+        dir,
+        Some(config),
+    )
 }
+
+/// Numbers the plugin processes' scratch directories.
+static SERVERS: AtomicUsize = AtomicUsize::new(0);
 
 async fn plugin_client(
     socket: &Path,
