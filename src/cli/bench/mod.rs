@@ -9,6 +9,7 @@
 
 pub mod aws;
 pub mod kms;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
