@@ -387,3 +387,84 @@ async fn a_slow_reader_holds_back_the_writer() {
     assert!(bytes > CHUNKS * CHUNK as u64);
     server.stop().await;
 }
+
+/// `keybroker encrypt` and `decrypt` stream a file larger than the unary limit (EncryptStream,
+/// a stream envelope) in bounded memory, keep unary Encrypt's output for small inputs, and
+/// print no progress line when stderr is not a terminal.
+#[tokio::test]
+async fn the_cli_streams_large_files() {
+    let server = TestServer::local("").await;
+    let addr = server.addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str], input: &Path, output: &Path| {
+            std::process::Command::new(crate::support::keybroker_bin())
+                .args(args)
+                .args(["--addr", &addr, "--context", "file=x"])
+                .stdin(std::fs::File::open(input).unwrap())
+                .stdout(std::fs::File::create(output).unwrap())
+                .output()
+                .unwrap()
+        };
+        let big = d.join("big.bin");
+        let len = 3 * (1 << 20) + 5;
+        std::fs::write(&big, payload(0, len)).unwrap();
+        let enc = run(&["encrypt"], &big, &d.join("big.kb"));
+        assert!(
+            enc.status.success(),
+            "{}",
+            String::from_utf8_lossy(&enc.stderr)
+        );
+        assert!(
+            enc.stderr.is_empty(),
+            "no progress line when not a terminal"
+        );
+        let ct = std::fs::read(d.join("big.kb")).unwrap();
+        assert_eq!(ct[3], 4, "a large input becomes a stream envelope");
+        let dec = run(&["decrypt"], &d.join("big.kb"), &d.join("big.out"));
+        assert!(
+            dec.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dec.stderr)
+        );
+        assert!(std::fs::read(d.join("big.out")).unwrap() == payload(0, len));
+        // Base64 both ways.
+        let enc = run(&["encrypt", "--base64"], &big, &d.join("big.b64"));
+        assert!(enc.status.success());
+        let dec = run(
+            &["decrypt", "--base64"],
+            &d.join("big.b64"),
+            &d.join("big.out2"),
+        );
+        assert!(
+            dec.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dec.stderr)
+        );
+        assert!(std::fs::read(d.join("big.out2")).unwrap() == payload(0, len));
+        // A small input keeps the unary envelope (kind 1), as before.
+        std::fs::write(d.join("small.bin"), b"hello").unwrap();
+        let enc = run(&["encrypt"], &d.join("small.bin"), &d.join("small.kb"));
+        assert!(enc.status.success());
+        assert_eq!(std::fs::read(d.join("small.kb")).unwrap()[3], 1);
+        let dec = run(&["decrypt"], &d.join("small.kb"), &d.join("small.out"));
+        assert!(dec.status.success());
+        assert_eq!(std::fs::read(d.join("small.out")).unwrap(), b"hello");
+        // A stream cut short: an error that says the output is incomplete.
+        std::fs::write(d.join("cut.kb"), &ct[..ct.len() / 2]).unwrap();
+        let dec = run(&["decrypt"], &d.join("cut.kb"), &d.join("cut.out"));
+        assert!(!dec.status.success());
+        let err = String::from_utf8_lossy(&dec.stderr);
+        assert!(
+            err.contains("DECRYPTION_FAILED") && err.contains("NOT the whole"),
+            "{err}"
+        );
+        let out = std::fs::read(d.join("cut.out")).unwrap();
+        assert_eq!(out.len() % SEGMENT_LEN, 0);
+        assert!(out == payload(0, out.len()));
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
