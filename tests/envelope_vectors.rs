@@ -772,7 +772,10 @@ async fn the_recovery_script_opens_every_vector() {
 
 /// Payload lengths at the segment edges: empty, one byte, exactly one segment, one segment and
 /// one byte.
-const STREAM_CASES: &[(&str, usize, &[(&str, &str)])] = &[
+/// (name, plaintext length, context pairs).
+type StreamCase = (&'static str, usize, &'static [(&'static str, &'static str)]);
+
+const STREAM_CASES: &[StreamCase] = &[
     ("empty stream", 0, &[]),
     ("one byte", 1, &[("file", "a.txt")]),
     ("exactly one segment", 65536, &[]),
