@@ -73,7 +73,7 @@ fn stats(keys: &[keybroker::proto::KeyInfo], key: &str, op: &str) -> (u64, u64, 
 /// DecryptBatch with a tampered ciphertext and a key the caller may not decrypt with.
 #[tokio::test]
 async fn a_thousand_mixed_items_each_get_their_own_answer_in_order() {
-    let (server, counting) = TestServer::counted(&config("")).await;
+    let (server, counting) = TestServer::counted(&config("max_batch_bytes = \"1MiB\"")).await;
     let mut c = server.client().await;
     const N: usize = 1000;
     const DENIED: usize = 137;

@@ -36,7 +36,8 @@ pub struct BatchLimits {
 }
 
 impl BatchLimits {
-    /// The defaults of `[server] max_batch_items` and `max_batch_bytes`.
+    /// The defaults of `[server] max_batch_items` and `max_batch_bytes` (which follows
+    /// `max_request_bytes`, 4 MiB by default).
     pub const DEFAULT: BatchLimits = BatchLimits {
         items: 1000,
         bytes: 4 << 20,

@@ -391,8 +391,8 @@ pub fn run(args: BenchStreamArgs) -> CliResult {
                     .await?;
             let (_, hwm) = rss_kib(pid);
             println!(
-                "reader that does not read for 3 s, 1024 MiB offered: the client got {sent} MiB \
-                 out, server RSS {:.1} MiB, peak {:.1} MiB",
+                "reader that does not read for 3 s, 1024 MiB offered: the client writer had put {sent} MiB \
+                 into the request stream, server RSS {:.1} MiB, peak {:.1} MiB",
                 rss as f64 / 1024.0,
                 hwm as f64 / 1024.0
             );
