@@ -20,10 +20,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keybroker.v1.EncryptRequest",
             "keybroker.v1.DecryptResponse",
             "keybroker.v1.GenerateDataKeyResponse",
+            "keybroker.v1.EncryptStreamRequest",
+            "keybroker.v1.DecryptStreamResponse",
         ])
         // Decode failures are the caller's (INVALID_ARGUMENT), not prost's INTERNAL: src/codec.rs.
         .codec_path("crate::codec::Codec")
-        .compile_with_config(config, &["proto/keybroker/v1/keybroker.proto"], &["proto"])?;
+        // Batch results carry google.rpc.Status: tonic-types has the Rust type.
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        .compile_with_config(
+            config,
+            &[PathBuf::from("proto/keybroker/v1/keybroker.proto")],
+            &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
+        )?;
     kms_v2(&out)?;
     error_details_descriptors(&out)?;
     println!("cargo:rerun-if-changed=proto");

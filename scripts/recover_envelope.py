@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Recover data from a keybroker ciphertext without keybroker (envelope formats 1 and 2).
+"""Recover data from a keybroker ciphertext without keybroker (envelope formats 1 and 2, and
+format 2's stream envelope, kind 4, made by EncryptStream).
 
 Two steps around your cloud's own CLI (docs/gcp.md shows the whole procedure):
 
@@ -19,7 +20,10 @@ Two steps around your cloud's own CLI (docs/gcp.md shows the whole procedure):
       Checks the key commitment, decrypts and authenticates the payload under the header and
       the encryption context (a JSON object of strings, default {}), writes it to stdout. For a
       GenerateDataKey `wrapped_key` it writes the data key the caller was given: the data key
-      itself (format 1, kind 2) or the key derived from it (format 2, kind 3).
+      itself (format 1, kind 2) or the key derived from it (format 2, kind 3). A stream
+      envelope (kind 4) is read and written segment by segment (any size, little memory); if a
+      segment fails, the script stops with an error and what it wrote so far is NOT the whole
+      payload: discard it.
 
 Needs Python 3.9+ and the `cryptography` package (pip install cryptography). Depends on
 nothing from keybroker: the format is written out here from docs/envelope.md.
@@ -38,7 +42,12 @@ HKDF_INFO = {
 }
 DERIVED_KEY_INFO = b"keybroker data key v2"
 BACKENDS = {1: "local", 2: "aws", 3: "gcp", 4: "azure"}
-KINDS = {1: "message", 2: "data key", 3: "derived data key"}
+KINDS = {1: "message", 2: "data key", 3: "derived data key", 4: "stream"}
+# Kind 4: plaintext bytes per segment, and a sealed segment's size (plus the GCM tag).
+SEGMENT_LEN = 64 * 1024
+SEALED_SEGMENT_LEN = SEGMENT_LEN + 16
+# The longest header the format allows (8 copies of the longest fields).
+MAX_HEADER_LEN = 4 + 2 * 256 + 1 + 8 * (1 + 6 + 2048 + 2048 + 4096) + 64
 
 
 class Reader:
@@ -67,7 +76,7 @@ def parse(ct: bytes) -> dict:
     if version not in HKDF_INFO:
         sys.exit("unsupported envelope version (this script reads versions 1 and 2)")
     kind = r.u8("kind")
-    if kind not in KINDS or (kind == 3 and version != 2):
+    if kind not in KINDS or (kind in (3, 4) and version != 2):
         sys.exit("unknown envelope kind")
     key_name = r.take(r.u8("key name"), "key name").decode()
     caller = r.take(r.u8("caller"), "caller").decode()
@@ -112,7 +121,7 @@ def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
 
 
 def split(ct_file: str, out_dir: str) -> None:
-    env = parse(Path(ct_file).read_bytes())
+    env = read_envelope(ct_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     aad = encode_context({"keybroker:key": env["key_name"], "keybroker:caller": env["caller"]})
@@ -130,10 +139,51 @@ def split(ct_file: str, out_dir: str) -> None:
     print(json.dumps({"key_name": env["key_name"], "caller": env["caller"], "aad_file": str(out / "aad.bin"), "copies": copies}))
 
 
+def read_envelope(ct_file: str) -> dict:
+    """The header (and, for the unary kinds, the body) without reading a stream into memory."""
+    with open(ct_file, "rb") as f:
+        head = f.read(MAX_HEADER_LEN)
+    if len(head) >= 4 and head[3] == 4:
+        return parse(head)
+    return parse(Path(ct_file).read_bytes())
+
+
+def open_stream(ct_file: str, env: dict, message_key: bytes) -> None:
+    """The STREAM construction (docs/envelope.md, kind 4): segment i is AES-256-GCM under the
+    message key, nonce 0^7 || u32be(i) || final flag, no AAD; every segment but the last holds
+    exactly 64 KiB of plaintext."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aes = AESGCM(message_key)
+    with open(ct_file, "rb") as f:
+        f.seek(len(env["header"]))
+        index, segment = 0, f.read(SEALED_SEGMENT_LEN)
+        while True:
+            following = f.read(SEALED_SEGMENT_LEN)
+            last = not following
+            nonce = bytes(7) + struct.pack(">I", index) + bytes([1 if last else 0])
+            try:
+                if len(segment) < 16:
+                    raise ValueError("short segment")
+                plaintext = aes.decrypt(nonce, segment, None)
+                if last and not plaintext and index > 0:
+                    raise ValueError("empty last segment")
+            except Exception:
+                sys.stdout.buffer.flush()
+                sys.exit(
+                    f"decryption failed at segment {index}: the stream is damaged, truncated or "
+                    "extended; what was written so far is NOT the whole payload, discard it"
+                )
+            sys.stdout.buffer.write(plaintext)
+            if last:
+                return
+            segment, index = following, index + 1
+
+
 def open_(ct_file: str, key_file: str, context_json: str = "{}") -> None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    env = parse(Path(ct_file).read_bytes())
+    env = read_envelope(ct_file)
     data_key = Path(key_file).read_bytes()
     context = encode_context(json.loads(context_json))
     info = HKDF_INFO[env["version"]]
@@ -143,6 +193,9 @@ def open_(ct_file: str, key_file: str, context_json: str = "{}") -> None:
     okm = hkdf_sha256(data_key, env["salt"], info, 64)
     if not hmac.compare_digest(okm[32:], env["commitment"]):
         sys.exit("key commitment does not match: wrong data key, header or context")
+    if env["kind"] == 4:
+        open_stream(ct_file, env, okm[:32])
+        return
     try:
         payload = AESGCM(okm[:32]).decrypt(bytes(12), env["body"], env["header"] + context)
     except Exception:

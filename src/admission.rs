@@ -36,8 +36,12 @@ const GRPC_HEADER_LEN: usize = 5;
 fn need_of(path: &str) -> Option<(Operation, Need)> {
     let method = path.strip_prefix("/keybroker.v1.KeyBroker/")?;
     Some(match method {
-        "Encrypt" => (Operation::Encrypt, Need::Op(Operation::Encrypt)),
-        "Decrypt" => (Operation::Decrypt, Need::Op(Operation::Decrypt)),
+        "Encrypt" | "EncryptBatch" | "EncryptStream" => {
+            (Operation::Encrypt, Need::Op(Operation::Encrypt))
+        }
+        "Decrypt" | "DecryptBatch" | "DecryptStream" => {
+            (Operation::Decrypt, Need::Op(Operation::Decrypt))
+        }
         "GenerateDataKey" => (
             Operation::GenerateDataKey,
             Need::Op(Operation::GenerateDataKey),

@@ -30,6 +30,12 @@ use crate::registry::{KeyEntry, Registry};
 use crate::secret::SecretKey;
 use crate::stats::{OpSnapshot, bump};
 
+mod batch;
+mod stream;
+
+pub use batch::{DecryptBatch, EncryptBatch};
+pub use stream::{StreamDecrypt, StreamEncrypt};
+
 /// Envelope overhead allowance on top of the plaintext limit when accepting ciphertexts: the
 /// largest header the format allows (8 copies of the longest ids and wrapped keys) plus the tag.
 pub const CIPHERTEXT_OVERHEAD: u64 = 128 << 10;
@@ -638,10 +644,21 @@ impl Broker {
         op: Operation,
         facts: &mut Facts,
     ) -> Result<(WrappedCopy<'e>, usize, Arc<UnwrappedKey>), Error> {
-        let ctx = BackendContext {
-            key_name: env.key_name,
-            caller: env.caller,
-        };
+        self.unwrap_copies(entry, env.key_name, env.caller, &env.copies, op, facts)
+            .await
+    }
+
+    /// [`Broker::unwrap_any`] for a header's parts (a stream header is not an [`Envelope`]).
+    async fn unwrap_copies<'e>(
+        &self,
+        entry: &KeyEntry,
+        key_name: &str,
+        caller: &str,
+        copies: &[WrappedCopy<'e>],
+        op: Operation,
+        facts: &mut Facts,
+    ) -> Result<(WrappedCopy<'e>, usize, Arc<UnwrappedKey>), Error> {
+        let ctx = BackendContext { key_name, caller };
         let breakers: Vec<&breaker::Breaker> = entry.breakers.iter().map(|b| &**b).collect();
         // (wrapping backend, copy index), best backend first.
         let mut candidates: Vec<(usize, usize)> = Vec::new();
@@ -652,11 +669,10 @@ impl Broker {
             // the durable one a copy records (an alias), every copy of its kind is a candidate
             // (a copy of another key fails to unwrap, as the backend contract says).
             let own = |c: &WrappedCopy<'_>| c.backend == backend.kind();
-            let exact = env
-                .copies
+            let exact = copies
                 .iter()
                 .any(|c| own(c) && c.key_id == backend.key_id());
-            for (i, copy) in env.copies.iter().enumerate() {
+            for (i, copy) in copies.iter().enumerate() {
                 if !own(copy) || (exact && copy.key_id != backend.key_id()) {
                     continue;
                 }
@@ -671,25 +687,25 @@ impl Broker {
         if candidates.is_empty() {
             return Err(refused.map_or(Error::DecryptionFailed, Error::InvalidCiphertext));
         }
-        let mut seen = Vec::with_capacity(env.copies.len());
+        let mut seen = Vec::with_capacity(copies.len());
         for &(w, i) in &candidates {
             if !seen.iter().any(|&(_, j)| j == i) {
                 seen.push((w, i));
             }
         }
-        let peek: Vec<WrappedCopy<'_>> = seen.iter().map(|&(_, i)| env.copies[i]).collect();
+        let peek: Vec<WrappedCopy<'_>> = seen.iter().map(|&(_, i)| copies[i]).collect();
         if let Some((k, key)) = self
             .cache
             .peek_unwrapped(entry.cached(), &peek, &ctx, op)
             .await
         {
             let (w, i) = seen[k];
-            note_served(facts, entry, w, &env.copies[i], i, CacheResult::Hit);
-            return Ok((env.copies[i], w, key));
+            note_served(facts, entry, w, &copies[i], i, CacheResult::Hit);
+            return Ok((copies[i], w, key));
         }
         let mut last = Error::DecryptionFailed;
         for (w, i) in candidates {
-            let copy = env.copies[i];
+            let copy = copies[i];
             facts.key_version = Some(copy.key_version.to_owned());
             let lookup = self
                 .cache

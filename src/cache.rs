@@ -296,6 +296,21 @@ impl ActiveKey {
             .collect()
     }
 
+    /// Another use of this data key by the request that just got it (the next item of an
+    /// EncryptBatch): counted against the limits and as a cache hit, like a lookup that found it,
+    /// but without one. False when caching is off for the key, the key is stale, or the use would
+    /// pass a limit: the caller then looks the key up again.
+    pub fn reuse(&self, key: CachedKey<'_>, bytes: u64) -> bool {
+        if !key.limits.enabled || bytes > key.limits.max_bytes {
+            return false;
+        }
+        if !(self.fresh(Instant::now(), key.generation) && self.reserve(bytes)) {
+            return false;
+        }
+        count(key.stats, self.purpose.operation(), CacheResult::Hit);
+        true
+    }
+
     fn fresh(&self, now: Instant, generation: u64) -> bool {
         now < self.expires && generation == self.generation
     }

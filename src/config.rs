@@ -58,6 +58,9 @@ pub const DEFAULT_KEY: &str = "default";
 /// The embedded default's audit log (a configuration file's default is stdout).
 pub const DEFAULT_AUDIT_LOG: &str = ".keybroker/audit.jsonl";
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 << 20;
+/// Items per EncryptBatch / DecryptBatch (`[server] max_batch_items`).
+pub const DEFAULT_MAX_BATCH_ITEMS: u64 = crate::service::BatchLimits::DEFAULT.items;
+
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -89,6 +92,12 @@ pub struct ServerConfig {
     pub unix_socket_mode: u32,
     /// Largest plaintext (Encrypt) accepted; ciphertexts may exceed it by the envelope overhead.
     pub max_request_bytes: u64,
+    /// Most items an EncryptBatch or DecryptBatch may carry.
+    pub max_batch_items: u64,
+    /// Most payload bytes (all items' plaintexts or ciphertexts) one batch may carry; each item
+    /// is also held to `max_request_bytes`. `None`: the same as `max_request_bytes`, so that a
+    /// batch never makes the server decode larger messages than a unary request may be.
+    pub max_batch_bytes: Option<u64>,
     pub shutdown_grace: Duration,
     /// 0: chosen from the usable CPUs (`command::RuntimeShape::choose`); 1: a single-threaded
     /// runtime; N: N workers.
@@ -115,6 +124,11 @@ pub struct ServerTls {
 }
 
 impl ServerConfig {
+    /// `max_batch_bytes`, or `max_request_bytes` when it is not set.
+    pub fn batch_bytes(&self) -> u64 {
+        self.max_batch_bytes.unwrap_or(self.max_request_bytes)
+    }
+
     /// Reads `[server]` (with `[server.limits]` and `[server.tls]`) over `defaults`.
     fn parse(s: &Section<'_>, defaults: ServerConfig, base: &Path, p: &mut Problems) -> Self {
         let mut out = defaults;
@@ -139,6 +153,18 @@ impl ServerConfig {
                 p.push(s.at("max_request_bytes"), "must be 1 byte to 64MiB");
             }
             out.max_request_bytes = n;
+        }
+        if let Some(n) = s.u64("max_batch_items", p) {
+            if n == 0 || n > 100_000 {
+                p.push(s.at("max_batch_items"), "must be 1 to 100000");
+            }
+            out.max_batch_items = n;
+        }
+        if let Some(n) = s.size("max_batch_bytes", p) {
+            if n == 0 || n > 64 << 20 {
+                p.push(s.at("max_batch_bytes"), "must be 1 byte to 64MiB");
+            }
+            out.max_batch_bytes = Some(n);
         }
         if let Some(d) = s.duration("shutdown_grace", p) {
             out.shutdown_grace = d;
@@ -298,6 +324,8 @@ impl Config {
                 )],
                 unix_socket_mode: DEFAULT_SOCKET_MODE,
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+                max_batch_items: DEFAULT_MAX_BATCH_ITEMS,
+                max_batch_bytes: None,
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
                 worker_threads: 0,
                 tls: None,

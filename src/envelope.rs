@@ -21,6 +21,8 @@ use zeroize::Zeroize;
 use crate::backend_kind::BackendKind;
 use crate::secret::{RandomFailed, SecretKey, random_fill};
 
+pub mod stream;
+
 pub const MAGIC: [u8; 2] = *b"KB";
 /// The version every new ciphertext gets.
 pub const FORMAT_VERSION: u8 = 2;
@@ -125,6 +127,12 @@ pub enum FormatError {
     /// (e.g. `01` or `+1` for version 1): refused before any cache lookup or backend call.
     #[error("ciphertext field {0} is not in the canonical form its backend records")]
     NotCanonical(&'static str),
+    /// A stream envelope (kind 4) given to a unary operation.
+    #[error("this is a stream ciphertext (kind 4): decrypt it with DecryptStream")]
+    StreamKind,
+    /// A unary envelope given to DecryptStream.
+    #[error("this is not a stream ciphertext: decrypt it with Decrypt")]
+    NotAStream,
 }
 
 /// Sealing failed: an input exceeds a format limit, or randomness failed.
@@ -291,33 +299,15 @@ fn seal_inner(
     if !payload_ok {
         return Err(SealError::Payload);
     }
-    let header_len = encoded_header_len(key_name, caller, copies);
-    let mut out = Vec::with_capacity(header_len + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(version);
-    out.push(kind as u8);
-    put_name(&mut out, key_name, "key name")?;
-    put_name(&mut out, caller, "caller")?;
-    out.push(copies.len() as u8);
-    for copy in copies {
-        out.push(copy.backend.code());
-        put_field(
-            &mut out,
-            copy.key_id.as_bytes(),
-            1,
-            MAX_KEY_ID_LEN,
-            "key id",
-        )?;
-        put_field(
-            &mut out,
-            copy.key_version.as_bytes(),
-            0,
-            MAX_VERSION_LEN,
-            "key version",
-        )?;
-        put_field(&mut out, copy.wrapped, 1, MAX_WRAPPED_LEN, "wrapped key")?;
-    }
-    out.extend_from_slice(salt);
+    let mut out = write_header_prefix(
+        version,
+        kind as u8,
+        key_name,
+        caller,
+        copies,
+        salt,
+        plaintext.len() + TAG_LEN,
+    )?;
     let prefix_end = out.len();
 
     // First header-up-to-the-salt || canonical(context), what format 2 binds; then the
@@ -347,9 +337,103 @@ fn seal_inner(
     Ok((out, prk))
 }
 
+/// The header up to and including the salt (what version 2 binds, with the context), with room
+/// for `extra` more bytes.
+fn write_header_prefix(
+    version: u8,
+    kind: u8,
+    key_name: &str,
+    caller: &str,
+    copies: &[WrappedCopy<'_>],
+    salt: &[u8; SALT_LEN],
+    extra: usize,
+) -> Result<Vec<u8>, SealError> {
+    if copies.is_empty() || copies.len() > MAX_COPIES {
+        return Err(SealError::Copies);
+    }
+    let header_len = encoded_header_len(key_name, caller, copies);
+    let mut out = Vec::with_capacity(header_len + extra);
+    out.extend_from_slice(&MAGIC);
+    out.push(version);
+    out.push(kind);
+    put_name(&mut out, key_name, "key name")?;
+    put_name(&mut out, caller, "caller")?;
+    out.push(copies.len() as u8);
+    for copy in copies {
+        out.push(copy.backend.code());
+        put_field(
+            &mut out,
+            copy.key_id.as_bytes(),
+            1,
+            MAX_KEY_ID_LEN,
+            "key id",
+        )?;
+        put_field(
+            &mut out,
+            copy.key_version.as_bytes(),
+            0,
+            MAX_VERSION_LEN,
+            "key version",
+        )?;
+        put_field(&mut out, copy.wrapped, 1, MAX_WRAPPED_LEN, "wrapped key")?;
+    }
+    out.extend_from_slice(salt);
+    Ok(out)
+}
+
 /// Parses the header of untrusted bytes. Nothing is authenticated yet: only [`Envelope::open`]
-/// says whether the ciphertext is genuine.
+/// says whether the ciphertext is genuine. A stream envelope (kind 4) is refused here: it is
+/// read segment by segment ([`stream::parse_header`]).
 pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
+    let raw = read_header(input)?;
+    let kind = match raw.kind {
+        1 => Kind::Message,
+        2 => Kind::DataKey,
+        3 if raw.version == FORMAT_VERSION => Kind::DerivedDataKey,
+        stream::STREAM_KIND if raw.version == FORMAT_VERSION => {
+            return Err(FormatError::StreamKind);
+        }
+        other => return Err(FormatError::UnknownKind(other)),
+    };
+    let body = &input[raw.header_end..];
+    if body.len() < TAG_LEN {
+        return Err(FormatError::Truncated("body"));
+    }
+    let body_len_ok = match kind {
+        Kind::Message => true,
+        Kind::DataKey => body.len() == TAG_LEN,
+        Kind::DerivedDataKey => body.len() == 1 + TAG_LEN,
+    };
+    if !body_len_ok {
+        return Err(FormatError::BadLength("data key body"));
+    }
+    Ok(Envelope {
+        version: raw.version,
+        kind,
+        key_name: raw.key_name,
+        caller: raw.caller,
+        copies: raw.copies,
+        salt: raw.salt,
+        commitment: raw.commitment,
+        header: &input[..raw.header_end],
+        body,
+    })
+}
+
+/// The common header of every kind, read but not yet interpreted (the kind byte is checked by
+/// the caller).
+struct RawHeader<'a> {
+    version: u8,
+    kind: u8,
+    key_name: &'a str,
+    caller: &'a str,
+    copies: Vec<WrappedCopy<'a>>,
+    salt: &'a [u8; SALT_LEN],
+    commitment: &'a [u8],
+    header_end: usize,
+}
+
+fn read_header(input: &[u8]) -> Result<RawHeader<'_>, FormatError> {
     if input.is_empty() {
         return Err(FormatError::Empty);
     }
@@ -361,12 +445,10 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
     if version != FORMAT_VERSION && version != LEGACY_VERSION {
         return Err(FormatError::UnsupportedVersion(version));
     }
-    let kind = match r.u8("kind")? {
-        1 => Kind::Message,
-        2 => Kind::DataKey,
-        3 if version == FORMAT_VERSION => Kind::DerivedDataKey,
-        other => return Err(FormatError::UnknownKind(other)),
-    };
+    let kind = r.u8("kind")?;
+    if !(1..=stream::STREAM_KIND).contains(&kind) {
+        return Err(FormatError::UnknownKind(kind));
+    }
     let key_name = r.name("key name")?;
     let caller = r.name("caller")?;
     let count = r.u8("copy count")? as usize;
@@ -392,20 +474,7 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
         .try_into()
         .map_err(|_| FormatError::Truncated("salt"))?;
     let commitment = r.take(COMMITMENT_LEN, "commitment")?;
-    let header_end = r.pos;
-    let body = &input[header_end..];
-    if body.len() < TAG_LEN {
-        return Err(FormatError::Truncated("body"));
-    }
-    let body_len_ok = match kind {
-        Kind::Message => true,
-        Kind::DataKey => body.len() == TAG_LEN,
-        Kind::DerivedDataKey => body.len() == 1 + TAG_LEN,
-    };
-    if !body_len_ok {
-        return Err(FormatError::BadLength("data key body"));
-    }
-    Ok(Envelope {
+    Ok(RawHeader {
         version,
         kind,
         key_name,
@@ -413,8 +482,7 @@ pub fn parse(input: &[u8]) -> Result<Envelope<'_>, FormatError> {
         copies,
         salt,
         commitment,
-        header: &input[..header_end],
-        body,
+        header_end: r.pos,
     })
 }
 

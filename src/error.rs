@@ -72,6 +72,12 @@ pub enum Error {
         #[source]
         source: BackendError,
     },
+    /// A batch with more items than `[server] max_batch_items`.
+    #[error("the batch has {items} items; the limit is {limit}")]
+    BatchTooLarge { items: u64, limit: u64 },
+    /// The client ended (or reset) a stream before it was complete: nothing was finished.
+    #[error("the stream was cancelled by the client before it ended")]
+    StreamCancelled,
     #[error("the audit log cannot record this request, so it is refused")]
     AuditUnavailable,
     #[error("internal error: {0}")]
@@ -112,6 +118,8 @@ impl Error {
             Error::InvalidCiphertext(_) => "INVALID_CIPHERTEXT",
             Error::DecryptionFailed => "DECRYPTION_FAILED",
             Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            Error::StreamCancelled => "STREAM_CANCELLED",
             Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
             Error::Precondition { reason, .. } => reason,
@@ -192,6 +200,7 @@ impl Error {
             Error::RequestTooLarge { limit, .. } | Error::MessageTooLarge { limit } => {
                 vec![("limit_bytes", limit.to_string())]
             }
+            Error::BatchTooLarge { limit, .. } => vec![("limit_items", limit.to_string())],
             _ => Vec::new(),
         }
     }

@@ -35,6 +35,17 @@ pub struct Facts {
     /// A data key made for this request under `require = "first"` that lacks the copies of
     /// these wrapping backends (`index`: the place in the key's `wrap` list), which failed.
     pub missing_copies: Vec<CopyRef>,
+    /// An item of an EncryptBatch or DecryptBatch: its place and the batch's item count.
+    pub batch: Option<BatchItem>,
+    /// EncryptStream and DecryptStream: the segments sealed or opened.
+    pub segments: Option<u64>,
+}
+
+/// Where a batch item sits in its batch (audit records: `"batch":{"item":i,"items":n}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchItem {
+    pub index: u32,
+    pub items: u32,
 }
 
 /// One wrapped copy of a data key, or one of a key's wrapping backends: a position (bounded by

@@ -168,6 +168,32 @@ pub mod proto {
         }
     }
 
+    impl fmt::Debug for EncryptStreamRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("EncryptStreamRequest")
+                .field("key", &self.key)
+                .field("context", &self.context)
+                .field(
+                    "chunk",
+                    &format_args!("<{} bytes redacted>", self.chunk.len()),
+                )
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for DecryptStreamResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("DecryptStreamResponse")
+                .field(
+                    "chunk",
+                    &format_args!("<{} bytes redacted>", self.chunk.len()),
+                )
+                .field("key", &self.key)
+                .field("key_version", &self.key_version)
+                .finish()
+        }
+    }
+
     impl fmt::Debug for GenerateDataKeyResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("GenerateDataKeyResponse")

@@ -1,10 +1,11 @@
 //! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls
 //! and answers. Each call runs inside [`Observer::observe`] (audit, metrics, span, the one error
 //! → status mapping); no operation logic lives here, and nothing is audited or counted here.
+//! The batch and streaming RPCs are in `bulk`.
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::{Broker, DataKeySpec};
 use crate::error::Error;
@@ -13,14 +14,28 @@ use crate::operation::Operation;
 use crate::proto;
 use crate::proto::key_broker_server::KeyBroker;
 
+mod bulk;
+
+pub use bulk::{BatchLimits, DecryptStreamOut, EncryptStreamOut, STREAM_BUFFER};
+
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
     observer: Arc<Observer>,
+    batch_limits: BatchLimits,
 }
 
 impl KeyBrokerService {
     pub fn new(broker: Arc<Broker>, observer: Arc<Observer>) -> Self {
-        Self { broker, observer }
+        Self {
+            broker,
+            observer,
+            batch_limits: BatchLimits::DEFAULT,
+        }
+    }
+
+    pub fn with_batch_limits(mut self, limits: BatchLimits) -> Self {
+        self.batch_limits = limits;
+        self
     }
 }
 
@@ -199,5 +214,45 @@ impl KeyBroker for KeyBrokerService {
             })
             .collect();
         Ok(Response::new(proto::ListKeysResponse { keys }))
+    }
+
+    async fn encrypt_batch(
+        &self,
+        request: Request<proto::EncryptBatchRequest>,
+    ) -> Result<Response<proto::EncryptBatchResponse>, Status> {
+        bulk::encrypt_batch(&self.broker, &self.observer, self.batch_limits, request).await
+    }
+
+    async fn decrypt_batch(
+        &self,
+        request: Request<proto::DecryptBatchRequest>,
+    ) -> Result<Response<proto::DecryptBatchResponse>, Status> {
+        bulk::decrypt_batch(&self.broker, &self.observer, self.batch_limits, request).await
+    }
+
+    type EncryptStreamStream = EncryptStreamOut;
+
+    async fn encrypt_stream(
+        &self,
+        request: Request<Streaming<proto::EncryptStreamRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        Ok(bulk::encrypt_stream(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.observer),
+            request,
+        ))
+    }
+
+    type DecryptStreamStream = DecryptStreamOut;
+
+    async fn decrypt_stream(
+        &self,
+        request: Request<Streaming<proto::DecryptStreamRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        Ok(bulk::decrypt_stream(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.observer),
+            request,
+        ))
     }
 }

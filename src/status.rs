@@ -29,7 +29,10 @@ pub fn code(e: &Error) -> Code {
         | Error::MalformedRequest(_)
         | Error::InvalidCiphertext(_)
         | Error::DecryptionFailed => Code::InvalidArgument,
-        Error::MessageTooLarge { .. } | Error::RequestTooLarge { .. } => Code::ResourceExhausted,
+        Error::MessageTooLarge { .. }
+        | Error::RequestTooLarge { .. }
+        | Error::BatchTooLarge { .. } => Code::ResourceExhausted,
+        Error::StreamCancelled => Code::Cancelled,
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::AuditUnavailable => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
@@ -69,6 +72,17 @@ pub fn to_status(e: &Error) -> Status {
         public.to_string(),
         ErrorDetails::with_error_info(public.reason(), ERROR_DOMAIN, metadata),
     )
+}
+
+/// A status as the `google.rpc.Status` message a batch result carries: the same code, message
+/// and ErrorInfo the status has (its `grpc-status-details-bin` is that message, encoded).
+pub fn rpc_status(status: &Status) -> tonic_types::pb::Status {
+    use prost::Message as _;
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
 }
 
 /// How a request ended, for its audit record and metrics: the real code (not the public one:

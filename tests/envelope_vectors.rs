@@ -1,5 +1,5 @@
-//! The envelope's test vectors (tests/vectors/envelope-v1.json and envelope-v2.json, specified
-//! in docs/envelope.md): fixed keyring, fixed inputs, expected bytes. Checked five ways:
+//! The envelope's test vectors (tests/vectors/envelope-v1.json, envelope-v2.json and
+//! envelope-stream.json, specified in docs/envelope.md): fixed keyring, fixed inputs, expected bytes. Checked five ways:
 //! re-sealing gives the same bytes; an independent implementation of each construction (HKDF,
 //! SHA-256 and AES-GCM with aws-lc-rs, written here from the spec, not calling keybroker) opens
 //! them and yields every intermediate value; the local backend's wrapped keys (both wrap formats)
@@ -764,6 +764,239 @@ async fn the_recovery_script_opens_every_vector() {
                     "{name}"
                 );
             }
+        }
+    }
+}
+
+// Kind 4, the stream envelope (tests/vectors/envelope-stream.json, docs/envelope.md "Kind 4").
+
+/// Payload lengths at the segment edges: empty, one byte, exactly one segment, one segment and
+/// one byte.
+/// (name, plaintext length, context pairs).
+type StreamCase = (&'static str, usize, &'static [(&'static str, &'static str)]);
+
+const STREAM_CASES: &[StreamCase] = &[
+    ("empty stream", 0, &[]),
+    ("one byte", 1, &[("file", "a.txt")]),
+    ("exactly one segment", 65536, &[]),
+    ("one segment and one byte", 65537, &[("file", "b.bin")]),
+];
+
+/// The vectors' plaintext: byte i is i mod 251 (written out as a rule, not in hex).
+fn stream_plaintext(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The STREAM nonce from the spec: 0^7 || u32be(index) || final.
+fn stream_nonce(index: u32, last: bool) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[7..11].copy_from_slice(&index.to_be_bytes());
+    n[11] = u8::from(last);
+    n
+}
+
+fn stream_vectors_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/envelope-stream.json")
+}
+
+fn generate_stream() -> Value {
+    let kek = unhex(KEK);
+    let mut vectors = Vec::new();
+    for (i, (name, len, pairs)) in STREAM_CASES.iter().enumerate() {
+        let data_key: Vec<u8> = (0..32).map(|j| (0x40 + i * 16 + j) as u8).collect();
+        let salt: Vec<u8> = (0..32).map(|j| (j * 5 + i + 1) as u8).collect();
+        let wrap_salt: Vec<u8> = (0..32).map(|j| (0x90 + i + 3 * j) as u8).collect();
+        let bctx = BackendContext {
+            key_name: "default",
+            caller: "anonymous",
+        };
+        let (_, wrapped) = local_wrap_v2(&kek, "default", 1, &bctx, &data_key, &wrap_salt);
+        let context: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let copies = [WrappedCopy {
+            backend: BackendKind::Local,
+            key_id: "default",
+            key_version: "1",
+            wrapped: &wrapped,
+        }];
+        let (header, mut sealer) = envelope::stream::seal_stream_with_salt(
+            "default",
+            "anonymous",
+            &copies,
+            &SecretKey::from_slice(&data_key),
+            &context,
+            &salt.clone().try_into().unwrap(),
+        )
+        .unwrap();
+        let plaintext = stream_plaintext(*len);
+        let mut ct = header.clone();
+        let mut input = &plaintext[..];
+        while !input.is_empty() {
+            if let Some(seg) = sealer.push(&mut input).unwrap() {
+                ct.extend(seg);
+            }
+        }
+        ct.extend(sealer.finish().unwrap());
+        let (binding, mk, commitment) =
+            derive(2, &data_key, &salt, &header[..header.len() - 32], &context);
+        let segments = len.div_ceil(65536).max(1);
+        vectors.push(json!({
+            "name": name,
+            "kind": 4,
+            "key_name": "default",
+            "caller": "anonymous",
+            "context": context,
+            "plaintext_len": len,
+            "data_key": hex(&data_key),
+            "salt": hex(&salt),
+            "wrap_salt": hex(&wrap_salt),
+            "wrapped_key": hex(&wrapped),
+            "binding": hex(&binding),
+            "message_key": hex(&mk),
+            "commitment": hex(&commitment),
+            "header_len": header.len(),
+            "segments": segments,
+            "nonces": (0..segments)
+                .map(|s| hex(&stream_nonce(s as u32, s + 1 == segments)))
+                .collect::<Vec<_>>(),
+            "ciphertext": hex(&ct),
+        }));
+    }
+    json!({
+        "format": "keybroker envelope v2, kind 4 (stream) test vectors",
+        "plaintext": "byte i of a vector's plaintext is i mod 251; plaintext_len bytes",
+        "segment_len": 65536,
+        "keyring": {"key": "default", "version": 1, "kek": KEK},
+        "vectors": vectors,
+    })
+}
+
+fn load_stream() -> Value {
+    if std::env::var_os("KEYBROKER_WRITE_VECTORS").is_some() {
+        std::fs::write(
+            stream_vectors_path(),
+            serde_json::to_string_pretty(&generate_stream()).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+    serde_json::from_str(&std::fs::read_to_string(stream_vectors_path()).unwrap()).unwrap()
+}
+
+/// Re-sealing gives the same bytes; the spec's derivation (this file's, not keybroker's) gives
+/// the header's commitment, and its STREAM nonces open every segment to the plaintext; the
+/// wrong final flag, index or context opens nothing.
+#[test]
+fn stream_vectors_reseal_and_open_independently() {
+    let file = load_stream();
+    assert_eq!(file, generate_stream(), "the stream vectors changed");
+    for v in file["vectors"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        let ct = unhex(v["ciphertext"].as_str().unwrap());
+        let header_len = v["header_len"].as_u64().unwrap() as usize;
+        let context = context_of(v);
+        let (_, mk, commitment) = derive(
+            2,
+            &unhex(v["data_key"].as_str().unwrap()),
+            &unhex(v["salt"].as_str().unwrap()),
+            &ct[..header_len - 32],
+            &context,
+        );
+        assert_eq!(ct[3], 4, "{name}: kind 4");
+        assert_eq!(
+            &ct[header_len - 32..header_len],
+            commitment.as_slice(),
+            "{name}"
+        );
+        assert_eq!(hex(&mk), v["message_key"], "{name}");
+        let body = &ct[header_len..];
+        let mut segments: Vec<&[u8]> = body.chunks(65536 + 16).collect();
+        if segments.is_empty() {
+            segments.push(&[]);
+        }
+        assert_eq!(
+            segments.len() as u64,
+            v["segments"].as_u64().unwrap(),
+            "{name}"
+        );
+        let mut plain = Vec::new();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            plain.extend(gcm_open(&mk, stream_nonce(i as u32, last), &[], seg).unwrap());
+            assert!(gcm_open(&mk, stream_nonce(i as u32, !last), &[], seg).is_none());
+            assert!(gcm_open(&mk, stream_nonce(i as u32 + 1, last), &[], seg).is_none());
+        }
+        let len = v["plaintext_len"].as_u64().unwrap() as usize;
+        assert_eq!(plain, stream_plaintext(len), "{name}");
+        // keybroker's own parser agrees on the header, and refuses another context.
+        let (h, n) = envelope::stream::parse_header(&ct).unwrap().unwrap();
+        assert_eq!(n, header_len);
+        let dk = SecretKey::from_slice(&unhex(v["data_key"].as_str().unwrap()));
+        assert!(h.opener(&dk, &context).is_ok());
+        let mut other = context.clone();
+        other.insert("x".into(), "y".into());
+        assert!(h.opener(&dk, &other).is_err(), "{name}");
+    }
+}
+
+/// scripts/recover_envelope.py opens every stream vector segment by segment, refuses a wrong
+/// context, and stops with an error (having written only whole, authentic segments) when the
+/// last segment is cut off.
+#[test]
+fn the_recovery_script_opens_every_stream_vector() {
+    let python = crate::support::venv_bin("python");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/recover_envelope.py");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: Vec<String>| {
+        std::process::Command::new(&python)
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (i, v) in load_stream()["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let name = v["name"].as_str().unwrap();
+        let bytes = unhex(v["ciphertext"].as_str().unwrap());
+        let ct = dir.path().join(format!("s-{i}.kb"));
+        let key = dir.path().join(format!("s-{i}.key"));
+        std::fs::write(&ct, &bytes).unwrap();
+        std::fs::write(&key, unhex(v["data_key"].as_str().unwrap())).unwrap();
+        let context = serde_json::to_string(&v["context"]).unwrap();
+        let open = |ct: &std::path::Path, context: &str| {
+            run(vec![
+                "open".into(),
+                ct.display().to_string(),
+                key.display().to_string(),
+                context.to_owned(),
+            ])
+        };
+        let out = open(&ct, &context);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let len = v["plaintext_len"].as_u64().unwrap() as usize;
+        assert!(out.stdout == stream_plaintext(len), "{name}");
+        let wrong = open(&ct, r#"{"not":"the context"}"#);
+        assert!(!wrong.status.success() && wrong.stdout.is_empty(), "{name}");
+        if v["segments"].as_u64().unwrap() > 1 {
+            // Cut after the first segment: that segment was sealed as not-last.
+            let cut = dir.path().join(format!("s-{i}.cut"));
+            let header_len = v["header_len"].as_u64().unwrap() as usize;
+            std::fs::write(&cut, &bytes[..header_len + 65536 + 16]).unwrap();
+            let out = open(&cut, &context);
+            assert!(!out.status.success(), "{name}: a cut stream opened");
+            assert!(
+                out.stdout.is_empty(),
+                "{name}: the unauthentic segment was written"
+            );
         }
     }
 }

@@ -124,3 +124,76 @@ async fn grpcurl_lists_describes_and_round_trips_json() {
     .unwrap();
     server.stop().await;
 }
+
+/// Both batch RPCs from JSON (issue 17): per-item results in order, a failed item's
+/// google.rpc.Status with its ErrorInfo decoded (the descriptors come from reflection).
+#[tokio::test]
+async fn grpcurl_drives_both_batch_rpcs_from_json() {
+    let server = TestServer::start(&crate::support::local_config("")).await;
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let (ok, out, err) = grpcurl(&["-plaintext", &addr, "describe", "keybroker.v1.KeyBroker"]);
+        assert!(ok, "{err}");
+        for rpc in [
+            "rpc EncryptBatch (",
+            "rpc DecryptBatch (",
+            "rpc EncryptStream ( stream",
+            "rpc DecryptStream ( stream",
+        ] {
+            assert!(out.contains(rpc), "{rpc} missing from:\n{out}");
+        }
+        // "aGVsbG8=" is "hello", "d29ybGQ=" is "world".
+        let body = r#"{"items": [
+            {"key": "default", "plaintext": "aGVsbG8=", "context": {"row": "1"}},
+            {"key": "no-such-key", "plaintext": "aGVsbG8="},
+            {"key": "default", "plaintext": "d29ybGQ="}
+        ]}"#;
+        let (ok, out, err) = grpcurl(&[
+            "-plaintext",
+            "-d",
+            body,
+            &addr,
+            "keybroker.v1.KeyBroker/EncryptBatch",
+        ]);
+        assert!(ok, "{err}");
+        let enc: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let results = enc["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3, "{out}");
+        assert_eq!(results[0]["response"]["key"], "default");
+        let error = &results[1]["error"];
+        assert_eq!(error["code"], 7, "PERMISSION_DENIED: {out}");
+        assert_eq!(
+            error["details"][0]["@type"],
+            "type.googleapis.com/google.rpc.ErrorInfo"
+        );
+        assert_eq!(error["details"][0]["reason"], "POLICY_DENIED", "{out}");
+        assert_eq!(results[2]["response"]["keyVersion"], "1");
+
+        let body = serde_json::json!({"items": [
+            {"ciphertext": results[0]["response"]["ciphertext"], "context": {"row": "1"}},
+            {"ciphertext": results[2]["response"]["ciphertext"], "context": {"row": "1"}},
+            {"ciphertext": results[2]["response"]["ciphertext"]},
+        ]})
+        .to_string();
+        let (ok, out, err) = grpcurl(&[
+            "-plaintext",
+            "-d",
+            &body,
+            &addr,
+            "keybroker.v1.KeyBroker/DecryptBatch",
+        ]);
+        assert!(ok, "{err}");
+        let dec: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let results = dec["results"].as_array().unwrap();
+        assert_eq!(results[0]["response"]["plaintext"], "aGVsbG8=");
+        assert_eq!(results[1]["error"]["code"], 3, "INVALID_ARGUMENT: {out}");
+        assert_eq!(
+            results[1]["error"]["details"][0]["reason"],
+            "DECRYPTION_FAILED"
+        );
+        assert_eq!(results[2]["response"]["plaintext"], "d29ybGQ=");
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}

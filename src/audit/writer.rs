@@ -236,6 +236,16 @@ impl Writer {
         field(out, "result", Some(r.code));
         field(out, "reason", r.reason);
         field(out, "cache", f.cache.map(|c| c.as_str()));
+        if let Some(b) = f.batch {
+            let _ = write!(
+                out,
+                ",\"batch\":{{\"item\":{},\"items\":{}}}",
+                b.index, b.items
+            );
+        }
+        if let Some(n) = f.segments {
+            let _ = write!(out, ",\"segments\":{n}");
+        }
         write_copies(out, f);
         let _ = write!(
             out,

@@ -53,6 +53,9 @@ pub enum Cmd {
     /// Benchmark the Kubernetes KMS v2 plugin: apiserver-restart Decrypts and Encrypt's added
     /// latency (see docs/benchmarks.md).
     BenchKms(bench::kms::BenchKmsArgs),
+    /// Benchmark EncryptBatch against unary Encrypt and EncryptStream against a streaming echo,
+    /// on a `keybroker serve` child process; and the server's RSS over a large stream round trip.
+    BenchStream(bench::stream::BenchStreamArgs),
     /// The echo baseline server (started by `bench`).
     #[command(hide = true)]
     BenchServer(bench::BenchServerArgs),
@@ -218,6 +221,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::BenchServer(args) => bench::run_server(args),
         Cmd::BenchAws(args) => bench::aws::run(args),
         Cmd::BenchKms(args) => bench::kms::run(args),
+        Cmd::BenchStream(args) => bench::stream::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -418,12 +418,21 @@ fn spawn_grpc(
     shutdown: oneshot::Receiver<()>,
 ) -> Result<Serving, StartError> {
     let (reflection_v1, reflection_v1alpha) = reflection(proto::FILE_DESCRIPTOR_SET)?;
-    let decode_limit =
-        (config.server.max_request_bytes + CIPHERTEXT_OVERHEAD + REQUEST_FIELDS_SLACK) as usize;
-    let keybroker_service = Arc::new(KeyBrokerService::new(
-        Arc::clone(&core.broker),
-        Arc::clone(&core.observer),
-    ));
+    // One message limit for the service: a unary request's, or a whole batch's if configured
+    // larger (the same allowance for the other fields, shared by all its items).
+    let decode_limit = (config
+        .server
+        .max_request_bytes
+        .max(config.server.batch_bytes())
+        + CIPHERTEXT_OVERHEAD
+        + REQUEST_FIELDS_SLACK) as usize;
+    let keybroker_service = Arc::new(
+        KeyBrokerService::new(Arc::clone(&core.broker), Arc::clone(&core.observer))
+            .with_batch_limits(crate::service::BatchLimits {
+                items: config.server.max_batch_items,
+                bytes: config.server.batch_bytes(),
+            }),
+    );
     // Callers without any grant for the operation are refused before a large body is decoded.
     let keybroker = crate::admission::Admission::new(
         KeyBrokerServer::from_arc(keybroker_service)

@@ -10,8 +10,12 @@
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
+const path = require("path");
+
 const [target, protoFile] = process.argv.slice(2);
 const definition = protoLoader.loadSync(protoFile, {
+  // The proto root (proto/), for google/rpc/status.proto (batch results).
+  includeDirs: [path.resolve(path.dirname(protoFile), "..", "..")],
   keepCase: true,
   longs: String,
   enums: String,

@@ -13,6 +13,7 @@
 pub mod aws;
 pub mod kms;
 pub mod serve;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -166,6 +167,55 @@ impl KeyBroker for Echo {
         _: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
         Ok(Response::new(proto::ListKeysResponse::default()))
+    }
+
+    async fn encrypt_batch(
+        &self,
+        _: Request<proto::EncryptBatchRequest>,
+    ) -> Result<Response<proto::EncryptBatchResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn decrypt_batch(
+        &self,
+        _: Request<proto::DecryptBatchRequest>,
+    ) -> Result<Response<proto::DecryptBatchResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    type EncryptStreamStream = crate::service::EncryptStreamOut;
+
+    /// The streaming ceiling: every chunk back as it came, through the same bounded channel
+    /// the real service uses (`bench-stream`).
+    async fn encrypt_stream(
+        &self,
+        r: Request<tonic::Streaming<proto::EncryptStreamRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        let mut inbound = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::service::STREAM_BUFFER);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let out = proto::EncryptStreamResponse {
+                    chunk: m.chunk,
+                    ..Default::default()
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    type DecryptStreamStream = crate::service::DecryptStreamOut;
+
+    async fn decrypt_stream(
+        &self,
+        _: Request<tonic::Streaming<proto::DecryptStreamRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        Err(Status::unimplemented("echo"))
     }
 }
 
