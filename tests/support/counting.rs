@@ -89,6 +89,9 @@ impl KeyBackend for Counting {
     fn hint(&self) -> KeyHint {
         self.inner.hint()
     }
+    fn lifecycle(&self) -> Option<keybroker::backend::Lifecycle> {
+        self.inner.lifecycle()
+    }
     fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
         self.inner.check_canonical(copy)
     }

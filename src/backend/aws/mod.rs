@@ -290,6 +290,7 @@ impl KeyBackend for AwsBackend {
         KeyHint {
             disabled: false,
             generation: self.generation.load(Ordering::Acquire),
+            ..KeyHint::default()
         }
     }
 

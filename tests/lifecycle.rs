@@ -1,0 +1,415 @@
+//! Key lifecycle (issue 18, docs/lifecycle.md): scheduled rotation on running servers (once
+//! across two servers on one keyring) and from `keys rotate --if-due`, version retirement and
+//! ReEncrypt moving data past it, safe deletion (guard, `--force`, cancel, purge), the usage
+//! report against a workload of known size, and the lifecycle fields of ListKeys.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use keybroker::client::KeyBrokerClient;
+use keybroker::keyring::{self, Keyring};
+use keybroker::proto::{DecryptRequest, EncryptRequest, ListKeysRequest, ReEncryptRequest};
+use tonic::transport::Channel;
+
+use crate::support::{TestServer, keybroker_bin, local_config, reason};
+
+type Client = KeyBrokerClient<Channel>;
+
+async fn encrypt(c: &mut Client, msg: &[u8]) -> Result<(Vec<u8>, String), tonic::Status> {
+    let r = c
+        .encrypt(EncryptRequest {
+            key: "default".into(),
+            plaintext: msg.to_vec().into(),
+            context: BTreeMap::new(),
+        })
+        .await?
+        .into_inner();
+    Ok((r.ciphertext.to_vec(), r.key_version))
+}
+
+async fn decrypt(c: &mut Client, ct: &[u8]) -> Result<(Vec<u8>, String), tonic::Status> {
+    let r = c
+        .decrypt(DecryptRequest {
+            ciphertext: ct.to_vec().into(),
+            context: BTreeMap::new(),
+        })
+        .await?
+        .into_inner();
+    Ok((r.plaintext.to_vec(), r.key_version))
+}
+
+/// `keybroker keys --keyring RING ARGS...`: (success, stdout + stderr).
+fn keys(ring: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(keybroker_bin())
+        .args(["keys", "--keyring"])
+        .arg(ring)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Waits (bounded) until `f` holds, polling every 50 ms.
+async fn eventually(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "not within {secs} s: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn created_times(ring: &Path) -> Vec<SystemTime> {
+    Keyring::load(ring).unwrap().keys["default"]
+        .versions
+        .values()
+        .map(|v| keybroker::util::parse_rfc3339(&v.created).unwrap())
+        .collect()
+}
+
+/// Two servers share one keyring whose key rotates every 2 s: new versions appear without a
+/// restart, both servers encrypt under them, and no rotation is done twice (consecutive
+/// versions are at least one period apart; two servers acting on one due time would make two
+/// versions milliseconds apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_happens_once_across_two_servers_without_restart() {
+    let a = TestServer::local("[local]\npoll_interval = \"100ms\"").await;
+    let ring = a.path("keyring");
+    let b = TestServer::start(
+        &local_config("[local]\npoll_interval = \"100ms\"")
+            .replace("{dir}/keyring", &ring.display().to_string()),
+    )
+    .await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    assert_eq!(encrypt(&mut ca, b"x").await.unwrap().1, "1");
+    let period = Duration::from_secs(2);
+    keyring::edit(&ring, false, |r| {
+        r.rotate_key("default")?;
+        r.set_rotation_period("default", Some(period))
+    })
+    .unwrap();
+    eventually("version 4 made by the servers", 20, async || {
+        created_times(&ring).len() >= 4
+    })
+    .await;
+    // Stop the schedule before judging, so the count cannot move under the assertions.
+    keyring::edit(&ring, false, |r| r.set_rotation_period("default", None)).unwrap();
+    let times = created_times(&ring);
+    for pair in times[1..].windows(2) {
+        let gap = pair[1].duration_since(pair[0]).unwrap();
+        assert!(
+            gap >= period,
+            "two rotations {gap:?} apart: rotated twice for one due time ({times:?})"
+        );
+    }
+    let primary = times.len().to_string();
+    for c in [&mut ca, &mut cb] {
+        eventually(
+            "both servers encrypt under the new primary",
+            10,
+            async || encrypt(c, b"y").await.unwrap().1 == primary,
+        )
+        .await;
+    }
+    // ListKeys shows the schedule's state.
+    let listed = ca.list_keys(ListKeysRequest {}).await.unwrap().into_inner();
+    let k = &listed.keys[0];
+    assert_eq!(k.rotation_source, "keyring");
+    assert_eq!(k.primary_version, primary);
+    assert!(k.primary_age_seconds < 60, "{}", k.primary_age_seconds);
+    b.stop().await;
+    a.stop().await;
+}
+
+/// `keys rotate --if-due` (what a CronJob runs): nothing when not due; when due, four runs at
+/// once rotate exactly once (decided under the keyring lock).
+#[test]
+fn keys_rotate_if_due_rotates_once_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("keyring");
+    let (ok, out) = keys(&ring, &["create", "default", "--rotation-period", "1s"]);
+    assert!(ok, "{out}");
+    let (ok, out) = keys(&ring, &["rotate", "--if-due"]);
+    assert!(ok && out.contains("no key is due"), "{out}");
+    let (ok, out) = keys(&ring, &["list"]);
+    assert!(
+        ok && out.contains("1s") && out.contains("NEXT ROTATION"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(keybroker_bin())
+                .args(["keys", "--keyring"])
+                .arg(&ring)
+                .args(["rotate", "--if-due"])
+                .output()
+                .map(|o| {
+                    (
+                        o.status.success(),
+                        String::from_utf8_lossy(&o.stdout).into_owned(),
+                    )
+                })
+        })
+        .collect();
+    let rotated = runs
+        .iter()
+        .map(|r| r.as_ref().unwrap())
+        .inspect(|(ok, out)| assert!(ok, "{out}"))
+        .filter(|(_, out)| out.contains("version 2 is now primary"))
+        .count();
+    assert_eq!(rotated, 1);
+    assert_eq!(Keyring::load(&ring).unwrap().keys["default"].primary, 2);
+    let (ok, out) = keys(&ring, &["describe", "default"]);
+    assert!(ok && out.contains("primary version:     2"), "{out}");
+}
+
+/// Retiring version 1: its ciphertexts fail with FAILED_PRECONDITION / KEY_VERSION_RETIRED
+/// naming the version (also from the cache), ReEncrypt moves them to version 2, and the moved
+/// data decrypts.
+#[tokio::test]
+async fn retired_version_is_refused_and_reencrypt_moves_data_past_it() {
+    let s = TestServer::local("[local]\npoll_interval = \"100ms\"").await;
+    let ring = s.path("keyring");
+    let mut c = s.client().await;
+    let (old, v) = encrypt(&mut c, b"old data").await.unwrap();
+    assert_eq!(v, "1");
+    decrypt(&mut c, &old).await.unwrap(); // now cached
+    let (ok, out) = keys(&ring, &["set-min-decrypt-version", "default", "2"]);
+    assert!(!ok && out.contains("rotate first"), "{out}");
+    assert!(keys(&ring, &["rotate", "default"]).0);
+    let (ok, out) = keys(&ring, &["set-min-decrypt-version", "default", "2"]);
+    assert!(ok, "{out}");
+    let mut refusal = None;
+    eventually(
+        "the retirement reaches the server",
+        10,
+        async || match decrypt(&mut c, &old).await {
+            Err(e) => {
+                refusal = Some(e);
+                true
+            }
+            Ok(_) => false,
+        },
+    )
+    .await;
+    let e = refusal.unwrap();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(reason(&e), "KEY_VERSION_RETIRED");
+    assert!(e.message().contains("version 1"), "{}", e.message());
+    let moved = c
+        .re_encrypt(ReEncryptRequest {
+            ciphertext: old.clone().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            moved.source_key_version.as_str(),
+            moved.key_version.as_str()
+        ),
+        ("1", "2")
+    );
+    let (plain, v) = decrypt(&mut c, &moved.ciphertext).await.unwrap();
+    assert_eq!((plain.as_slice(), v.as_str()), (&b"old data"[..], "2"));
+    let listed = c.list_keys(ListKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.keys[0].min_decrypt_version, "2");
+    // Un-retiring restores version 1.
+    assert!(keys(&ring, &["set-min-decrypt-version", "default", "0"]).0);
+    eventually("version 1 decrypts again", 10, async || {
+        decrypt(&mut c, &old).await.is_ok()
+    })
+    .await;
+}
+
+/// Deletion: the guard refuses a key the audit log shows in use, `--force` overrides it; while
+/// pending every use fails with KEY_PENDING_DELETION (and is audited); cancelling restores the
+/// key fully; purge refuses before the window ends; once it has ended the server destroys it.
+#[tokio::test]
+async fn deletion_guard_pending_cancel_and_purge() {
+    let s =
+        TestServer::local("[local]\npoll_interval = \"100ms\"\n[audit]\npath = \"audit.jsonl\"\n")
+            .await;
+    let ring = s.path("keyring");
+    let log = s.path("audit.jsonl");
+    let log_arg = log.display().to_string();
+    let mut c = s.client().await;
+    let (ct, _) = encrypt(&mut c, b"keep me").await.unwrap();
+    eventually("the encrypt is in the audit log", 10, async || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"encrypt\""))
+    })
+    .await;
+
+    let (ok, out) = keys(
+        &ring,
+        &["schedule-deletion", "default", "--in", "3d", "--force"],
+    );
+    assert!(!ok && out.contains("at least 7d"), "{out}");
+    let (ok, out) = keys(&ring, &["schedule-deletion", "default"]);
+    assert!(!ok && out.contains("no audit log"), "{out}");
+    let (ok, out) = keys(
+        &ring,
+        &["schedule-deletion", "default", "--audit", &log_arg],
+    );
+    assert!(!ok && out.contains("was used at"), "{out}");
+    let (ok, out) = keys(
+        &ring,
+        &[
+            "schedule-deletion",
+            "default",
+            "--in",
+            "8d",
+            "--audit",
+            &log_arg,
+            "--force",
+        ],
+    );
+    assert!(ok && out.contains("pending deletion"), "{out}");
+
+    let mut refused = None;
+    eventually(
+        "the server refuses the pending key",
+        10,
+        async || match decrypt(&mut c, &ct).await {
+            Err(e) => {
+                refused = Some(e);
+                true
+            }
+            Ok(_) => false,
+        },
+    )
+    .await;
+    let e = refused.unwrap();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&e), "KEY_PENDING_DELETION");
+    let e = encrypt(&mut c, b"new").await.unwrap_err();
+    assert_eq!(reason(&e), "KEY_PENDING_DELETION");
+    let listed = c.list_keys(ListKeysRequest {}).await.unwrap().into_inner();
+    assert!(listed.keys[0].pending_deletion && !listed.keys[0].deletion_time.is_empty());
+    eventually("the refusal is audited", 10, async || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("KEY_PENDING_DELETION"))
+    })
+    .await;
+    let (ok, out) = keys(&ring, &["purge", "default"]);
+    assert!(!ok && out.contains("cannot be purged before"), "{out}");
+
+    let (ok, out) = keys(&ring, &["cancel-deletion", "default"]);
+    assert!(ok, "{out}");
+    eventually("cancel restores the key", 10, async || {
+        decrypt(&mut c, &ct)
+            .await
+            .is_ok_and(|(p, _)| p == b"keep me")
+    })
+    .await;
+
+    // The window has ended (set in the file: nobody waits 7 days): the server destroys the key.
+    let (ok, out) = keys(
+        &ring,
+        &[
+            "schedule-deletion",
+            "default",
+            "--in",
+            "7d",
+            "--force",
+            "--audit",
+            &log_arg,
+        ],
+    );
+    assert!(ok, "{out}");
+    keyring::edit(&ring, false, |r| {
+        r.keys.get_mut("default").unwrap().delete_after =
+            Some(SystemTime::now() - Duration::from_secs(1));
+        Ok(())
+    })
+    .unwrap();
+    eventually("the server purges the key", 10, async || {
+        !Keyring::load(&ring).unwrap().keys.contains_key("default")
+    })
+    .await;
+    let text = std::fs::read_to_string(&ring).unwrap();
+    assert!(!text.contains("\"default\""), "{text}");
+}
+
+/// The usage report against a workload of known size: 5 encrypts and 3 decrypts that succeed,
+/// 2 decrypts of a tampered ciphertext; counts, results and first/last use per row (JSON and
+/// text); a broken chain is reported with exit status 2 instead of a summary passed off as
+/// complete.
+#[tokio::test]
+async fn audit_report_counts_a_known_workload_and_reports_a_broken_chain() {
+    let s = TestServer::local("[audit]\npath = \"audit.jsonl\"\n").await;
+    let log = s.path("audit.jsonl");
+    let mut c = s.client().await;
+    let mut cts = Vec::new();
+    for i in 0..5u8 {
+        cts.push(encrypt(&mut c, &[i; 10]).await.unwrap().0);
+    }
+    for ct in &cts[..3] {
+        decrypt(&mut c, ct).await.unwrap();
+    }
+    let mut bad = cts[4].clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    for _ in 0..2 {
+        decrypt(&mut c, &bad).await.unwrap_err();
+    }
+    eventually("10 records", 10, async || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 10)
+    })
+    .await;
+    let report = |args: &[&str]| {
+        let out = Command::new(keybroker_bin())
+            .args(["audit", "report"])
+            .args(args)
+            .arg(&log)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = report(&["--json", "--since", "1h"]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["records_in_window"], 10);
+    let rows = v["rows"].as_array().unwrap();
+    let row = |op: &str| {
+        rows.iter()
+            .find(|r| r["operation"] == op && r["key"] == "default")
+            .unwrap_or_else(|| panic!("no {op} row in {out}"))
+    };
+    let enc = row("encrypt");
+    assert_eq!(
+        (enc["count"].as_u64(), enc["key_version"].as_str()),
+        (Some(5), Some("1"))
+    );
+    assert_eq!(enc["results"]["OK"], 5);
+    assert_eq!(enc["caller"], "anonymous");
+    assert!(enc["first_use"].as_str() <= enc["last_use"].as_str());
+    let dec = row("decrypt");
+    assert_eq!(dec["count"], 5);
+    assert_eq!(dec["results"]["OK"], 3);
+    assert_eq!(dec["results"]["INVALID_ARGUMENT"], 2);
+    let (code, out) = report(&[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("KEY") && out.contains("OK=5"), "{out}");
+
+    // Edit one record: the break is reported, exit status 2.
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("\"encrypt\"", "\"decrypt\"", 2)).unwrap();
+    let (code, out) = report(&[]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("CHAIN BROKEN"), "{out}");
+    s.stop().await;
+}
