@@ -177,7 +177,10 @@ fn keys_rotate_if_due_rotates_once_when_due() {
 /// data decrypts.
 #[tokio::test]
 async fn retired_version_is_refused_and_reencrypt_moves_data_past_it() {
-    let s = TestServer::local("[local]\npoll_interval = \"100ms\"").await;
+    let s = TestServer::local(
+        "[local]\npoll_interval = \"100ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
     let ring = s.path("keyring");
     let mut c = s.client().await;
     let (old, v) = encrypt(&mut c, b"old data").await.unwrap();
@@ -224,6 +227,51 @@ async fn retired_version_is_refused_and_reencrypt_moves_data_past_it() {
     assert_eq!((plain.as_slice(), v.as_str()), (&b"old data"[..], "2"));
     let listed = c.list_keys(ListKeysRequest {}).await.unwrap().into_inner();
     assert_eq!(listed.keys[0].min_decrypt_version, "2");
+    // The metrics: uses per version (decrypt of v1 before retirement and of v2 after; the
+    // ReEncrypt counted under its source version), the refusal, the primary version and age.
+    let admin = s.running.as_ref().unwrap().admin_addr.unwrap().to_string();
+    let (status, body) = crate::support::http_get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    // Version 1 decrypted once before retirement, and maybe again before the server saw it.
+    let v1 = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"keybroker_key_version_uses_total{key="default",version="1",operation="decrypt"} "#,
+            )
+        })
+        .unwrap_or_else(|| panic!("no version 1 decrypts in\n{body}"));
+    assert!(v1.parse::<u64>().unwrap() >= 1, "{v1}");
+    for line in [
+        r#"keybroker_key_version_uses_total{key="default",version="2",operation="decrypt"} 1"#,
+        r#"keybroker_key_version_uses_total{key="default",version="1",operation="re_encrypt"} 1"#,
+        r#"keybroker_key_version_uses_total{key="default",version="1",operation="encrypt"} 1"#,
+        r#"keybroker_key_primary_version_info{key="default",version="2"} 1"#,
+        r#"keybroker_key_min_decrypt_version{key="default",backend="local"} 2.0"#,
+        r#"keybroker_key_pending_deletion{key="default",backend="local"} 0.0"#,
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line} in\n{body}");
+    }
+    let refused = body
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"keybroker_lifecycle_refusals_total{key="default",reason="KEY_VERSION_RETIRED"}"#,
+            )
+        })
+        .unwrap_or_else(|| panic!("no refusal count in\n{body}"));
+    assert!(!refused.ends_with(" 0"), "{refused}");
+    let age: f64 = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"keybroker_key_primary_version_age_seconds{key="default",backend="local"} "#,
+            )
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..60.0).contains(&age), "{age}");
     // Un-retiring restores version 1.
     assert!(keys(&ring, &["set-min-decrypt-version", "default", "0"]).0);
     eventually("version 1 decrypts again", 10, async || {
@@ -412,4 +460,53 @@ async fn audit_report_counts_a_known_workload_and_reports_a_broken_chain() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("CHAIN BROKEN"), "{out}");
     s.stop().await;
+}
+
+/// Every alert rule in deploy/prometheus passes `promtool check rules` and fires in a
+/// `promtool test rules` case (promtool: Debian `prometheus`, installed by scripts/test-setup).
+#[test]
+fn alert_rules_check_and_fire_in_promtool_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    let rules = dir.join("keybroker-lifecycle.rules.yaml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let alerts: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(alerts.len(), 5, "{alerts:?}");
+    let test_files = [
+        "keybroker-lifecycle.test.yaml",
+        "keybroker-lifecycle-long.test.yaml",
+    ];
+    let tests: String = test_files
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
+        .collect();
+    for a in &alerts {
+        // Each alert has a case expecting it to fire (exp_alerts right after its alertname).
+        let fires = tests.split("alertname: ").skip(1).any(|case| {
+            case.starts_with(a)
+                && case
+                    .lines()
+                    .nth(1)
+                    .is_some_and(|l| l.trim() == "exp_alerts:")
+        });
+        assert!(fires, "no promtool case where {a} fires");
+    }
+    for args in [
+        vec!["check", "rules", "keybroker-lifecycle.rules.yaml"],
+        vec!["test", "rules", test_files[0], test_files[1]],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is missing: run scripts/test-setup");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
