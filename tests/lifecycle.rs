@@ -510,3 +510,141 @@ fn alert_rules_check_and_fire_in_promtool_tests() {
         );
     }
 }
+
+/// The key version of the first copy of a ciphertext file.
+fn version_of(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    keybroker::envelope::parse(&bytes).unwrap().copies[0]
+        .key_version
+        .to_owned()
+}
+
+fn reencrypts_in(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"operation\":\"re_encrypt\"") && l.contains("\"result\":\"OK\""))
+        .count()
+}
+
+/// `keybroker rewrap` over 30 files, SIGKILLed once a few are done: every file is left whole
+/// (old or new, both decrypt); the rerun skips exactly the files already current and
+/// re-encrypts only the rest (counted in the audit log); afterwards version 1 can be retired
+/// and everything still decrypts. Base64 lines on stdin come back in order on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_resumes_after_a_kill_and_touches_each_ciphertext_once() {
+    let s =
+        TestServer::local("[local]\npoll_interval = \"100ms\"\n[audit]\npath = \"audit.jsonl\"\n")
+            .await;
+    let ring = s.path("keyring");
+    let log = s.path("audit.jsonl");
+    let mut c = s.client().await;
+    let data = s.path("data");
+    std::fs::create_dir(&data).unwrap();
+    let files: Vec<_> = (0..30).map(|i| data.join(format!("{i}.bin"))).collect();
+    for (i, f) in files.iter().enumerate() {
+        let (ct, _) = encrypt(&mut c, format!("record {i}").as_bytes())
+            .await
+            .unwrap();
+        std::fs::write(f, ct).unwrap();
+    }
+    let (old_line, _) = encrypt(&mut c, b"on stdin").await.unwrap();
+    assert!(keys(&ring, &["rotate", "default"]).0);
+    eventually("the server encrypts under version 2", 10, async || {
+        encrypt(&mut c, b"z").await.unwrap().1 == "2"
+    })
+    .await;
+    let rewrap = |rate: &str| {
+        let mut cmd = Command::new(keybroker_bin());
+        cmd.args([
+            "rewrap",
+            "--addr",
+            &s.addr,
+            "--concurrency",
+            "2",
+            "--rate",
+            rate,
+        ])
+        .args(&files)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let mut child = rewrap("10").spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files.iter().filter(|f| version_of(f) == "2").count() < 3 {
+        assert!(Instant::now() < deadline, "rewrap made no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = files.iter().filter(|f| version_of(f) == "2").count();
+    assert!((3..30).contains(&done), "{done} of 30 done when killed");
+    // Records are written off the request path: wait for those of the finished calls.
+    eventually("the first run's records", 10, async || {
+        reencrypts_in(&log) >= done
+    })
+    .await;
+    let first_run = reencrypts_in(&log);
+    assert!(
+        first_run >= done && first_run <= done + 2,
+        "{first_run} calls for {done} files"
+    );
+
+    let before = reencrypts_in(&log);
+    let out = rewrap("0").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{} rewrapped, {done} already current", 30 - done)),
+        "{err}"
+    );
+    eventually("the rerun's records", 10, async || {
+        reencrypts_in(&log) >= before + 30 - done
+    })
+    .await;
+    assert_eq!(
+        reencrypts_in(&log) - before,
+        30 - done,
+        "the rerun touched only the rest"
+    );
+
+    // Everything is past version 1 now: retire it; every file still decrypts.
+    assert!(keys(&ring, &["set-min-decrypt-version", "default", "2"]).0);
+    eventually("the retirement reaches the server", 10, async || {
+        decrypt(&mut c, &old_line).await.is_err()
+    })
+    .await;
+    for (i, f) in files.iter().enumerate() {
+        let (plain, v) = decrypt(&mut c, &std::fs::read(f).unwrap()).await.unwrap();
+        assert_eq!(
+            (plain, v.as_str()),
+            (format!("record {i}").into_bytes(), "2")
+        );
+    }
+
+    // stdin mode: one old line, one current line; order kept; the old one is moved forward.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let current = b64.encode(std::fs::read(&files[0]).unwrap());
+    let input = format!("{}\n{current}\n", b64.encode(&old_line));
+    let out = crate::support::run_with_stdin(
+        Command::new(keybroker_bin()).args(["rewrap", "--addr", &s.addr]),
+        input.as_bytes(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1 rewrapped, 1 already current"), "{err}");
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1], current);
+    let (plain, v) = decrypt(&mut c, &b64.decode(&lines[0]).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((plain.as_slice(), v.as_str()), (&b"on stdin"[..], "2"));
+    s.stop().await;
+}

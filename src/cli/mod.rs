@@ -15,6 +15,7 @@ use crate::keyring::{self, Keyring};
 mod bench;
 mod calls;
 mod lifecycle;
+mod rewrap;
 
 #[derive(Debug, Parser)]
 #[command(name = "keybroker", version, about = "A multi-cloud key-broker sidecar", long_about = None)]
@@ -45,6 +46,8 @@ pub enum Cmd {
     Decrypt(DecryptArgs),
     /// Print a new data key (JSON, base64 fields).
     Datakey(DatakeyArgs),
+    /// Move ciphertexts to their key's current version with ReEncrypt (docs/lifecycle.md).
+    Rewrap(rewrap::RewrapArgs),
     /// Run the benchmark harness (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
@@ -255,6 +258,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Encrypt(args) => calls::client_cmd(|| calls::encrypt(args)),
         Cmd::Decrypt(args) => calls::client_cmd(|| calls::decrypt(args)),
         Cmd::Datakey(args) => calls::client_cmd(|| calls::datakey(args)),
+        Cmd::Rewrap(args) => rewrap::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Inject(args) => return crate::inject::run(args),
         Cmd::BenchServer(args) => bench::run_server(args),

@@ -548,8 +548,14 @@ mod tests {
             .find(|(k, _)| &*k.version == "other")
             .map(|(_, n)| get(n));
         assert_eq!(other, Some(20));
-        let three = map.iter().find(|(k, _)| &*k.key == "k" && &*k.version == "3");
-        assert_eq!(three.map(|(_, n)| get(n)), Some(2), "a known version keeps counting");
+        let three = map
+            .iter()
+            .find(|(k, _)| &*k.key == "k" && &*k.version == "3");
+        assert_eq!(
+            three.map(|(_, n)| get(n)),
+            Some(2),
+            "a known version keeps counting"
+        );
         assert!(map.keys().any(|k| &*k.key == "j" && &*k.version == "999"));
     }
 
