@@ -171,6 +171,15 @@ fn lifecycle_figures(e: &crate::registry::KeyEntry) -> crate::metrics::Lifecycle
             .map(|d| d.as_secs_f64()),
         pending_deletion: e.wraps.iter().any(|b| b.hint().pending_deletion),
         min_decrypt_version: e.backend.hint().min_decrypt_version,
+        canary: e
+            .canary_interval
+            .filter(|_| e.canary.runs.load(Ordering::Relaxed) > 0)
+            .map(|interval| crate::metrics::CanaryFigures {
+                last_ok: e.canary.last_ok.load(Ordering::Relaxed),
+                last_success_unix: e.canary.last_success_unix.load(Ordering::Relaxed),
+                interval_seconds: interval.as_secs_f64(),
+                failures: e.canary.failures.load(Ordering::Relaxed),
+            }),
     }
 }
 

@@ -282,6 +282,7 @@ impl Config {
                 cache: CacheLimits::default(),
                 // Development mode: anyone who can reach the sidecar may use the key.
                 policy: Policy::allow_anonymous_everything(),
+                canary_interval: None,
             },
         );
         Self {

@@ -473,7 +473,7 @@ fn alert_rules_check_and_fire_in_promtool_tests() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(alerts.len(), 5, "{alerts:?}");
+    assert_eq!(alerts.len(), 6, "{alerts:?}");
     let test_files = [
         "keybroker-lifecycle.test.yaml",
         "keybroker-lifecycle-long.test.yaml",
@@ -646,5 +646,94 @@ async fn rewrap_resumes_after_a_kill_and_touches_each_ciphertext_once() {
         .await
         .unwrap();
     assert_eq!((plain.as_slice(), v.as_str()), (&b"on stdin"[..], "2"));
+    s.stop().await;
+}
+
+/// A cloud key's rotation state is read from the cloud at startup: moto's KMS answers
+/// GetKeyRotationStatus (moto reports no period, so the documented default of 365 days
+/// applies) and ListKeyRotations / DescribeKey give the primary's age; a key without rotation
+/// shows no schedule.
+#[tokio::test]
+async fn aws_rotation_state_is_read_from_kms() {
+    let moto = crate::support::moto::Moto::start().await;
+    let rotating = moto.create_key("rotating").await;
+    let manual = moto.create_key("manual").await;
+    let kms = moto.client();
+    kms.enable_key_rotation()
+        .key_id(&rotating)
+        .send()
+        .await
+        .unwrap();
+    let s = TestServer::start(&format!(
+        "{}\n[keys.r]\nbackend = \"aws\"\nkey_id = \"{rotating}\"\n[keys.m]\nbackend = \"aws\"\nkey_id = \"{manual}\"\n{}{}",
+        moto.aws_section(),
+        crate::support::allow_anonymous("r"),
+        crate::support::allow_anonymous("m"),
+    ))
+    .await;
+    let mut c = s.client().await;
+    let mut keys = Vec::new();
+    eventually("ListKeys shows the AWS rotation state", 20, async || {
+        keys = c
+            .list_keys(ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        keys.iter().all(|k| k.rotation_source == "aws")
+    })
+    .await;
+    let r = keys.iter().find(|k| k.name == "r").unwrap();
+    assert_eq!(r.rotation_period, "365d");
+    assert!(!r.next_rotation_time.is_empty());
+    assert!(r.primary_age_seconds < 3600, "{}", r.primary_age_seconds);
+    let m = keys.iter().find(|k| k.name == "m").unwrap();
+    assert_eq!(
+        (m.rotation_period.as_str(), m.next_rotation_time.as_str()),
+        ("", "")
+    );
+    s.stop().await;
+}
+
+/// The break-glass check: with `canary_interval` the server wraps and unwraps through the
+/// backend on its own; `/metrics` shows it succeeding, and failing once the key is disabled
+/// in the keyring (recovering when it is enabled again).
+#[tokio::test]
+async fn canary_proves_the_round_trip_and_reports_failure() {
+    let s = TestServer::local(
+        "canary_interval = \"1s\"\n[local]\npoll_interval = \"100ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let admin = s.running.as_ref().unwrap().admin_addr.unwrap().to_string();
+    let gauge = async |name: &str| -> Option<f64> {
+        let (_, body) = crate::support::http_get(&admin, "/metrics").await;
+        body.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}{{key=\"default\",backend=\"local\"}} "))
+                .map(|v| v.parse().unwrap())
+        })
+    };
+    eventually("a successful canary", 10, async || {
+        gauge("keybroker_key_canary_ok").await == Some(1.0)
+    })
+    .await;
+    assert!(gauge("keybroker_key_canary_last_success_timestamp_seconds").await > Some(1e9));
+    assert!(keys(&s.path("keyring"), &["disable", "default"]).0);
+    eventually("a failing canary", 10, async || {
+        gauge("keybroker_key_canary_ok").await == Some(0.0)
+    })
+    .await;
+    let (_, body) = crate::support::http_get(&admin, "/metrics").await;
+    let failures = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"keybroker_key_canary_failures_total{key="default",backend="local"} "#)
+        })
+        .unwrap_or_else(|| panic!("no canary failures in\n{body}"));
+    assert_ne!(failures, "0");
+    assert!(keys(&s.path("keyring"), &["enable", "default"]).0);
+    eventually("the canary recovers", 10, async || {
+        gauge("keybroker_key_canary_ok").await == Some(1.0)
+    })
+    .await;
     s.stop().await;
 }

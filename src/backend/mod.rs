@@ -167,6 +167,12 @@ pub trait KeyBackend: Send + Sync + 'static {
         None
     }
 
+    /// Asks the provider for its own rotation state of the key, for [`KeyBackend::lifecycle`]
+    /// (at startup and reload, off the request path). Backends without one do nothing.
+    async fn refresh_lifecycle(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// A new data key of `len` bytes, in the clear and wrapped. Backends with a one-call data-key
     /// API (AWS `GenerateDataKey`) override this; the default generates locally and wraps.
     async fn generate_data_key(

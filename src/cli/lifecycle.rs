@@ -120,12 +120,12 @@ pub fn list(path: &Path) -> CliResult {
     let ring = Keyring::load(path)?;
     let now = SystemTime::now();
     println!(
-        "{:<28} {:<16} {:>7} {:>8} {:>9} {:>9}  {:<27} {:>7}",
+        "{:<28} {:<16} {:>7} {:>8} {:>9} {:>9}  {:<27} {:>7}  CREATED",
         "NAME", "STATE", "PRIMARY", "VERSIONS", "AGE", "ROTATION", "NEXT ROTATION", "MIN-DEC"
     );
     for (name, k) in &ring.keys {
         println!(
-            "{name:<28} {:<16} {:>7} {:>8} {:>9} {:>9}  {:<27} {:>7}",
+            "{name:<28} {:<16} {:>7} {:>8} {:>9} {:>9}  {:<27} {:>7}  {}",
             state(k),
             k.primary,
             k.versions.len(),
@@ -139,6 +139,7 @@ pub fn list(path: &Path) -> CliResult {
             } else {
                 "-".into()
             },
+            ring.created(name).unwrap_or(""),
         );
     }
     Ok(())

@@ -277,6 +277,17 @@ pub struct LifecycleFigures {
     pub pending_deletion: bool,
     /// 0: no version retired.
     pub min_decrypt_version: u64,
+    /// The break-glass check, for keys with a `canary_interval` that ran at least once.
+    pub canary: Option<CanaryFigures>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CanaryFigures {
+    pub last_ok: bool,
+    /// Unix seconds (0: never succeeded).
+    pub last_success_unix: u64,
+    pub interval_seconds: f64,
+    pub failures: u64,
 }
 
 /// Most distinct versions counted per key in `keybroker_key_version_uses_total`; later ones

@@ -552,6 +552,50 @@ impl Scrape {
             m.encode_family(&RefusalLabels { key, reason })?
                 .encode_counter::<RefusalLabels, _, u64>(&n, None)?;
         }
+        let canaries: Vec<(&super::KeyFigures, &super::CanaryFigures)> = keys
+            .iter()
+            .filter_map(|k| k.lifecycle.canary.as_ref().map(|c| (k, c)))
+            .collect();
+        let canary_gauges: [(&str, &str, fn(&super::CanaryFigures) -> f64); 3] = [
+            (
+                "keybroker_key_canary_ok",
+                "1 if the key's latest break-glass check (wrap and unwrap through its backends) succeeded.",
+                |c| if c.last_ok { 1.0 } else { 0.0 },
+            ),
+            (
+                "keybroker_key_canary_last_success_timestamp_seconds",
+                "Unix time of the key's latest successful break-glass check (0: none yet).",
+                |c| c.last_success_unix as f64,
+            ),
+            (
+                "keybroker_key_canary_interval_seconds",
+                "How often the key's break-glass check runs.",
+                |c| c.interval_seconds,
+            ),
+        ];
+        for (name, help, value) in canary_gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (k, c) in &canaries {
+                m.encode_family(&KeyLabels {
+                    key: Arc::clone(&k.name),
+                    backend: k.backend.as_str(),
+                })?
+                .encode_gauge(&value(c))?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_key_canary_failures",
+            "Failed break-glass checks of the key.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, c) in &canaries {
+            m.encode_family(&KeyLabels {
+                key: Arc::clone(&k.name),
+                backend: k.backend.as_str(),
+            })?
+            .encode_counter::<KeyLabels, _, u64>(&c.failures, None)?;
+        }
         let uses: BTreeMap<super::VersionKey, u64> = match self.metrics.version_uses.read() {
             Ok(m) => m.iter().map(|(k, v)| (k.clone(), get(v))).collect(),
             Err(_) => BTreeMap::new(),
