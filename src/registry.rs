@@ -461,50 +461,6 @@ impl Registry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Statement;
-    use crate::principal::IdentitySource;
-
-    fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
-        Policy {
-            statements: vec![Statement {
-                callers: callers.iter().map(|c| c.to_string()).collect(),
-                operations: ops.iter().copied().collect(),
-            }],
-        }
-    }
-
-    /// The table answers exactly what checking every key's policy would.
-    #[test]
-    fn grants_anywhere_matches_a_scan_of_every_policy() {
-        let policies = [
-            policy(&["billing"], &[Operation::Encrypt]),
-            policy(&["*"], &[Operation::List, Operation::Decrypt]),
-            policy(&["rekeyer"], &[Operation::ReEncrypt]),
-            policy(&["anonymous"], &[Operation::GenerateDataKey]),
-        ];
-        let table = Grants::of(policies.iter());
-        let callers = [
-            Caller::new("billing", IdentitySource::BearerToken),
-            Caller::new("rekeyer", IdentitySource::Mtls),
-            Caller::new("stranger", IdentitySource::Mtls),
-            Caller::anonymous(),
-        ];
-        let needs = Operation::ALL
-            .into_iter()
-            .map(Need::Op)
-            .chain([Need::ReEncryptFrom]);
-        for need in needs {
-            for c in &callers {
-                let scan = policies.iter().any(|p| need.check(p, c));
-                assert_eq!(table.allow(c, need), scan, "{c:?} {need:?}");
-            }
-        }
-    }
-}
-
 /// One canary run: wrap and unwrap a fresh key through every wrapping backend of `entry`.
 async fn canary_round_trip(entry: &KeyEntry) -> Result<(), crate::backend::BackendError> {
     use crate::backend::{BackendContext, BackendError, BackendErrorKind};
@@ -554,6 +510,50 @@ fn record_canary(entry: &KeyEntry, result: Result<(), crate::backend::BackendErr
                     "break-glass check failed: the key cannot wrap and unwrap through its backend");
             } else {
                 tracing::debug!(key = %entry.name, error = %e, "canary still failing");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Statement;
+    use crate::principal::IdentitySource;
+
+    fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
+        Policy {
+            statements: vec![Statement {
+                callers: callers.iter().map(|c| c.to_string()).collect(),
+                operations: ops.iter().copied().collect(),
+            }],
+        }
+    }
+
+    /// The table answers exactly what checking every key's policy would.
+    #[test]
+    fn grants_anywhere_matches_a_scan_of_every_policy() {
+        let policies = [
+            policy(&["billing"], &[Operation::Encrypt]),
+            policy(&["*"], &[Operation::List, Operation::Decrypt]),
+            policy(&["rekeyer"], &[Operation::ReEncrypt]),
+            policy(&["anonymous"], &[Operation::GenerateDataKey]),
+        ];
+        let table = Grants::of(policies.iter());
+        let callers = [
+            Caller::new("billing", IdentitySource::BearerToken),
+            Caller::new("rekeyer", IdentitySource::Mtls),
+            Caller::new("stranger", IdentitySource::Mtls),
+            Caller::anonymous(),
+        ];
+        let needs = Operation::ALL
+            .into_iter()
+            .map(Need::Op)
+            .chain([Need::ReEncryptFrom]);
+        for need in needs {
+            for c in &callers {
+                let scan = policies.iter().any(|p| need.check(p, c));
+                assert_eq!(table.allow(c, need), scan, "{c:?} {need:?}");
             }
         }
     }

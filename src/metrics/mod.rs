@@ -204,6 +204,9 @@ struct CopyKey {
     copy: CopyRef,
 }
 
+/// One (key, reason) of `keybroker_lifecycle_refusals_total`.
+type RefusalKey = (Arc<str>, &'static str);
+
 /// One (key, version, operation) of `keybroker_key_version_uses_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct VersionKey {
@@ -238,7 +241,7 @@ pub struct Metrics {
     /// [`MAX_VERSIONS_PER_KEY`].
     version_uses: RwLock<HashMap<VersionKey, Arc<AtomicU64>>>,
     /// Requests refused by the key's lifecycle, per (key, reason): [`LIFECYCLE_REASONS`].
-    lifecycle_refusals: RwLock<HashMap<(Arc<str>, &'static str), Arc<AtomicU64>>>,
+    lifecycle_refusals: RwLock<HashMap<RefusalKey, Arc<AtomicU64>>>,
     latency: [Histogram; Operation::ALL.len()],
     /// [`backend_slot`][`op_slot`]
     backend_latency: [[Histogram; OP_SLOTS]; BackendKind::ALL.len()],

@@ -489,7 +489,12 @@ impl Scrape {
     /// (docs/lifecycle.md; the alert rules in deploy/prometheus read these).
     fn encode_lifecycle(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let keys = &self.snapshot.keys;
-        let gauges: [(&str, &str, fn(&super::LifecycleFigures) -> Option<f64>); 4] = [
+        type Gauge = (
+            &'static str,
+            &'static str,
+            fn(&super::LifecycleFigures) -> Option<f64>,
+        );
+        let gauges: [Gauge; 4] = [
             (
                 "keybroker_key_primary_version_age_seconds",
                 "Age of the key's primary version (keys whose backend reports it).",
@@ -556,7 +561,8 @@ impl Scrape {
             .iter()
             .filter_map(|k| k.lifecycle.canary.as_ref().map(|c| (k, c)))
             .collect();
-        let canary_gauges: [(&str, &str, fn(&super::CanaryFigures) -> f64); 3] = [
+        type CanaryGauge = (&'static str, &'static str, fn(&super::CanaryFigures) -> f64);
+        let canary_gauges: [CanaryGauge; 3] = [
             (
                 "keybroker_key_canary_ok",
                 "1 if the key's latest break-glass check (wrap and unwrap through its backends) succeeded.",
