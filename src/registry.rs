@@ -39,6 +39,9 @@ pub struct KeyConfig {
     /// through each backend (docs/lifecycle.md). Off unless set: for a cloud key each run is
     /// two paid calls per wrapping backend.
     pub canary_interval: Option<std::time::Duration>,
+    /// Read the provider's own rotation state at startup and reload (`rotation_state = true`;
+    /// off by default: it costs provider calls and IAM permissions).
+    pub rotation_state: bool,
 }
 
 /// The canary's record for one key, read by `/metrics`.
@@ -84,6 +87,7 @@ impl KeyConfig {
         cache_section.finish(p);
         let policy = Policy::parse(s, p);
         let canary_interval = s.duration("canary_interval", p);
+        let rotation_state = s.bool("rotation_state", p).unwrap_or(false);
         if canary_interval.is_some_and(|d| d < std::time::Duration::from_secs(1)) {
             p.push(s.at("canary_interval"), "must be at least 1s");
         }
@@ -99,6 +103,7 @@ impl KeyConfig {
             cache,
             policy,
             canary_interval,
+            rotation_state,
         })
     }
 
@@ -182,6 +187,7 @@ pub struct KeyEntry {
     pub cache_epoch: u64,
     pub canary_interval: Option<std::time::Duration>,
     pub canary: Arc<CanaryRecord>,
+    pub rotation_state: bool,
 }
 
 /// Process-wide, so that no two registries ever hand out the same epoch.
@@ -389,6 +395,7 @@ impl Registry {
                     cache_epoch,
                     canary_interval: kc.canary_interval,
                     canary: Arc::default(),
+                    rotation_state: kc.rotation_state,
                 }),
             );
         }
@@ -441,7 +448,7 @@ impl Registry {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        for entry in self.keys.values() {
+        for entry in self.keys.values().filter(|e| e.rotation_state) {
             for backend in &entry.wraps {
                 let (backend, key) = (Arc::clone(backend), Arc::clone(&entry.name));
                 tokio::spawn(async move {

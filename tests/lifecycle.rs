@@ -665,7 +665,7 @@ async fn aws_rotation_state_is_read_from_kms() {
         .await
         .unwrap();
     let s = TestServer::start(&format!(
-        "{}\n[keys.r]\nbackend = \"aws\"\nkey_id = \"{rotating}\"\n[keys.m]\nbackend = \"aws\"\nkey_id = \"{manual}\"\n{}{}",
+        "{}\n[keys.r]\nbackend = \"aws\"\nkey_id = \"{rotating}\"\nrotation_state = true\n[keys.m]\nbackend = \"aws\"\nkey_id = \"{manual}\"\nrotation_state = true\n{}{}",
         moto.aws_section(),
         crate::support::allow_anonymous("r"),
         crate::support::allow_anonymous("m"),
