@@ -154,6 +154,35 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// A key's rotation figures for `/metrics`, from its first wrapping backend's lifecycle.
+fn lifecycle_figures(e: &crate::registry::KeyEntry) -> crate::metrics::LifecycleFigures {
+    let l = e.backend.lifecycle();
+    let now = std::time::SystemTime::now();
+    crate::metrics::LifecycleFigures {
+        primary_version: l.as_ref().and_then(|l| l.primary_version.clone()),
+        primary_age_seconds: l
+            .as_ref()
+            .and_then(|l| l.primary_created)
+            .and_then(|c| now.duration_since(c).ok())
+            .map(|d| d.as_secs_f64()),
+        rotation_period_seconds: l
+            .as_ref()
+            .and_then(|l| l.rotation_period)
+            .map(|d| d.as_secs_f64()),
+        pending_deletion: e.wraps.iter().any(|b| b.hint().pending_deletion),
+        min_decrypt_version: e.backend.hint().min_decrypt_version,
+        canary: e
+            .canary_interval
+            .filter(|_| e.canary.runs.load(Ordering::Relaxed) > 0)
+            .map(|interval| crate::metrics::CanaryFigures {
+                last_ok: e.canary.last_ok.load(Ordering::Relaxed),
+                last_success_unix: e.canary.last_success_unix.load(Ordering::Relaxed),
+                interval_seconds: interval.as_secs_f64(),
+                failures: e.canary.failures.load(Ordering::Relaxed),
+            }),
+    }
+}
+
 /// What `/metrics` shows of the rest of the process, read now: per key its backend and cache
 /// evictions, the caches' sizes, and the audit writer's state.
 fn snapshot(broker: &Broker, audit: &Auditor) -> Snapshot {
@@ -169,6 +198,7 @@ fn snapshot(broker: &Broker, audit: &Auditor) -> Snapshot {
                     evicted(Operation::Encrypt) + evicted(Operation::GenerateDataKey),
                     evicted(Operation::Decrypt),
                 ),
+                lifecycle: lifecycle_figures(e),
             }
         })
         .collect();

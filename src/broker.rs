@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{BackendContext, BackendError, BackendKind, KeyBackend, Wrapped, breaker};
+use crate::backend::{
+    BackendContext, BackendError, BackendKind, KeyBackend, Lifecycle, Wrapped, breaker,
+};
 use crate::cache::{
     ActiveKey, CacheError, CacheLimits, DataKeyCache, Lookup, Purpose, Require, UnwrappedKey,
 };
@@ -123,6 +125,10 @@ pub struct KeyListing {
     pub enabled: bool,
     pub cache: CacheLimits,
     pub stats: Vec<(Operation, OpSnapshot)>,
+    /// The first wrapping backend's lifecycle (rotation schedule, retirement, deletion).
+    pub lifecycle: Option<Lifecycle>,
+    /// Scheduled for deletion (in any wrapping backend).
+    pub pending_deletion: bool,
 }
 
 /// Data key lengths GenerateDataKey offers.
@@ -553,6 +559,8 @@ impl Broker {
                 .into_iter()
                 .map(|op| (op, e.stats.op(op).snapshot()))
                 .collect(),
+                lifecycle: e.backend.lifecycle(),
+                pending_deletion: e.wraps.iter().any(|b| b.hint().pending_deletion),
             })
             .collect()
     }
@@ -604,6 +612,11 @@ impl Broker {
         }
         if !entry.usable() {
             return Err(Error::KeyDisabled {
+                key: name.to_owned(),
+            });
+        }
+        if entry.wraps.iter().any(|b| b.hint().pending_deletion) {
+            return Err(Error::KeyPendingDeletion {
                 key: name.to_owned(),
             });
         }
@@ -663,8 +676,12 @@ impl Broker {
         // (wrapping backend, copy index), best backend first.
         let mut candidates: Vec<(usize, usize)> = Vec::new();
         let mut refused = None;
+        let mut retired = None;
         for w in breaker::order(&breakers) {
             let backend = &entry.wraps[w];
+            // Retired versions are refused before the cache is consulted; ReEncrypt still reads
+            // them (the plaintext stays here), which is how `keybroker rewrap` moves data on.
+            let min = backend.hint().min_decrypt_version;
             // A backend's own copies are those naming its key; when its configured id is not
             // the durable one a copy records (an alias), every copy of its kind is a candidate
             // (a copy of another key fails to unwrap, as the backend contract says).
@@ -679,12 +696,28 @@ impl Broker {
                 // A respelling of a genuine copy ("01" for "1") must not become a new cache
                 // entry and a paid backend call: refused before the cache is consulted.
                 match backend.check_canonical(copy) {
-                    Ok(()) => candidates.push((w, i)),
+                    Ok(()) => {
+                        let version = copy.key_version.parse::<u64>().ok();
+                        match version {
+                            Some(v) if v < min && op != Operation::ReEncrypt => {
+                                facts.key_version = Some(copy.key_version.to_owned());
+                                retired = Some(Error::VersionRetired {
+                                    key: entry.name.to_string(),
+                                    version: v,
+                                    min,
+                                });
+                            }
+                            _ => candidates.push((w, i)),
+                        }
+                    }
                     Err(e) => refused = Some(e),
                 }
             }
         }
         if candidates.is_empty() {
+            if let Some(e) = retired {
+                return Err(e);
+            }
             return Err(refused.map_or(Error::DecryptionFailed, Error::InvalidCiphertext));
         }
         let mut seen = Vec::with_capacity(copies.len());

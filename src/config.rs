@@ -311,6 +311,8 @@ impl Config {
                 cache: CacheLimits::default(),
                 // Development mode: anyone who can reach the sidecar may use the key.
                 policy: Policy::allow_anonymous_everything(),
+                canary_interval: None,
+                rotation_state: false,
             },
         );
         Self {

@@ -36,6 +36,17 @@ pub enum Error {
     /// The key is switched off in the configuration or in its backend.
     #[error("key {key:?} is disabled")]
     KeyDisabled { key: String },
+    /// The key is scheduled for deletion (docs/lifecycle.md): every use is refused until the
+    /// deletion is cancelled, which restores it fully.
+    #[error("key {key:?} is pending deletion; cancel with `keybroker keys cancel-deletion {key}`")]
+    KeyPendingDeletion { key: String },
+    /// The ciphertext is under a key version below the key's `min_decrypt_version`: retired
+    /// for decryption. ReEncrypt (`keybroker rewrap`) still moves such data forward.
+    #[error(
+        "key {key:?} version {version} is retired (min_decrypt_version is {min}); re-encrypt the \
+         data to the current version with `keybroker rewrap`"
+    )]
+    VersionRetired { key: String, version: u64, min: u64 },
     #[error("{0}")]
     InvalidArgument(String),
     /// The request body is not a valid protobuf message of the method's type (wire format, or
@@ -112,6 +123,8 @@ impl Error {
             Error::KeyNotFound { .. } => "KEY_NOT_FOUND",
             Error::NoGrant { .. } | Error::PolicyDenied { .. } => "POLICY_DENIED",
             Error::KeyDisabled { .. } => "KEY_DISABLED",
+            Error::KeyPendingDeletion { .. } => "KEY_PENDING_DELETION",
+            Error::VersionRetired { .. } => "KEY_VERSION_RETIRED",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::MalformedRequest(_) => "MALFORMED_REQUEST",
             Error::MessageTooLarge { .. } | Error::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
@@ -169,9 +182,16 @@ impl Error {
     /// not checked against the name rules, so they are capped.
     pub fn details(&self) -> Vec<(&'static str, String)> {
         match self {
-            Error::KeyNotFound { key, .. } | Error::KeyDisabled { key } => {
+            Error::KeyNotFound { key, .. }
+            | Error::KeyDisabled { key }
+            | Error::KeyPendingDeletion { key } => {
                 vec![("key", Capped(key).to_string())]
             }
+            Error::VersionRetired { key, version, min } => vec![
+                ("key", key.clone()),
+                ("key_version", version.to_string()),
+                ("min_decrypt_version", min.to_string()),
+            ],
             Error::NoGrant {
                 caller,
                 key,

@@ -8,6 +8,12 @@
 //! the keys); the next edit and the next server start delete such files under the same lock.
 //! The gRPC API never changes keys.
 //!
+//! Lifecycle state lives beside the versions (docs/lifecycle.md): an optional rotation period
+//! (a server or `keys rotate --if-due` adds a version when the primary is older), an optional
+//! `min_decrypt_version` (older versions are retired: kept, but refused) and an optional
+//! deletion date (every use is refused until then; after it the key is purged). Rotation and
+//! purge when due re-check under the lock, so several servers on one keyring act once.
+//!
 //! Access: [`Keyring::load`] refuses a keyring any other user could read or change (see
 //! [`check_access`]) before reading a byte of it.
 //!
@@ -21,6 +27,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -28,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::SecretKey;
-use crate::util::{check_name, rfc3339_now, write_atomic};
+use crate::util::{
+    check_name, format_duration, parse_duration, parse_rfc3339, rfc3339, rfc3339_now, write_atomic,
+};
 
 pub const FORMAT: &str = "keybroker-keyring/v1";
 pub const KEK_LEN: usize = 32;
@@ -57,7 +66,16 @@ pub enum KeyringError {
     BadName(String),
     #[error("the system random number generator failed")]
     Random,
+    /// A lifecycle edit that the key's state does not allow (named in the message).
+    #[error("key {key:?}: {reason}")]
+    Refused { key: String, reason: String },
 }
+
+/// Shortest rotation period accepted. Far below any real schedule; it lets tests and drills
+/// watch rotation happen.
+pub const MIN_ROTATION_PERIOD: Duration = Duration::from_secs(1);
+/// Shortest deletion window, as in the clouds (AWS KMS and Cloud KMS both have 7 days).
+pub const MIN_DELETION_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 
 /// One key-encryption key version.
 pub struct KeyVersion {
@@ -85,6 +103,38 @@ pub struct RingKey {
     pub enabled: bool,
     pub primary: u32,
     pub versions: BTreeMap<u32, KeyVersion>,
+    /// Add a version when the primary is this old (`None`: rotation is manual only).
+    pub rotation_period: Option<Duration>,
+    /// Versions below this are retired: decryption under them is refused (0: none retired).
+    pub min_decrypt_version: u32,
+    /// Scheduled for deletion: refused for every use, purged at this time.
+    pub delete_after: Option<SystemTime>,
+}
+
+impl RingKey {
+    /// When the primary version was made (`None` if its time does not parse).
+    pub fn primary_created(&self) -> Option<SystemTime> {
+        self.versions
+            .get(&self.primary)
+            .and_then(|v| parse_rfc3339(&v.created))
+    }
+
+    /// When the next scheduled rotation is due (`None`: no schedule).
+    pub fn next_rotation(&self) -> Option<SystemTime> {
+        let period = self.rotation_period?;
+        // A primary whose time does not parse is treated as due now: rotating fixes it.
+        Some(
+            self.primary_created()
+                .map_or(SystemTime::UNIX_EPOCH, |c| c + period),
+        )
+    }
+
+    /// Due for a scheduled rotation at `now`: enabled, not pending deletion, schedule passed.
+    pub fn rotation_due(&self, now: SystemTime) -> bool {
+        self.enabled
+            && self.delete_after.is_none()
+            && self.next_rotation().is_some_and(|n| n <= now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +158,12 @@ struct FileKey {
     enabled: bool,
     primary: u32,
     versions: Vec<FileVersion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation_period: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_decrypt_version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delete_after: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -201,12 +257,42 @@ impl Keyring {
                     fk.primary
                 )));
             }
+            let rotation_period = match &fk.rotation_period {
+                None => None,
+                Some(p) => match parse_duration(p) {
+                    Ok(d) if d >= MIN_ROTATION_PERIOD => Some(d),
+                    _ => {
+                        return Err(invalid(format!(
+                            "key {name:?}: rotation_period is not a duration of at least 1s"
+                        )));
+                    }
+                },
+            };
+            let min_decrypt_version = fk.min_decrypt_version.unwrap_or(0);
+            if min_decrypt_version > fk.primary {
+                return Err(invalid(format!(
+                    "key {name:?}: min_decrypt_version {min_decrypt_version} is above the primary \
+                     version {}",
+                    fk.primary
+                )));
+            }
+            let delete_after = match &fk.delete_after {
+                None => None,
+                Some(t) => Some(parse_rfc3339(t).ok_or_else(|| {
+                    invalid(format!(
+                        "key {name:?}: delete_after is not an RFC 3339 UTC time"
+                    ))
+                })?),
+            };
             ring.keys.insert(
                 name,
                 RingKey {
                     enabled: fk.enabled,
                     primary: fk.primary,
                     versions,
+                    rotation_period,
+                    min_decrypt_version,
+                    delete_after,
                 },
             );
         }
@@ -236,6 +322,10 @@ impl Keyring {
                             enabled: k.enabled,
                             primary: k.primary,
                             versions,
+                            rotation_period: k.rotation_period.map(format_duration),
+                            min_decrypt_version: (k.min_decrypt_version > 0)
+                                .then_some(k.min_decrypt_version),
+                            delete_after: k.delete_after.map(rfc3339),
                         },
                     )
                 })
@@ -268,6 +358,9 @@ impl Keyring {
                 enabled: true,
                 primary: 1,
                 versions,
+                rotation_period: None,
+                min_decrypt_version: 0,
+                delete_after: None,
             },
         );
         Ok(())
@@ -293,6 +386,138 @@ impl Keyring {
         Ok(())
     }
 
+    /// Sets or clears (`None`) the key's rotation period.
+    pub fn set_rotation_period(
+        &mut self,
+        name: &str,
+        period: Option<Duration>,
+    ) -> Result<(), KeyringError> {
+        if period.is_some_and(|p| p < MIN_ROTATION_PERIOD) {
+            return Err(KeyringError::Refused {
+                key: name.to_owned(),
+                reason: "the rotation period must be at least 1s".into(),
+            });
+        }
+        self.key_mut(name)?.rotation_period = period;
+        Ok(())
+    }
+
+    /// Rotates every key whose schedule has passed at `now` (see [`RingKey::rotation_due`]).
+    /// Returns the keys rotated and their new primary versions; empty when none was due.
+    pub fn rotate_due(
+        &mut self,
+        only: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<(String, u32)>, KeyringError> {
+        if let Some(name) = only {
+            self.key_mut(name)?;
+        }
+        let due: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(n, k)| only.is_none_or(|o| o == n.as_str()) && k.rotation_due(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        due.into_iter()
+            .map(|n| self.rotate_key(&n).map(|v| (n, v)))
+            .collect()
+    }
+
+    /// Retires the versions below `min` (0: none). The primary cannot be retired.
+    pub fn set_min_decrypt_version(&mut self, name: &str, min: u32) -> Result<(), KeyringError> {
+        let key = self.key_mut(name)?;
+        if min > key.primary {
+            return Err(KeyringError::Refused {
+                key: name.to_owned(),
+                reason: format!(
+                    "min_decrypt_version {min} is above the primary version {}; rotate first",
+                    key.primary
+                ),
+            });
+        }
+        key.min_decrypt_version = min;
+        Ok(())
+    }
+
+    /// Schedules the key's deletion at `at` (at least [`MIN_DELETION_WINDOW`] after `now`).
+    pub fn schedule_deletion(
+        &mut self,
+        name: &str,
+        at: SystemTime,
+        now: SystemTime,
+    ) -> Result<(), KeyringError> {
+        if at < now + MIN_DELETION_WINDOW {
+            return Err(KeyringError::Refused {
+                key: name.to_owned(),
+                reason: "the deletion window must be at least 7 days".into(),
+            });
+        }
+        let key = self.key_mut(name)?;
+        if let Some(when) = key.delete_after {
+            return Err(KeyringError::Refused {
+                key: name.to_owned(),
+                reason: format!("already scheduled for deletion at {}", rfc3339(when)),
+            });
+        }
+        key.delete_after = Some(at);
+        Ok(())
+    }
+
+    /// Cancels a scheduled deletion: the key is as it was before.
+    pub fn cancel_deletion(&mut self, name: &str) -> Result<(), KeyringError> {
+        let key = self.key_mut(name)?;
+        if key.delete_after.take().is_none() {
+            return Err(KeyringError::Refused {
+                key: name.to_owned(),
+                reason: "is not scheduled for deletion".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Destroys the keys whose deletion window has passed at `now` (with `only`, that key, which
+    /// must be one of them). Their material is dropped (and zeroized) and gone from the file
+    /// once it is saved. Returns the names purged.
+    pub fn purge_due(
+        &mut self,
+        only: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<String>, KeyringError> {
+        if let Some(name) = only {
+            let key = self.key_mut(name)?;
+            match key.delete_after {
+                None => {
+                    return Err(KeyringError::Refused {
+                        key: name.to_owned(),
+                        reason: "is not scheduled for deletion".into(),
+                    });
+                }
+                Some(at) if at > now => {
+                    return Err(KeyringError::Refused {
+                        key: name.to_owned(),
+                        reason: format!(
+                            "its deletion window ends at {}; it cannot be purged before",
+                            rfc3339(at)
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let due: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(n, k)| {
+                only.is_none_or(|o| o == n.as_str()) && k.delete_after.is_some_and(|a| a <= now)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &due {
+            self.keys.remove(n);
+        }
+        Ok(due)
+    }
+
     fn key_mut(&mut self, name: &str) -> Result<&mut RingKey, KeyringError> {
         self.keys
             .get_mut(name)
@@ -314,6 +539,20 @@ pub fn edit<T>(
     create: bool,
     f: impl FnOnce(&mut Keyring) -> Result<T, KeyringError>,
 ) -> Result<T, KeyringError> {
+    // `f` always answers `Some`, so the file is always written and `None` cannot come back.
+    edit_if(path, create, |r| f(r).map(Some))?.ok_or_else(|| KeyringError::Invalid {
+        path: path.to_owned(),
+        reason: "the edit was not applied".into(),
+    })
+}
+
+/// [`edit`] that writes the file only when `f` returns `Some`: scheduled work (rotation and
+/// purge when due) decides under the lock, on the file as it is then, whether there is any.
+pub fn edit_if<T>(
+    path: &Path,
+    create: bool,
+    f: impl FnOnce(&mut Keyring) -> Result<Option<T>, KeyringError>,
+) -> Result<Option<T>, KeyringError> {
     let io_err = |source| KeyringError::Io {
         path: path.to_owned(),
         source,
@@ -347,10 +586,12 @@ pub fn edit<T>(
         }
         Err(e) => return Err(e),
     };
-    let out = f(&mut ring)?;
+    let Some(out) = f(&mut ring)? else {
+        return Ok(None);
+    };
     ring.save(path)?;
     // The lock is released when `lock` is dropped (closing the descriptor).
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Deletes temporary files that killed edits left beside `path`, under the keyring lock (the

@@ -35,7 +35,29 @@ pub struct KeyConfig {
     pub cache: CacheLimits,
     /// Who may do what with this key; empty denies everything.
     pub policy: Policy,
+    /// The break-glass check: prove every `interval` that the key still wraps and unwraps
+    /// through each backend (docs/lifecycle.md). Off unless set: for a cloud key each run is
+    /// two paid calls per wrapping backend.
+    pub canary_interval: Option<std::time::Duration>,
+    /// Read the provider's own rotation state at startup and reload (`rotation_state = true`;
+    /// off by default: it costs provider calls and IAM permissions).
+    pub rotation_state: bool,
 }
+
+/// The canary's record for one key, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct CanaryRecord {
+    pub runs: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+    /// Whether the latest run succeeded (meaningful once `runs` > 0).
+    pub last_ok: std::sync::atomic::AtomicBool,
+    /// Unix seconds of the latest success (0: none yet).
+    pub last_success_unix: std::sync::atomic::AtomicU64,
+}
+
+/// The caller name a canary's backend calls carry (part of the local wrap's AAD; never a
+/// request's caller: it only names the canary's own wraps, which nothing else unwraps).
+const CANARY_CALLER: &str = "keybroker-canary";
 
 impl KeyConfig {
     /// Reads `[keys.NAME]` over the section-level defaults (the caller reports unknown fields
@@ -64,6 +86,11 @@ impl KeyConfig {
         let cache = CacheLimits::parse(&cache_section, cache, p);
         cache_section.finish(p);
         let policy = Policy::parse(s, p);
+        let canary_interval = s.duration("canary_interval", p);
+        let rotation_state = s.bool("rotation_state", p).unwrap_or(false);
+        if canary_interval.is_some_and(|d| d < std::time::Duration::from_secs(1)) {
+            p.push(s.at("canary_interval"), "must be at least 1s");
+        }
         let mut wraps = wraps?.into_iter();
         let backend = wraps.next()?;
         Some(Self {
@@ -75,6 +102,8 @@ impl KeyConfig {
             require,
             cache,
             policy,
+            canary_interval,
+            rotation_state,
         })
     }
 
@@ -156,6 +185,9 @@ pub struct KeyEntry {
     /// limits gives it a new epoch, so no data key cached before (or inserted afterwards by a
     /// request still running on the old registry) is ever served under the new configuration.
     pub cache_epoch: u64,
+    pub canary_interval: Option<std::time::Duration>,
+    pub canary: Arc<CanaryRecord>,
+    pub rotation_state: bool,
 }
 
 /// Process-wide, so that no two registries ever hand out the same epoch.
@@ -361,6 +393,9 @@ impl Registry {
                     cache: kc.cache,
                     policy: kc.policy.clone(),
                     cache_epoch,
+                    canary_interval: kc.canary_interval,
+                    canary: Arc::default(),
+                    rotation_state: kc.rotation_state,
                 }),
             );
         }
@@ -380,10 +415,110 @@ impl Registry {
         self.keys.values()
     }
 
+    /// Starts the break-glass check of every key with a `canary_interval`: each run wraps a
+    /// fresh random key with every wrapping backend and unwraps it again (a round trip to the
+    /// provider, off the request path, not cached). A task ends when its key's registry is
+    /// replaced (it holds the entry weakly); the new registry starts its own.
+    pub fn spawn_canaries(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for entry in self.keys.values() {
+            let Some(interval) = entry.canary_interval else {
+                continue;
+            };
+            let weak = Arc::downgrade(entry);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(entry) = weak.upgrade() else { return };
+                    let result = canary_round_trip(&entry).await;
+                    record_canary(&entry, result);
+                }
+            });
+        }
+    }
+
+    /// Asks every wrapping backend for its provider's rotation state, in the background (at
+    /// startup and after a reload); a failure (say, no `kms:GetKeyRotationStatus` permission)
+    /// is logged and leaves the key's lifecycle unknown.
+    pub fn spawn_lifecycle_refresh(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for entry in self.keys.values().filter(|e| e.rotation_state) {
+            for backend in &entry.wraps {
+                let (backend, key) = (Arc::clone(backend), Arc::clone(&entry.name));
+                tokio::spawn(async move {
+                    if let Err(e) = backend.refresh_lifecycle().await {
+                        tracing::warn!(key = %key, error = %e,
+                            "cannot read the key's rotation state from its backend");
+                    }
+                });
+            }
+        }
+    }
+
     /// Whether some key's policy grants `caller` what `need` asks for (ReEncrypt: `decrypt` or
     /// `re_encrypt` on a source). Whether it holds on the key a request names is for the broker.
     pub fn grants_anywhere(&self, caller: &Caller, need: Need) -> bool {
         self.grants.allow(caller, need)
+    }
+}
+
+/// One canary run: wrap and unwrap a fresh key through every wrapping backend of `entry`.
+async fn canary_round_trip(entry: &KeyEntry) -> Result<(), crate::backend::BackendError> {
+    use crate::backend::{BackendContext, BackendError, BackendErrorKind};
+    let ctx = BackendContext {
+        key_name: &entry.name,
+        caller: CANARY_CALLER,
+    };
+    for b in &entry.wraps {
+        let key = crate::secret::SecretKey::generate(32).map_err(|_| {
+            BackendError::new(
+                b.kind(),
+                BackendErrorKind::Internal,
+                "random generator failed",
+            )
+        })?;
+        let wrapped = b.wrap(&key, &ctx).await?;
+        let back = b.unwrap(&wrapped.as_copy(b.kind()), &ctx).await?;
+        if back.as_ref() != key.as_ref() {
+            return Err(BackendError::new(
+                b.kind(),
+                BackendErrorKind::Integrity,
+                "the canary's key came back different",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn record_canary(entry: &KeyEntry, result: Result<(), crate::backend::BackendError>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &entry.canary;
+    c.runs.fetch_add(1, Relaxed);
+    match result {
+        Ok(()) => {
+            c.last_ok.store(true, Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            c.last_success_unix.store(now, Relaxed);
+        }
+        Err(e) => {
+            c.failures.fetch_add(1, Relaxed);
+            let was_ok = c.last_ok.swap(false, Relaxed);
+            // Logged when it starts failing, and at debug while it keeps failing.
+            if was_ok || c.runs.load(Relaxed) == 1 {
+                tracing::error!(key = %entry.name, error = %e, event = "canary_failed",
+                    "break-glass check failed: the key cannot wrap and unwrap through its backend");
+            } else {
+                tracing::debug!(key = %entry.name, error = %e, "canary still failing");
+            }
+        }
     }
 }
 

@@ -95,6 +95,8 @@ impl Reloader {
             })
             .map(|was| was.name.to_string())
             .collect();
+        registry.spawn_lifecycle_refresh();
+        registry.spawn_canaries();
         self.broker.replace_registry(registry);
         for name in &stale {
             self.broker.cache().forget_key(name);

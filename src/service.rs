@@ -211,6 +211,7 @@ impl KeyBroker for KeyBrokerService {
                     })
                     .collect(),
                 require: k.require.as_str().to_owned(),
+                ..lifecycle_fields(k.lifecycle.as_ref(), k.pending_deletion)
             })
             .collect();
         Ok(Response::new(proto::ListKeysResponse { keys }))
@@ -254,5 +255,34 @@ impl KeyBroker for KeyBrokerService {
             Arc::clone(&self.observer),
             request,
         ))
+    }
+}
+
+/// The lifecycle fields of a `KeyInfo` (the rest left default).
+fn lifecycle_fields(
+    l: Option<&crate::backend::Lifecycle>,
+    pending_deletion: bool,
+) -> proto::KeyInfo {
+    use crate::util::{format_duration, rfc3339};
+    let now = std::time::SystemTime::now();
+    let Some(l) = l else {
+        return proto::KeyInfo {
+            pending_deletion,
+            ..Default::default()
+        };
+    };
+    proto::KeyInfo {
+        rotation_source: l.source.to_owned(),
+        primary_version: l.primary_version.clone().unwrap_or_default(),
+        primary_age_seconds: l
+            .primary_created
+            .and_then(|c| now.duration_since(c).ok())
+            .map_or(0, |d| d.as_secs()),
+        rotation_period: l.rotation_period.map(format_duration).unwrap_or_default(),
+        next_rotation_time: l.next_rotation.map(rfc3339).unwrap_or_default(),
+        min_decrypt_version: l.min_decrypt_version.clone().unwrap_or_default(),
+        pending_deletion,
+        deletion_time: l.delete_after.map(rfc3339).unwrap_or_default(),
+        ..Default::default()
     }
 }

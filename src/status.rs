@@ -24,7 +24,10 @@ pub fn code(e: &Error) -> Code {
     match e {
         Error::KeyNotFound { .. } => Code::NotFound,
         Error::NoGrant { .. } | Error::PolicyDenied { .. } => Code::PermissionDenied,
-        Error::KeyDisabled { .. } | Error::Precondition { .. } => Code::FailedPrecondition,
+        Error::KeyDisabled { .. }
+        | Error::KeyPendingDeletion { .. }
+        | Error::VersionRetired { .. }
+        | Error::Precondition { .. } => Code::FailedPrecondition,
         Error::InvalidArgument(_)
         | Error::MalformedRequest(_)
         | Error::InvalidCiphertext(_)

@@ -21,6 +21,7 @@ mod inject;
 mod interop;
 mod kms_plugin;
 mod layering;
+mod lifecycle;
 mod local_backend;
 mod metrics;
 mod mtls;

@@ -36,10 +36,12 @@ use crate::principal::Caller;
 use crate::settings::{Problems, Section};
 
 mod key;
+mod report;
 mod verify;
 mod writer;
 
 pub use key::{AuditKey, MAX_KEY_LEN, MIN_KEY_LEN, new_key_file};
+pub use report::{UsageReport, UsageRow, usage_report};
 pub use verify::{
     BrokenLink, CHECKPOINT_FORMAT, Checkpoint, VerifyOptions, VerifyReport, read_checkpoint,
     verify, verify_with,

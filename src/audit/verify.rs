@@ -305,13 +305,13 @@ fn parse_link(raw: &[u8]) -> Result<(u64, String), String> {
 }
 
 /// Every line of every file in order, with its position.
-struct Lines<'a> {
+pub(super) struct Lines<'a> {
     files: std::slice::Iter<'a, PathBuf>,
     current: Option<(PathBuf, usize, io::Split<io::BufReader<File>>)>,
 }
 
 impl<'a> Lines<'a> {
-    fn new(files: &'a [PathBuf]) -> Self {
+    pub(super) fn new(files: &'a [PathBuf]) -> Self {
         Self {
             files: files.iter(),
             current: None,

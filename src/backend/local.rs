@@ -12,6 +12,11 @@
 //! the file's identity (inode, size, mtime) and swaps in the new keyring; an unwrap that names an
 //! unknown version re-reads the file once before failing. A keyring that fails to load is logged
 //! and the previous one stays in force.
+//!
+//! The same watcher runs the keyring's schedule (docs/lifecycle.md): a key whose rotation
+//! period has passed gets a new version, and a key whose deletion window has ended is purged.
+//! Both are decided again under the keyring lock on the file as it then is, so of several
+//! servers sharing a keyring exactly one acts and the others load its result.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -24,7 +29,7 @@ use aws_lc_rs::{aead, hkdf};
 
 use super::{
     BackendConfig, BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend,
-    KeyDescription, KeyHint, Wrapped,
+    KeyDescription, KeyHint, Lifecycle, Wrapped,
 };
 use crate::envelope::{FormatError, WrappedCopy};
 use crate::keyring::{Keyring, KeyringError};
@@ -234,13 +239,57 @@ impl LocalKeyring {
             loop {
                 tick.tick().await;
                 let Some(ring) = weak.upgrade() else { return };
-                let _ = tokio::task::spawn_blocking(move || ring.reload_if_changed()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    ring.reload_if_changed();
+                    ring.run_schedule(std::time::SystemTime::now());
+                })
+                .await;
             }
         });
     }
 
     pub fn snapshot(&self) -> Arc<Keyring> {
         self.ring.load_full()
+    }
+
+    /// Rotates the keys whose schedule has passed and purges those whose deletion window has
+    /// ended, if any (checked first on the loaded copy, so an idle keyring is never locked).
+    /// A keyring this process cannot write (a read-only Secret volume) is left to
+    /// `keys rotate --if-due` run where it can be; the failure is logged once per poll.
+    pub fn run_schedule(&self, now: std::time::SystemTime) {
+        let ring = self.snapshot();
+        let rotate = ring.keys.values().any(|k| k.rotation_due(now));
+        let purge = ring
+            .keys
+            .values()
+            .any(|k| k.delete_after.is_some_and(|a| a <= now));
+        if !rotate && !purge {
+            return;
+        }
+        let done = crate::keyring::edit_if(&self.path, false, |r| {
+            let rotated = r.rotate_due(None, now)?;
+            let purged = r.purge_due(None, now)?;
+            Ok((!rotated.is_empty() || !purged.is_empty()).then_some((rotated, purged)))
+        });
+        match done {
+            Ok(Some((rotated, purged))) => {
+                for (key, version) in rotated {
+                    tracing::info!(keyring = %self.path.display(), key, version,
+                        event = "scheduled_rotation", "rotated key: its rotation period had passed");
+                }
+                for key in purged {
+                    tracing::warn!(keyring = %self.path.display(), key,
+                        event = "purged", "destroyed key: its deletion window had ended");
+                }
+                self.reload_if_changed();
+            }
+            // Another server did it first (under the lock): load its result.
+            Ok(None) => {
+                self.reload_if_changed();
+            }
+            Err(e) => tracing::error!(keyring = %self.path.display(), error = %e,
+                "scheduled rotation or purge is due but failed"),
+        }
     }
 }
 
@@ -421,6 +470,8 @@ impl KeyBackend for LocalBackend {
             Some(k) => KeyHint {
                 disabled: !k.enabled,
                 generation: ((k.primary as u64) << 1) | k.enabled as u64,
+                pending_deletion: k.delete_after.is_some(),
+                min_decrypt_version: u64::from(k.min_decrypt_version),
             },
             None => KeyHint::default(),
         }
@@ -515,6 +566,21 @@ impl KeyBackend for LocalBackend {
             durable_key_id: self.name.clone(),
             primary_version: Some(k.primary.to_string()),
             enabled: k.enabled,
+        })
+    }
+
+    fn lifecycle(&self) -> Option<Lifecycle> {
+        let ring = self.ring.ring.load();
+        let k = ring.keys.get(&self.name)?;
+        Some(Lifecycle {
+            source: "keyring",
+            primary_version: Some(k.primary.to_string()),
+            primary_created: k.primary_created(),
+            rotation_period: k.rotation_period,
+            next_rotation: k.next_rotation(),
+            min_decrypt_version: (k.min_decrypt_version > 0)
+                .then(|| k.min_decrypt_version.to_string()),
+            delete_after: k.delete_after,
         })
     }
 

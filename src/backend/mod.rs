@@ -93,6 +93,27 @@ pub struct KeyHint {
     /// Changes whenever the key's primary version or state changes; cached data keys made under
     /// an older generation are retired.
     pub generation: u64,
+    /// Scheduled for deletion: every use is refused (KEY_PENDING_DELETION) until it is purged
+    /// or the deletion is cancelled.
+    pub pending_deletion: bool,
+    /// Versions below this are retired: decrypting under them is refused
+    /// (KEY_VERSION_RETIRED). 0: none. Only for backends whose versions are numbers.
+    pub min_decrypt_version: u64,
+}
+
+/// A key's lifecycle as its backend knows it without a network call (docs/lifecycle.md): the
+/// local keyring's own schedule, or what a cloud said about its rotation when last asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Where the schedule is kept: "keyring", or the cloud ("aws", "gcp", "azure").
+    pub source: &'static str,
+    pub primary_version: Option<String>,
+    pub primary_created: Option<std::time::SystemTime>,
+    /// `None`: no automatic rotation.
+    pub rotation_period: Option<std::time::Duration>,
+    pub next_rotation: Option<std::time::SystemTime>,
+    pub min_decrypt_version: Option<String>,
+    pub delete_after: Option<std::time::SystemTime>,
 }
 
 /// A backend's view of its key, from `describe` (for health checks and operators).
@@ -139,6 +160,17 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// See [`KeyHint`]. Backends that learn key state only from the provider return the default.
     fn hint(&self) -> KeyHint {
         KeyHint::default()
+    }
+
+    /// See [`Lifecycle`]; `None` when the backend knows nothing about its key's schedule.
+    fn lifecycle(&self) -> Option<Lifecycle> {
+        None
+    }
+
+    /// Asks the provider for its own rotation state of the key, for [`KeyBackend::lifecycle`]
+    /// (at startup and reload, off the request path). Backends without one do nothing.
+    async fn refresh_lifecycle(&self) -> Result<(), BackendError> {
+        Ok(())
     }
 
     /// A new data key of `len` bytes, in the clear and wrapped. Backends with a one-call data-key

@@ -30,7 +30,7 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     out.flush()
 }
 
-async fn connect(
+pub(super) async fn connect(
     conn: &ConnArgs,
 ) -> Result<crate::client::KeyBrokerClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
     let addr = conn
@@ -43,12 +43,15 @@ async fn connect(
     Ok(crate::client::client(channel, 64 << 20))
 }
 
-fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
+pub(super) fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
     conn.context.iter().cloned().collect()
 }
 
 /// `msg` as a request carrying the caller's bearer token, when one is given.
-fn request<T>(conn: &ConnArgs, msg: T) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
+pub(super) fn request<T>(
+    conn: &ConnArgs,
+    msg: T,
+) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
     let mut req = tonic::Request::new(msg);
     let token = match (&conn.token_file, &conn.token) {
         (Some(path), _) => zeroize::Zeroizing::new(
@@ -70,7 +73,7 @@ fn request<T>(conn: &ConnArgs, msg: T) -> Result<tonic::Request<T>, Box<dyn std:
 }
 
 /// A status as one readable line: code, reason, message.
-fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
+pub(super) fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
     let reason = s
         .get_details_error_info()
         .map(|i| format!(" [{}]", i.reason))

@@ -14,6 +14,8 @@ use crate::keyring::{self, Keyring};
 
 mod bench;
 mod calls;
+mod lifecycle;
+mod rewrap;
 
 #[derive(Debug, Parser)]
 #[command(name = "keybroker", version, about = "A multi-cloud key-broker sidecar", long_about = None)]
@@ -44,6 +46,8 @@ pub enum Cmd {
     Decrypt(DecryptArgs),
     /// Print a new data key (JSON, base64 fields).
     Datakey(DatakeyArgs),
+    /// Move ciphertexts to their key's current version with ReEncrypt (docs/lifecycle.md).
+    Rewrap(rewrap::RewrapArgs),
     /// Run the benchmark harness (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
@@ -91,6 +95,21 @@ pub enum AuditCmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Who used which key and version, how often, with what results (docs/lifecycle.md), from
+    /// verified records; a broken chain is reported and the exit status is non-zero.
+    Report {
+        /// Only records this recent (e.g. 30d).
+        #[arg(long)]
+        since: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The audit key file of a keyed log.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Write a new random audit key file (32 bytes, mode 0600) for [audit] key_file.
     NewKey { file: PathBuf },
     /// Print the keyed context_digest of a context, to find its records in a keyed log.
@@ -117,16 +136,29 @@ pub struct KeysArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCmd {
-    /// List keys (no key material).
+    /// List keys with their schedules (no key material).
     List,
     /// Create a key with one version.
-    Create { name: String },
+    Create {
+        name: String,
+        /// Rotate automatically when the primary version is this old (e.g. 365d).
+        #[arg(long)]
+        rotation_period: Option<String>,
+    },
     /// Add a version and make it primary; older versions still decrypt.
-    Rotate { name: String },
+    Rotate {
+        /// The key (with --if-due: only this key; without a name, every key).
+        name: Option<String>,
+        /// Rotate only keys whose rotation period has passed (for a CronJob).
+        #[arg(long)]
+        if_due: bool,
+    },
     /// Disable a key: encrypt and decrypt fail with FAILED_PRECONDITION.
     Disable { name: String },
     /// Enable a disabled key.
     Enable { name: String },
+    #[command(flatten)]
+    Lifecycle(lifecycle::LifecycleCmd),
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +236,19 @@ pub fn run(cli: Cli) -> ExitCode {
                 },
         } => return audit_verify(&files, key.as_deref(), checkpoint),
         Cmd::Audit {
+            cmd:
+                AuditCmd::Report {
+                    since,
+                    json,
+                    key,
+                    files,
+                },
+        } => match lifecycle::audit_report(&files, key.as_deref(), since.as_deref(), json) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
+        Cmd::Audit {
             cmd: AuditCmd::NewKey { file },
         } => crate::audit::new_key_file(&file)
             .map(|()| println!("wrote a new audit key to {}", file.display()))
@@ -216,6 +261,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Encrypt(args) => calls::client_cmd(|| calls::encrypt(args)),
         Cmd::Decrypt(args) => calls::client_cmd(|| calls::decrypt(args)),
         Cmd::Datakey(args) => calls::client_cmd(|| calls::datakey(args)),
+        Cmd::Rewrap(args) => rewrap::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Inject(args) => return crate::inject::run(args),
         Cmd::BenchServer(args) => bench::run_server(args),
@@ -443,36 +489,20 @@ fn audit_verify(files: &[PathBuf], key: Option<&Path>, checkpoint: Option<PathBu
 }
 
 fn keys(args: KeysArgs) -> CliResult {
-    let path = match (&args.keyring, &args.config) {
+    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let path = match (&args.keyring, &config) {
         (Some(p), _) => p.clone(),
-        (None, Some(c)) => Config::load(c)?.local.keyring,
+        (None, Some(c)) => c.local.keyring.clone(),
         (None, None) => PathBuf::from(config::DEFAULT_KEYRING),
     };
     match args.cmd {
-        KeysCmd::List => {
-            let ring = Keyring::load(&path)?;
-            println!(
-                "{:<32} {:<8} {:>7} {:>8}  CREATED",
-                "NAME", "ENABLED", "PRIMARY", "VERSIONS"
-            );
-            for (name, k) in &ring.keys {
-                let created = ring.created(name).unwrap_or("");
-                println!(
-                    "{name:<32} {:<8} {:>7} {:>8}  {created}",
-                    k.enabled,
-                    k.primary,
-                    k.versions.len()
-                );
-            }
-        }
-        KeysCmd::Create { name } => {
-            keyring::edit(&path, true, |r| r.create_key(&name))?;
-            println!("created key {name:?} (version 1) in {}", path.display());
-        }
-        KeysCmd::Rotate { name } => {
-            let v = keyring::edit(&path, false, |r| r.rotate_key(&name))?;
-            println!("rotated key {name:?}: version {v} is now primary");
-        }
+        KeysCmd::List => lifecycle::list(&path)?,
+        KeysCmd::Create {
+            name,
+            rotation_period,
+        } => lifecycle::create(&path, &name, rotation_period.as_deref())?,
+        KeysCmd::Rotate { name, if_due } => lifecycle::rotate(&path, name.as_deref(), if_due)?,
+        KeysCmd::Lifecycle(cmd) => lifecycle::run(&path, config.as_ref(), cmd)?,
         KeysCmd::Disable { name } => {
             keyring::edit(&path, false, |r| r.set_enabled(&name, false))?;
             println!("disabled key {name:?}");

@@ -204,6 +204,17 @@ struct CopyKey {
     copy: CopyRef,
 }
 
+/// One (key, reason) of `keybroker_lifecycle_refusals_total`.
+type RefusalKey = (Arc<str>, &'static str);
+
+/// One (key, version, operation) of `keybroker_key_version_uses_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct VersionKey {
+    key: Arc<str>,
+    version: Arc<str>,
+    op: Operation,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum CopyEvent {
     Served,
@@ -226,6 +237,11 @@ pub struct Metrics {
     prices: ArcSwap<PriceTable>,
     cells: RwLock<HashMap<CellKey, Arc<Cell>>>,
     copies: RwLock<HashMap<CopyKey, Arc<AtomicU64>>>,
+    /// Uses per (key, version, operation), successful requests only; see
+    /// [`MAX_VERSIONS_PER_KEY`].
+    version_uses: RwLock<HashMap<VersionKey, Arc<AtomicU64>>>,
+    /// Requests refused by the key's lifecycle, per (key, reason): [`LIFECYCLE_REASONS`].
+    lifecycle_refusals: RwLock<HashMap<RefusalKey, Arc<AtomicU64>>>,
     latency: [Histogram; Operation::ALL.len()],
     /// [`backend_slot`][`op_slot`]
     backend_latency: [[Histogram; OP_SLOTS]; BackendKind::ALL.len()],
@@ -252,7 +268,38 @@ pub struct KeyFigures {
     pub backend: BackendKind,
     /// Cached data keys retired, encrypt side (Encrypt and GenerateDataKey) and decrypt side.
     pub evictions: (u64, u64),
+    pub lifecycle: LifecycleFigures,
 }
+
+/// A key's rotation state at scrape time (docs/lifecycle.md); `None`: not known.
+#[derive(Debug, Clone, Default)]
+pub struct LifecycleFigures {
+    pub primary_version: Option<String>,
+    pub primary_age_seconds: Option<f64>,
+    pub rotation_period_seconds: Option<f64>,
+    pub pending_deletion: bool,
+    /// 0: no version retired.
+    pub min_decrypt_version: u64,
+    /// The break-glass check, for keys with a `canary_interval` that ran at least once.
+    pub canary: Option<CanaryFigures>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CanaryFigures {
+    pub last_ok: bool,
+    /// Unix seconds (0: never succeeded).
+    pub last_success_unix: u64,
+    pub interval_seconds: f64,
+    pub failures: u64,
+}
+
+/// Most distinct versions counted per key in `keybroker_key_version_uses_total`; later ones
+/// share `version="other"`. Versions are counted only from successful requests (so a forged
+/// ciphertext cannot invent one), and a key rotated yearly stays far below this.
+pub const MAX_VERSIONS_PER_KEY: usize = 32;
+
+/// The refusals `keybroker_lifecycle_refusals_total` counts (the alert rules watch them).
+pub const LIFECYCLE_REASONS: [&str; 2] = ["KEY_VERSION_RETIRED", "KEY_PENDING_DELETION"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,6 +327,8 @@ impl Metrics {
             prices: ArcSwap::from_pointee(prices),
             cells: RwLock::new(HashMap::new()),
             copies: RwLock::new(HashMap::new()),
+            version_uses: RwLock::new(HashMap::new()),
+            lifecycle_refusals: RwLock::new(HashMap::new()),
             latency: std::array::from_fn(|_| latency_histogram()),
             backend_latency: std::array::from_fn(|_| std::array::from_fn(|_| backend_histogram())),
             start_time: SystemTime::now()
@@ -345,6 +394,32 @@ impl Metrics {
             self.backend_latency[backend_slot(call.backend)][op_slot(call.op)]
                 .observe(call.latency.as_secs_f64());
         }
+        if let (Some(reason), Some(key)) = (outcome.reason, &facts.key)
+            && let Some(reason) = LIFECYCLE_REASONS.iter().find(|r| **r == reason)
+        {
+            let mut map = match self.lifecycle_refusals.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            map.entry((Arc::clone(key), reason))
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if outcome.is_ok()
+            && let Some(key) = &facts.key
+        {
+            // ReEncrypt uses its source version (the destination's is the primary).
+            let version = match op {
+                Operation::ReEncrypt => facts
+                    .source_key
+                    .as_ref()
+                    .zip(facts.source_key_version.as_ref()),
+                _ => Some(key).zip(facts.key_version.as_ref()),
+            };
+            if let Some((key, version)) = version {
+                self.version_use(key, version, op);
+            }
+        }
         if let Some(key) = facts.key.as_ref().filter(|_| facts.wraps > 1) {
             let events = facts
                 .served_by
@@ -366,6 +441,41 @@ impl Metrics {
                 .fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    fn version_use(&self, key: &Arc<str>, version: &str, op: Operation) {
+        let probe = VersionKey {
+            key: Arc::clone(key),
+            version: Arc::from(version),
+            op,
+        };
+        if let Ok(map) = self.version_uses.read()
+            && let Some(c) = map.get(&probe)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut map = match self.version_uses.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let versions: BTreeSet<&Arc<str>> = map
+            .keys()
+            .filter(|k| k.key == *key)
+            .map(|k| &k.version)
+            .collect();
+        let probe = if versions.len() >= MAX_VERSIONS_PER_KEY && !versions.contains(&probe.version)
+        {
+            VersionKey {
+                version: Arc::clone(&OTHER),
+                ..probe
+            }
+        } else {
+            probe
+        };
+        map.entry(probe)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn copy_counter(&self, key: CopyKey) -> Arc<AtomicU64> {
@@ -432,6 +542,36 @@ pub fn usd(calls: u64, per_10k: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::usd;
+
+    /// Versions per key are capped: later ones share `version="other"`.
+    #[test]
+    fn version_labels_are_bounded_per_key() {
+        use super::*;
+        let m = Metrics::new(true, BTreeSet::new(), PriceTable::default());
+        let key: Arc<str> = Arc::from("k");
+        for v in 0..(MAX_VERSIONS_PER_KEY + 20) {
+            m.version_use(&key, &v.to_string(), Operation::Decrypt);
+        }
+        m.version_use(&key, "3", Operation::Decrypt);
+        m.version_use(&Arc::from("j"), "999", Operation::Decrypt);
+        let map = m.version_uses.read().unwrap();
+        let of_k = map.keys().filter(|k| &*k.key == "k").count();
+        assert_eq!(of_k, MAX_VERSIONS_PER_KEY + 1);
+        let other = map
+            .iter()
+            .find(|(k, _)| &*k.version == "other")
+            .map(|(_, n)| get(n));
+        assert_eq!(other, Some(20));
+        let three = map
+            .iter()
+            .find(|(k, _)| &*k.key == "k" && &*k.version == "3");
+        assert_eq!(
+            three.map(|(_, n)| get(n)),
+            Some(2),
+            "a known version keeps counting"
+        );
+        assert!(map.keys().any(|k| &*k.key == "j" && &*k.version == "999"));
+    }
 
     #[test]
     fn costs_print_without_float_noise() {

@@ -75,6 +75,25 @@ struct CostLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrimaryLabels {
+    key: Arc<str>,
+    version: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    key: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    key: Arc<str>,
+    version: Arc<str>,
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
     key: Arc<str>,
     backend: &'static str,
@@ -451,6 +470,7 @@ impl Scrape {
                 .encode_counter::<CacheKeyLabels, _, u64>(&n, None)?;
             }
         }
+        self.encode_lifecycle(enc)?;
         let (enc_n, dec_n) = self.snapshot.cache_entries;
         let mut m = enc.encode_descriptor(
             "keybroker_cache_entries",
@@ -461,6 +481,144 @@ impl Scrape {
         for (cache, n) in [("encrypt", enc_n), ("decrypt", dec_n)] {
             m.encode_family(&CacheSideLabels { cache })?
                 .encode_gauge(&n)?;
+        }
+        Ok(())
+    }
+
+    /// Rotation age and schedule per key, pending deletion, retirement, and uses per version
+    /// (docs/lifecycle.md; the alert rules in deploy/prometheus read these).
+    fn encode_lifecycle(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let keys = &self.snapshot.keys;
+        type Gauge = (
+            &'static str,
+            &'static str,
+            fn(&super::LifecycleFigures) -> Option<f64>,
+        );
+        let gauges: [Gauge; 4] = [
+            (
+                "keybroker_key_primary_version_age_seconds",
+                "Age of the key's primary version (keys whose backend reports it).",
+                |l| l.primary_age_seconds,
+            ),
+            (
+                "keybroker_key_rotation_period_seconds",
+                "The key's automatic rotation period (keys with a schedule only).",
+                |l| l.rotation_period_seconds,
+            ),
+            (
+                "keybroker_key_pending_deletion",
+                "1 while the key is scheduled for deletion (every use is refused).",
+                |l| Some(if l.pending_deletion { 1.0 } else { 0.0 }),
+            ),
+            (
+                "keybroker_key_min_decrypt_version",
+                "Versions below this are retired for decryption (keys with retired versions only).",
+                |l| (l.min_decrypt_version > 0).then_some(l.min_decrypt_version as f64),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for k in keys {
+                if let Some(v) = value(&k.lifecycle) {
+                    m.encode_family(&KeyLabels {
+                        key: Arc::clone(&k.name),
+                        backend: k.backend.as_str(),
+                    })?
+                    .encode_gauge(&v)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_key_primary_version",
+            "The key's primary version (keys whose backend reports it).",
+            None,
+            MetricType::Info,
+        )?;
+        for k in keys {
+            if let Some(v) = &k.lifecycle.primary_version {
+                m.encode_info(&PrimaryLabels {
+                    key: Arc::clone(&k.name),
+                    version: Arc::from(v.as_str()),
+                })?;
+            }
+        }
+        let refusals: BTreeMap<(Arc<str>, &'static str), u64> =
+            match self.metrics.lifecycle_refusals.read() {
+                Ok(m) => m.iter().map(|(k, v)| (k.clone(), get(v))).collect(),
+                Err(_) => BTreeMap::new(),
+            };
+        let mut m = enc.encode_descriptor(
+            "keybroker_lifecycle_refusals",
+            "Requests refused because of the key's lifecycle: a retired version, or pending deletion.",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((key, reason), n) in refusals {
+            m.encode_family(&RefusalLabels { key, reason })?
+                .encode_counter::<RefusalLabels, _, u64>(&n, None)?;
+        }
+        let canaries: Vec<(&super::KeyFigures, &super::CanaryFigures)> = keys
+            .iter()
+            .filter_map(|k| k.lifecycle.canary.as_ref().map(|c| (k, c)))
+            .collect();
+        type CanaryGauge = (&'static str, &'static str, fn(&super::CanaryFigures) -> f64);
+        let canary_gauges: [CanaryGauge; 3] = [
+            (
+                "keybroker_key_canary_ok",
+                "1 if the key's latest break-glass check (wrap and unwrap through its backends) succeeded.",
+                |c| if c.last_ok { 1.0 } else { 0.0 },
+            ),
+            (
+                "keybroker_key_canary_last_success_timestamp_seconds",
+                "Unix time of the key's latest successful break-glass check (0: none yet).",
+                |c| c.last_success_unix as f64,
+            ),
+            (
+                "keybroker_key_canary_interval_seconds",
+                "How often the key's break-glass check runs.",
+                |c| c.interval_seconds,
+            ),
+        ];
+        for (name, help, value) in canary_gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (k, c) in &canaries {
+                m.encode_family(&KeyLabels {
+                    key: Arc::clone(&k.name),
+                    backend: k.backend.as_str(),
+                })?
+                .encode_gauge(&value(c))?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_key_canary_failures",
+            "Failed break-glass checks of the key.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, c) in &canaries {
+            m.encode_family(&KeyLabels {
+                key: Arc::clone(&k.name),
+                backend: k.backend.as_str(),
+            })?
+            .encode_counter::<KeyLabels, _, u64>(&c.failures, None)?;
+        }
+        let uses: BTreeMap<super::VersionKey, u64> = match self.metrics.version_uses.read() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), get(v))).collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        let mut m = enc.encode_descriptor(
+            "keybroker_key_version_uses",
+            "Successful requests per key version and operation (ReEncrypt: the source version).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, n) in uses {
+            m.encode_family(&VersionLabels {
+                key: k.key,
+                version: k.version,
+                operation: k.op.as_str(),
+            })?
+            .encode_counter::<VersionLabels, _, u64>(&n, None)?;
         }
         Ok(())
     }

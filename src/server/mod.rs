@@ -275,6 +275,8 @@ impl Core {
         let registry = config
             .build_registry(&stats, options.backend_layer.as_ref(), None)
             .await?;
+        registry.spawn_lifecycle_refresh();
+        registry.spawn_canaries();
         let broker = Arc::new(Broker::new(
             registry,
             config.cache.capacity,

@@ -89,6 +89,12 @@ impl KeyBackend for Counting {
     fn hint(&self) -> KeyHint {
         self.inner.hint()
     }
+    fn lifecycle(&self) -> Option<keybroker::backend::Lifecycle> {
+        self.inner.lifecycle()
+    }
+    async fn refresh_lifecycle(&self) -> Result<(), keybroker::backend::BackendError> {
+        self.inner.refresh_lifecycle().await
+    }
     fn check_canonical(&self, copy: &WrappedCopy<'_>) -> Result<(), FormatError> {
         self.inner.check_canonical(copy)
     }

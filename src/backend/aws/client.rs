@@ -54,6 +54,7 @@ impl AwsClients {
             }),
             resolving: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            lifecycle: Mutex::new(None),
         })
     }
 

@@ -48,6 +48,11 @@ modelled_codes! {
         KmsInternalException, KmsInvalidStateException, NotFoundException;
     aws_sdk_kms::operation::describe_key::DescribeKeyError: DependencyTimeoutException,
         InvalidArnException, KmsInternalException, NotFoundException;
+    aws_sdk_kms::operation::get_key_rotation_status::GetKeyRotationStatusError:
+        DependencyTimeoutException, InvalidArnException, KmsInternalException,
+        KmsInvalidStateException, NotFoundException;
+    aws_sdk_kms::operation::list_key_rotations::ListKeyRotationsError: InvalidArnException,
+        KmsInternalException, KmsInvalidStateException, NotFoundException;
 }
 
 /// Maps an SDK failure to keybroker's error kinds. The caller-visible message is fixed text

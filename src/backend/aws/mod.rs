@@ -26,7 +26,7 @@ use aws_sdk_kms::primitives::Blob;
 use super::call::CallPolicy;
 use super::{
     BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
-    KeyHint, Wrapped,
+    KeyHint, Lifecycle, Wrapped,
 };
 use crate::envelope::{FormatError, MAX_WRAPPED_LEN, WrappedCopy};
 use crate::secret::SecretKey;
@@ -76,6 +76,8 @@ pub struct AwsBackend {
     /// Bumped when an alias turns out to point at another key: cached data keys made under the
     /// old one are retired.
     generation: AtomicU64,
+    /// The key's rotation state as KMS last reported it (`refresh_lifecycle`).
+    lifecycle: Mutex<Option<Lifecycle>>,
 }
 
 impl AwsBackend {
@@ -290,6 +292,7 @@ impl KeyBackend for AwsBackend {
         KeyHint {
             disabled: false,
             generation: self.generation.load(Ordering::Acquire),
+            ..KeyHint::default()
         }
     }
 
@@ -426,6 +429,88 @@ impl KeyBackend for AwsBackend {
             durable_key_id: arn,
             enabled,
         })
+    }
+
+    fn lifecycle(&self) -> Option<Lifecycle> {
+        match self.lifecycle.lock() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// GetKeyRotationStatus (enabled, period, next date), and the primary version's age from
+    /// ListKeyRotations (the latest rotation) or the key's creation date. A period KMS does not
+    /// report on an enabled key is its documented default, 365 days.
+    async fn refresh_lifecycle(&self) -> Result<(), BackendError> {
+        let status = self
+            .request(
+                "GetKeyRotationStatus",
+                self.client
+                    .get_key_rotation_status()
+                    .key_id(&self.key_id)
+                    .send(),
+            )
+            .await?;
+        let described = self
+            .request(
+                "DescribeKey",
+                self.client.describe_key().key_id(&self.key_id).send(),
+            )
+            .await?;
+        let rotations = self
+            .request(
+                "ListKeyRotations",
+                self.client.list_key_rotations().key_id(&self.key_id).send(),
+            )
+            .await
+            .ok();
+        let time = |t: &aws_sdk_kms::primitives::DateTime| {
+            u64::try_from(t.secs())
+                .ok()
+                .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s))
+        };
+        let created = described
+            .key_metadata
+            .as_ref()
+            .and_then(|m| m.creation_date.as_ref())
+            .and_then(time);
+        let last_rotation = rotations
+            .as_ref()
+            .and_then(|r| r.rotations.as_ref())
+            .and_then(|r| {
+                r.iter()
+                    .filter_map(|x| x.rotation_date.as_ref())
+                    .filter_map(time)
+                    .max()
+            });
+        let primary_created = last_rotation.or(created);
+        let rotation_period = status.key_rotation_enabled.then(|| {
+            let days = status.rotation_period_in_days.unwrap_or(365);
+            Duration::from_secs(u64::try_from(days).unwrap_or(365) * 86_400)
+        });
+        let next_rotation = status
+            .next_rotation_date
+            .as_ref()
+            .and_then(time)
+            .or_else(|| primary_created.zip(rotation_period).map(|(c, p)| c + p));
+        let l = Lifecycle {
+            source: "aws",
+            primary_version: None,
+            primary_created,
+            rotation_period,
+            next_rotation: rotation_period.and(next_rotation),
+            min_decrypt_version: None,
+            delete_after: described
+                .key_metadata
+                .as_ref()
+                .and_then(|m| m.deletion_date.as_ref())
+                .and_then(time),
+        };
+        match self.lifecycle.lock() {
+            Ok(mut g) => *g = Some(l),
+            Err(p) => *p.into_inner() = Some(l),
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {

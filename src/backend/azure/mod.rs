@@ -392,6 +392,7 @@ impl KeyBackend for AzureBackend {
         KeyHint {
             disabled: self.state.disabled.load(Ordering::Relaxed),
             generation: self.state.generation.load(Ordering::Relaxed),
+            ..KeyHint::default()
         }
     }
 
