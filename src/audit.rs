@@ -984,6 +984,39 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
 
 /// [`verify`] with a key and/or a checkpoint.
 pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyReport, BrokenLink> {
+    let last_file = files.last().cloned().unwrap_or_default();
+    verify_lines(Lines::new(files), last_file, opts)
+}
+
+/// [`verify_with`] on one log already in memory (`name` only labels the problem), split into
+/// lines exactly as files are. Separate so that the fuzz harness (`fuzz/`) can drive the
+/// verifier on untrusted bytes without files.
+pub fn verify_bytes(
+    name: &Path,
+    log: &[u8],
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, BrokenLink> {
+    let lines = io::Cursor::new(log)
+        .split(b'\n')
+        .enumerate()
+        .map(|(i, raw)| {
+            raw.map(|raw| (name.to_owned(), i + 1, raw))
+                .map_err(|e| BrokenLink {
+                    file: name.to_owned(),
+                    line: i + 1,
+                    seq: None,
+                    problem: format!("cannot read: {e}"),
+                })
+        });
+    verify_lines(lines, name.to_owned(), opts)
+}
+
+/// The chain check over numbered lines; `last_file` is named in problems found at the end.
+fn verify_lines(
+    lines: impl Iterator<Item = Result<(PathBuf, usize, Vec<u8>), BrokenLink>>,
+    last_file: PathBuf,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, BrokenLink> {
     let mut report = VerifyReport {
         records: 0,
         first_seq: None,
@@ -1015,7 +1048,7 @@ pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyRepo
         }
     };
     let mut checkpoint_seen = false;
-    let mut lines = Lines::new(files).peekable();
+    let mut lines = lines.peekable();
     let mut prev: Option<(u64, String)> = None;
     while let Some(item) = lines.next() {
         let (file, n, raw) = item?;
@@ -1113,7 +1146,7 @@ pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyRepo
     }
     if key.is_some() && report.keyed_records == 0 && report.records > 0 {
         return Err(BrokenLink {
-            file: files.last().cloned().unwrap_or_default(),
+            file: last_file.clone(),
             line: 0,
             seq: report.last_seq,
             problem: "no record carries a MAC: not a keyed log (or its keyed records were removed)"
@@ -1123,7 +1156,7 @@ pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyRepo
     if let Some(c) = &checkpoint {
         let last = report.last_seq.unwrap_or(0);
         let end = |problem: String| BrokenLink {
-            file: files.last().cloned().unwrap_or_default(),
+            file: last_file.clone(),
             line: 0,
             seq: report.last_seq,
             problem,
@@ -1266,6 +1299,28 @@ mod line_tests {
         c.insert("pin".to_owned(), "1234".to_owned());
         assert_ne!(key.context_digest(&c), other.context_digest(&c));
         assert_ne!(key.context_digest(&c), context_digest(&c));
+    }
+
+    #[test]
+    fn verify_bytes_agrees_with_verify_on_a_file() {
+        let first = format!("{{\"seq\":1,\"prev\":\"{GENESIS}\"}}");
+        let second = format!("{{\"seq\":2,\"prev\":\"{}\"}}", link_of(first.as_bytes()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let opts = VerifyOptions::default();
+        for (log, good) in [
+            (format!("{first}\n{second}\n"), true),
+            (format!("{first}\n{second}"), true),
+            (String::new(), true),
+            (format!("{first}\n\n{second}\n"), false),
+            (format!("{second}\n{first}\n"), false),
+            (format!("{first}\n{{\"seq\":2,\"prev\":\"00\"}}\n"), false),
+        ] {
+            std::fs::write(&path, &log).unwrap();
+            let from_bytes = verify_bytes(&path, log.as_bytes(), &opts);
+            assert_eq!(from_bytes.is_ok(), good, "{log:?}: {from_bytes:?}");
+            assert_eq!(from_bytes, verify_with(&[path.clone()], &opts), "{log:?}");
+        }
     }
 
     #[test]
