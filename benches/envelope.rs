@@ -1,7 +1,9 @@
 //! Micro-benchmark of the per-message envelope work (issue 21 item 12): format 2 hashes the
 //! header and context into the key derivation, which format 1 did not. Seals and opens a 1 KiB
 //! payload both ways in alternating rounds (so a noisy neighbour hits both alike) and prints the
-//! median nanoseconds per operation and the ratio. Also times a GenerateDataKey derivation.
+//! median nanoseconds per operation and the ratio. Also times a GenerateDataKey derivation, and
+//! format 2 with three wrapped copies (a key wrapped by local, AWS and GCP backends, issue 16)
+//! against one copy.
 //!
 //! `cargo bench --bench envelope` (release profile). Not a test: nothing is asserted.
 
@@ -66,6 +68,45 @@ fn main() {
         )
         .unwrap()
     };
+    // Three copies as a multi-backend key writes them: local, AWS (key ARN, a 184-byte KMS
+    // blob), GCP (the CryptoKeyVersion name, a 110-byte Cloud KMS ciphertext).
+    let aws_blob = [0x6bu8; 184];
+    let gcp_blob = [0x7cu8; 110];
+    let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let gcp_key = "projects/p/locations/europe-west1/keyRings/r/cryptoKeys/orders";
+    let gcp_version = format!("{gcp_key}/cryptoKeyVersions/1");
+    let three = [
+        copy,
+        WrappedCopy {
+            backend: BackendKind::Aws,
+            key_id: arn,
+            key_version: arn,
+            wrapped: &aws_blob,
+        },
+        WrappedCopy {
+            backend: BackendKind::Gcp,
+            key_id: gcp_key,
+            key_version: &gcp_version,
+            wrapped: &gcp_blob,
+        },
+    ];
+    let seal_three = || {
+        let mut salt = [0u8; SALT_LEN];
+        random_fill(&mut salt).unwrap();
+        envelope::seal_with_salt(
+            FORMAT_VERSION,
+            Kind::Message,
+            "default",
+            caller,
+            &three,
+            &dk,
+            &context,
+            &payload,
+            &salt,
+        )
+        .unwrap()
+    };
+    let v3_ct = seal_three();
     let v1_ct = seal(LEGACY_VERSION);
     let v2_ct = seal(FORMAT_VERSION);
     let open = |ct: &[u8]| envelope::parse(ct).unwrap().open(&dk, &context).unwrap();
@@ -75,6 +116,7 @@ fn main() {
         black_box(seal(FORMAT_VERSION));
     }
     let (mut s1, mut s2, mut o1, mut o2, mut d) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut s3, mut o3) = (vec![], vec![]);
     for _ in 0..ROUNDS {
         s1.push(round(|| {
             black_box(seal(LEGACY_VERSION));
@@ -88,6 +130,12 @@ fn main() {
         o2.push(round(|| {
             black_box(open(&v2_ct));
         }));
+        s3.push(round(|| {
+            black_box(seal_three());
+        }));
+        o3.push(round(|| {
+            black_box(open(&v3_ct));
+        }));
         d.push(round(|| {
             black_box(
                 envelope::seal_derived_data_key("default", caller, &[copy], &dk, &context, 32)
@@ -96,6 +144,7 @@ fn main() {
         }));
     }
     let (s1, s2, o1, o2, d) = (stats(s1), stats(s2), stats(o1), stats(o2), stats(d));
+    let (s3, o3) = (stats(s3), stats(o3));
     println!(
         "envelope, 1 KiB payload, 2-pair context, {ROUNDS} interleaved rounds x {PER_ROUND} ops"
     );
@@ -120,5 +169,18 @@ fn main() {
     println!(
         "GenerateDataKey blob + derived key (format 2 only): {:.0} / {:.0} ns",
         d.0, d.1
+    );
+    println!(
+        "format 2, three copies (local, AWS, GCP; {} vs {} bytes): seal {:.0} / {:.0} ns ({:.3} / {:.3} of one copy), parse + open {:.0} / {:.0} ns ({:.3} / {:.3})",
+        v3_ct.len(),
+        v2_ct.len(),
+        s3.0,
+        s3.1,
+        s3.0 / s2.0,
+        s3.1 / s2.1,
+        o3.0,
+        o3.1,
+        o3.0 / o2.0,
+        o3.1 / o2.1
     );
 }

@@ -20,7 +20,8 @@ use tokio::sync::watch;
 
 use crate::audit::Auditor;
 use crate::broker::Broker;
-use crate::metrics::Metrics;
+use crate::metrics::{KeyFigures, Metrics, Snapshot};
+use crate::operation::Operation;
 
 /// Readiness as a latch: set once the server is up, cleared for good when draining starts.
 #[derive(Debug, Default)]
@@ -137,7 +138,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => match state.parts.get() {
             Some((metrics, broker, audit)) => {
-                let mut r = text(StatusCode::OK, metrics.render(broker, audit));
+                let mut r = text(StatusCode::OK, metrics.render(snapshot(broker, audit)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -150,5 +151,31 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /healthz or /readyz\n",
         ),
+    }
+}
+
+/// What `/metrics` shows of the rest of the process, read now: per key its backend and cache
+/// evictions, the caches' sizes, and the audit writer's state.
+fn snapshot(broker: &Broker, audit: &Auditor) -> Snapshot {
+    let keys = broker
+        .registry()
+        .iter()
+        .map(|e| {
+            let evicted = |op| e.stats.op(op).evictions.load(Ordering::Relaxed);
+            KeyFigures {
+                name: Arc::clone(&e.name),
+                backend: e.backend.kind(),
+                evictions: (
+                    evicted(Operation::Encrypt) + evicted(Operation::GenerateDataKey),
+                    evicted(Operation::Decrypt),
+                ),
+            }
+        })
+        .collect();
+    Snapshot {
+        keys,
+        cache_entries: broker.cache().entry_counts_now(),
+        audit_dropped: audit.dropped(),
+        audit_healthy: audit.healthy(),
     }
 }

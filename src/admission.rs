@@ -7,7 +7,7 @@
 //! Small messages from such callers are still decoded and denied by the broker, per key, with
 //! the usual message naming the key. Callers with a grant somewhere pass straight through (one
 //! lookup in a table the registry builds with each configuration). Refusals are audited and counted like every
-//! other request (`KeyBrokerService::refuse`). This layer never grants anything: it can only
+//! other request (`Observer::refuse`). This layer never grants anything: it can only
 //! refuse earlier what the broker would refuse anyway.
 
 use std::convert::Infallible;
@@ -24,10 +24,10 @@ use tonic::server::NamedService;
 
 use crate::broker::Broker;
 use crate::error::Error;
-use crate::identity::{Caller, RequestId};
+use crate::observe::Observer;
 use crate::operation::Operation;
 use crate::policy::Need;
-use crate::service::KeyBrokerService;
+use crate::principal::Caller;
 
 /// gRPC length-prefixed message header: a compression flag and a 4-byte big-endian length.
 const GRPC_HEADER_LEN: usize = 5;
@@ -51,7 +51,7 @@ fn need_of(path: &str) -> Option<(Operation, Need)> {
 #[derive(Clone)]
 pub struct Admission<S> {
     inner: S,
-    service: Arc<KeyBrokerService>,
+    observer: Arc<Observer>,
     broker: Arc<Broker>,
     ungranted_limit: u64,
 }
@@ -59,13 +59,13 @@ pub struct Admission<S> {
 impl<S> Admission<S> {
     pub fn new(
         inner: S,
-        service: Arc<KeyBrokerService>,
+        observer: Arc<Observer>,
         broker: Arc<Broker>,
         ungranted_limit: u64,
     ) -> Self {
         Self {
             inner,
-            service,
+            observer,
             broker,
             ungranted_limit,
         }
@@ -100,16 +100,19 @@ where
         let Some((op, need)) = need_of(req.uri().path()) else {
             return Either::Left(inner.call(req));
         };
-        let caller = req
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(Caller::anonymous);
-        let granted = self.broker.registry().grants_anywhere(&caller, need);
+        let anonymous;
+        let caller = match req.extensions().get::<Caller>() {
+            Some(c) => c,
+            None => {
+                anonymous = Caller::anonymous();
+                &anonymous
+            }
+        };
+        let granted = self.broker.registry().grants_anywhere(caller, need);
         if granted {
             return Either::Left(inner.call(req));
         }
-        let (service, limit) = (Arc::clone(&self.service), self.ungranted_limit);
+        let (observer, limit) = (Arc::clone(&self.observer), self.ungranted_limit);
         Either::Right(Box::pin(async move {
             let (parts, mut body) = req.into_parts();
             // Read only as far as the message header: its declared length decides.
@@ -126,13 +129,13 @@ where
             if head.len() >= GRPC_HEADER_LEN {
                 let declared = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
                 if u64::from(declared) > limit {
-                    let request_id = parts.extensions.get::<RequestId>().cloned();
+                    let meta = observer.meta_of(&parts.extensions);
                     let error = Error::NoGrant {
-                        caller: caller.name.to_string(),
+                        caller: meta.caller.name.to_string(),
                         key: None,
                         operation: op.as_str(),
                     };
-                    let status = service.refuse(caller, request_id, op, error).await;
+                    let status = observer.refuse(meta, op, error).await;
                     return Ok(status.into_http());
                 }
             }

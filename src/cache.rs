@@ -14,6 +14,11 @@
 //! backend is down (the request then fails with the backend's UNAVAILABLE). Key material lives in
 //! [`SecretKey`]s inside `Arc`s; the last `Arc` dropping (after eviction and after in-flight
 //! requests finish) zeroizes it. Nothing here logs or formats key bytes.
+//!
+//! A lookup returns what it did (hit, miss or bypass, and the backend calls this request made)
+//! instead of recording it anywhere: the broker puts it into the request's facts. This module
+//! never sees the request, the broker or the configuration; it owns its limits ([`CacheLimits`],
+//! `[cache]`) and counts into the key's [`KeyStats`].
 
 use std::fmt;
 use std::hash::Hash;
@@ -26,40 +31,202 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 
-use crate::backend::{BackendContext, BackendKind, Wrapped};
-use crate::broker::{BackendCall, BackendOp, Facts};
-use crate::config::CacheLimits;
+use crate::backend::{BackendContext, BackendError, BackendKind, KeyBackend, Wrapped};
 use crate::envelope::WrappedCopy;
-use crate::error::Error;
+use crate::facts::{BackendCall, BackendOp, CacheResult, CopyRef};
 use crate::operation::Operation;
-use crate::registry::KeyEntry;
 use crate::secret::SecretKey;
+use crate::settings::{Problems, Section};
 use crate::stats::{KeyStats, bump};
+use crate::util::format_duration;
 
-/// How a request's data key was obtained.
+/// Cache defaults (docs/caching.md argues each number).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_MESSAGES: u64 = 1_000_000;
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
+/// Hard ceilings no configuration may exceed.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_MAX_MESSAGES: u64 = 1 << 32;
+pub const MAX_MAX_BYTES: u64 = 1 << 40;
+
+/// Data-key cache limits for one key (or the global defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    /// From the cache (including requests that waited for another request's backend call).
-    Hit,
-    /// This request made the backend call.
-    Miss,
-    /// Caching is off for the key: the request made its own backend call.
-    Bypass,
+pub struct CacheLimits {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_messages: u64,
+    pub max_bytes: u64,
 }
 
-impl CacheResult {
-    /// A freshly inserted entry means this request made the backend call.
-    fn of(fresh: bool) -> Self {
-        if fresh { Self::Miss } else { Self::Hit }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-            Self::Bypass => "bypass",
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: DEFAULT_CACHE_TTL,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
+}
+
+impl CacheLimits {
+    /// Reads `enabled`, `ttl`, `max_messages` and `max_bytes` over `base` (`[cache]` over the
+    /// defaults, `[keys.NAME.cache]` over `[cache]`).
+    pub fn parse(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> Self {
+        let mut l = base;
+        if let Some(b) = s.bool("enabled", p) {
+            l.enabled = b;
+        }
+        if let Some(d) = s.duration("ttl", p) {
+            if d.is_zero() || d > MAX_CACHE_TTL {
+                p.push(
+                    s.at("ttl"),
+                    format!(
+                        "must be above 0 and at most {}",
+                        format_duration(MAX_CACHE_TTL)
+                    ),
+                );
+            }
+            l.ttl = d;
+        }
+        if let Some(n) = s.u64("max_messages", p) {
+            if n == 0 || n > MAX_MAX_MESSAGES {
+                p.push(
+                    s.at("max_messages"),
+                    format!("must be 1 to {MAX_MAX_MESSAGES} (2^32)"),
+                );
+            }
+            l.max_messages = n;
+        }
+        if let Some(n) = s.size("max_bytes", p) {
+            if n == 0 || n > MAX_MAX_BYTES {
+                p.push(s.at("max_bytes"), "must be 1 byte to 1TiB");
+            }
+            l.max_bytes = n;
+        }
+        l
+    }
+}
+
+/// What a new data key needs when one of its key's secondary wrapping backends cannot wrap it
+/// (`require = "..."` of `[keys.NAME]`; docs/multi-backend.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Require {
+    /// Every configured copy: the miss fails with the failing backend's error.
+    #[default]
+    All,
+    /// The first backend's copy: the others are best effort (counted as missing copies).
+    First,
+}
+
+impl Require {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::First => "first",
+        }
+    }
+
+    /// Reads `require` (default `all`).
+    pub fn parse(s: &Section<'_>, p: &mut Problems) -> Self {
+        match s.str("require", p) {
+            None | Some("all") => Self::All,
+            Some("first") => Self::First,
+            Some(_) => {
+                p.push(s.at("require"), "must be \"all\" or \"first\"");
+                Self::All
+            }
+        }
+    }
+}
+
+/// How long a data key that lacks some of its copies (`require = "first"` during an outage)
+/// stays in the encrypt-side cache at most: the outage should cost few ciphertexts their
+/// escrow copy, and not a whole TTL's worth.
+pub const DEGRADED_TTL: Duration = Duration::from_secs(30);
+
+/// `[cache]`: the default limits of every key, and the caches' size.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub defaults: CacheLimits,
+    /// Entries across both caches (encrypt side and decrypt side each get this many).
+    pub capacity: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            defaults: CacheLimits::default(),
+            capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Reads `[cache]` (the caller reports unknown fields with `finish`).
+    pub fn parse(s: &Section<'_>, p: &mut Problems) -> Self {
+        let mut c = Self {
+            defaults: CacheLimits::parse(s, CacheLimits::default(), p),
+            ..Self::default()
+        };
+        if let Some(n) = s.u64("capacity", p) {
+            if n == 0 {
+                p.push(s.at("capacity"), "must be at least 1");
+            }
+            c.capacity = n;
+        }
+        c
+    }
+}
+
+/// A freshly inserted entry means this request made the backend call.
+fn result_of(fresh: bool) -> CacheResult {
+    if fresh {
+        CacheResult::Miss
+    } else {
+        CacheResult::Hit
+    }
+}
+
+/// The parts of a configured key the caches work with (the registry's entry lends them).
+#[derive(Clone, Copy)]
+pub struct CachedKey<'a> {
+    pub name: &'a Arc<str>,
+    /// Part of every entry's identity: a reload that changes the key's backend or limits gives
+    /// it a new epoch, so nothing cached under the old configuration is served under the new.
+    pub epoch: u64,
+    pub limits: CacheLimits,
+    pub stats: &'a Arc<KeyStats>,
+    /// The backend that generates data keys (encrypt side) or unwraps (decrypt side).
+    pub backend: &'a dyn KeyBackend,
+    /// `backend`'s place in the key's `wrap` list (for the facts of its calls).
+    pub wrap: u8,
+    /// Encrypt side: the key's other wrapping backends (`wrap[1..]`), each wrapping the data key
+    /// `backend` made.
+    pub secondaries: &'a [Arc<dyn KeyBackend>],
+    pub require: Require,
+    /// Changes whenever any wrapping backend's generation does (see `KeyHint`).
+    pub generation: u64,
+}
+
+/// Why a lookup failed. Cloneable: single flight hands one failure to every waiting request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// Every pass found an exhausted entry (only under extreme contention on a tiny
+    /// `max_messages`).
+    #[error("data key cache contention")]
+    Contention,
+}
+
+/// What one lookup did: its answer, and the backend calls this request made for it (none on a
+/// hit; also when the call failed, which the metrics count).
+#[derive(Debug)]
+pub struct Lookup<T> {
+    pub result: Result<(T, CacheResult), CacheError>,
+    pub calls: Vec<BackendCall>,
 }
 
 /// What an encrypt-side data key is used for. Data keys behind GenerateDataKey are kept apart
@@ -87,7 +254,7 @@ impl Purpose {
     }
 }
 
-/// An encrypt-side cache slot. The key's cache epoch (see `KeyEntry::cache_epoch`) is part of it:
+/// An encrypt-side cache slot. The key's cache epoch (see [`CachedKey::epoch`]) is part of it:
 /// after a reload that changed the key's backend, old slots are unreachable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Slot {
@@ -97,11 +264,17 @@ struct Slot {
     purpose: Purpose,
 }
 
-/// An encrypt-side data key with its wrapped copy and its usage so far.
+/// An encrypt-side data key with its wrapped copies and its usage so far.
 pub struct ActiveKey {
     data_key: SecretKey,
     backend: BackendKind,
+    /// The first backend's copy.
     pub wrapped: Wrapped,
+    /// The secondaries' copies, in `wrap` order (those that failed under `require = "first"`
+    /// are missing, and listed in `missing`).
+    pub more: Vec<(BackendKind, Wrapped)>,
+    /// Wrapping backends whose copy this data key lacks (see [`DEGRADED_TTL`]).
+    pub missing: Vec<CopyRef>,
     generation: u64,
     expires: Instant,
     messages: AtomicU64,
@@ -116,8 +289,11 @@ impl ActiveKey {
         &self.data_key
     }
 
-    pub fn copy(&self) -> WrappedCopy<'_> {
-        self.wrapped.as_copy(self.backend)
+    /// Every copy, the first backend's first: what the envelope carries.
+    pub fn copies(&self) -> Vec<WrappedCopy<'_>> {
+        std::iter::once(self.wrapped.as_copy(self.backend))
+            .chain(self.more.iter().map(|(kind, w)| w.as_copy(*kind)))
+            .collect()
     }
 
     fn fresh(&self, now: Instant, generation: u64) -> bool {
@@ -178,8 +354,8 @@ impl fmt::Debug for UnwrappedKey {
 struct TtlExpiry;
 
 impl moka::Expiry<Slot, Arc<ActiveKey>> for TtlExpiry {
-    fn expire_after_create(&self, _: &Slot, v: &Arc<ActiveKey>, _: Instant) -> Option<Duration> {
-        Some(v.limits.ttl)
+    fn expire_after_create(&self, _: &Slot, v: &Arc<ActiveKey>, now: Instant) -> Option<Duration> {
+        Some(v.expires.saturating_duration_since(now))
     }
 }
 
@@ -236,28 +412,42 @@ impl DataKeyCache {
         Self { encrypt, decrypt }
     }
 
-    /// The data key for one encrypt-side use of `bytes` bytes by `caller` with `entry`'s key.
+    /// The data key for one encrypt-side use of `bytes` bytes by `caller` with `key`.
     pub async fn active_key(
         &self,
-        entry: &KeyEntry,
+        key: CachedKey<'_>,
         caller: &Arc<str>,
         purpose: Purpose,
         bytes: u64,
-        facts: &mut Facts,
-    ) -> Result<(Arc<ActiveKey>, CacheResult), Error> {
+    ) -> Lookup<Arc<ActiveKey>> {
+        let mut calls = Vec::new();
+        let result = self
+            .active_key_inner(key, caller, purpose, bytes, &mut calls)
+            .await;
+        Lookup { result, calls }
+    }
+
+    async fn active_key_inner(
+        &self,
+        key: CachedKey<'_>,
+        caller: &Arc<str>,
+        purpose: Purpose,
+        bytes: u64,
+        calls: &mut Vec<BackendCall>,
+    ) -> Result<(Arc<ActiveKey>, CacheResult), CacheError> {
         let op = purpose.operation();
-        let generation = entry.backend.hint().generation;
+        let generation = key.generation;
         // A message larger than a whole data key's byte budget gets a data key of its own.
-        if !entry.cache.enabled || bytes > entry.cache.max_bytes {
-            let key = self
-                .fetch(entry, caller, purpose, generation, false, facts)
+        if !key.limits.enabled || bytes > key.limits.max_bytes {
+            let active = self
+                .fetch(key, caller, purpose, generation, false, calls)
                 .await?;
-            count(entry, op, CacheResult::Bypass);
-            return Ok((key, CacheResult::Bypass));
+            count(key.stats, op, CacheResult::Bypass);
+            return Ok((active, CacheResult::Bypass));
         }
         let slot = Slot {
-            key: Arc::clone(&entry.name),
-            epoch: entry.cache_epoch,
+            key: Arc::clone(key.name),
+            epoch: key.epoch,
             caller: Arc::clone(caller),
             purpose,
         };
@@ -267,21 +457,21 @@ impl DataKeyCache {
             let got = self
                 .encrypt
                 .entry(slot.clone())
-                .or_try_insert_with(self.fetch(entry, caller, purpose, generation, true, facts))
+                .or_try_insert_with(self.fetch(key, caller, purpose, generation, true, calls))
                 .await
                 .map_err(|e| (*e).clone())?;
-            let result = CacheResult::of(got.is_fresh());
-            let key = got.into_value();
+            let result = result_of(got.is_fresh());
+            let active = got.into_value();
             // A key this request just made is used even if a tiny TTL already ran out while the
             // backend answered; a cached one must still be within its TTL and generation.
-            let fresh = result == CacheResult::Miss || key.fresh(Instant::now(), generation);
-            if fresh && key.reserve(bytes) {
-                count(entry, op, result);
-                return Ok((key, result));
+            let fresh = result == CacheResult::Miss || active.fresh(Instant::now(), generation);
+            if fresh && active.reserve(bytes) {
+                count(key.stats, op, result);
+                return Ok((active, result));
             }
-            self.retire(&slot, &key).await;
+            self.retire(&slot, &active).await;
         }
-        Err(Error::Internal("data key cache contention"))
+        Err(CacheError::Contention)
     }
 
     /// Removes `slot` only if it still holds `old` (another request may have replaced it).
@@ -298,123 +488,216 @@ impl DataKeyCache {
             .await;
     }
 
-    /// One backend call for a new data key. The unwrapped form is also placed in the decrypt
-    /// cache, so reading back what was just written costs no second call.
+    /// One backend call for a new data key, then one per secondary wrapping backend (in
+    /// parallel, each under its own call policy's deadline). The unwrapped form is also placed
+    /// in the decrypt cache under every copy, so reading back what was just written costs no
+    /// second call.
     async fn fetch(
         &self,
-        entry: &KeyEntry,
+        key: CachedKey<'_>,
         caller: &Arc<str>,
         purpose: Purpose,
         generation: u64,
         seed_decrypt: bool,
-        facts: &mut Facts,
-    ) -> Result<Arc<ActiveKey>, Error> {
+        calls: &mut Vec<BackendCall>,
+    ) -> Result<Arc<ActiveKey>, CacheError> {
         let ctx = BackendContext {
-            key_name: &entry.name,
+            key_name: key.name,
             caller,
         };
-        bump(&entry.stats.op(purpose.operation()).backend_calls);
-        let (data_key, wrapped) = BackendCall::record(
-            facts,
+        let backend = key.backend.kind();
+        bump(&key.stats.op(purpose.operation()).backend_calls);
+        let (result, call) = crate::backend::timed(
+            backend,
+            key.wrap,
             BackendOp::GenerateDataKey,
-            entry.backend.generate_data_key(purpose.key_len(), &ctx),
+            key.backend.generate_data_key(purpose.key_len(), &ctx),
         )
-        .await
-        .map_err(|e| Error::backend(&entry.name, e))?;
-        let now = Instant::now();
-        let backend = entry.backend.kind();
-        if seed_decrypt {
-            let digest = copy_digest(&wrapped.as_copy(backend), &ctx, entry.cache_epoch);
-            let unwrapped = UnwrappedKey {
-                data_key: data_key.duplicate(),
-                expires: now + entry.cache.ttl,
-                stats: Arc::clone(&entry.stats),
-                key: Arc::clone(&entry.name),
-            };
-            self.decrypt.insert(digest, Arc::new(unwrapped)).await;
+        .await;
+        calls.push(call);
+        let (data_key, wrapped) = result?;
+        let wraps = key.secondaries.iter().enumerate().map(|(i, b)| {
+            bump(&key.stats.op(purpose.operation()).backend_calls);
+            let index = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            crate::backend::timed(b.kind(), index, BackendOp::Wrap, b.wrap(&data_key, &ctx))
+        });
+        let mut more = Vec::with_capacity(key.secondaries.len());
+        let mut missing = Vec::new();
+        for (result, call) in futures_util::future::join_all(wraps).await {
+            calls.push(call);
+            match result {
+                Ok(w) => more.push((call.backend, w)),
+                Err(e) if key.require == Require::First => {
+                    tracing::warn!(
+                        key = %key.name,
+                        error = %e,
+                        wrap = call.wrap,
+                        "a secondary backend could not wrap a new data key; it goes without that copy"
+                    );
+                    missing.push(CopyRef {
+                        index: call.wrap,
+                        backend: call.backend,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(Arc::new(ActiveKey {
+        let now = Instant::now();
+        let ttl = if missing.is_empty() {
+            key.limits.ttl
+        } else {
+            key.limits.ttl.min(DEGRADED_TTL)
+        };
+        let active = ActiveKey {
             data_key,
             backend,
             wrapped,
+            more,
+            missing,
             generation,
-            expires: now + entry.cache.ttl,
+            expires: now + ttl,
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            limits: entry.cache,
-            stats: Arc::clone(&entry.stats),
+            limits: key.limits,
+            stats: Arc::clone(key.stats),
             purpose,
-        }))
+        };
+        if seed_decrypt {
+            for copy in active.copies() {
+                let unwrapped = UnwrappedKey {
+                    data_key: active.data_key.duplicate(),
+                    expires: now + key.limits.ttl,
+                    stats: Arc::clone(key.stats),
+                    key: Arc::clone(key.name),
+                };
+                self.decrypt
+                    .insert(copy_digest(&copy, &ctx, key.epoch), Arc::new(unwrapped))
+                    .await;
+            }
+        }
+        Ok(Arc::new(active))
+    }
+
+    /// A cached data key for any of `copies` (all of one envelope), without a backend call: a
+    /// data key unwrapped through one copy serves later requests that name it through another.
+    /// Only mappings a backend (or this process, having made the data key) vouched for are
+    /// ever inserted, so a crafted copy list cannot make one copy stand for another's key.
+    pub async fn peek_unwrapped(
+        &self,
+        key: CachedKey<'_>,
+        copies: &[WrappedCopy<'_>],
+        ctx: &BackendContext<'_>,
+        op: Operation,
+    ) -> Option<(usize, Arc<UnwrappedKey>)> {
+        if !key.limits.enabled {
+            return None;
+        }
+        for (i, copy) in copies.iter().enumerate() {
+            if let Some(hit) = self.decrypt.get(&copy_digest(copy, ctx, key.epoch)).await
+                && Instant::now() < hit.expires
+            {
+                count(key.stats, op, CacheResult::Hit);
+                return Some((i, hit));
+            }
+        }
+        None
     }
 
     /// The unwrapped data key of an envelope's wrapped copy. `op` is the request's operation
     /// (Decrypt or ReEncrypt), for the counters.
     pub async fn unwrapped_key(
         &self,
-        entry: &KeyEntry,
+        key: CachedKey<'_>,
         copy: &WrappedCopy<'_>,
         ctx: &BackendContext<'_>,
         op: Operation,
-        facts: &mut Facts,
-    ) -> Result<(Arc<UnwrappedKey>, CacheResult), Error> {
-        let unwrap = async {
-            bump(&entry.stats.op(op).backend_calls);
-            let data_key =
-                BackendCall::record(facts, BackendOp::Unwrap, entry.backend.unwrap(copy, ctx))
-                    .await
-                    .map_err(|e| Error::backend(&entry.name, e))?;
-            Ok::<_, Error>(Arc::new(UnwrappedKey {
-                data_key,
-                expires: Instant::now() + entry.cache.ttl,
-                stats: Arc::clone(&entry.stats),
-                key: Arc::clone(&entry.name),
-            }))
-        };
-        if !entry.cache.enabled {
-            let key = unwrap.await?;
-            count(entry, op, CacheResult::Bypass);
-            return Ok((key, CacheResult::Bypass));
+    ) -> Lookup<Arc<UnwrappedKey>> {
+        let mut calls = Vec::new();
+        let result = self
+            .unwrapped_key_inner(key, copy, ctx, op, &mut calls)
+            .await;
+        Lookup { result, calls }
+    }
+
+    async fn unwrapped_key_inner(
+        &self,
+        key: CachedKey<'_>,
+        copy: &WrappedCopy<'_>,
+        ctx: &BackendContext<'_>,
+        op: Operation,
+        calls: &mut Vec<BackendCall>,
+    ) -> Result<(Arc<UnwrappedKey>, CacheResult), CacheError> {
+        if !key.limits.enabled {
+            let unwrapped = Self::unwrap(key, copy, ctx, op, calls).await?;
+            count(key.stats, op, CacheResult::Bypass);
+            return Ok((unwrapped, CacheResult::Bypass));
         }
-        let digest = copy_digest(copy, ctx, entry.cache_epoch);
-        let got = self
-            .decrypt
-            .entry(digest)
-            .or_try_insert_with(unwrap)
-            .await
-            .map_err(|e| (*e).clone())?;
-        let result = CacheResult::of(got.is_fresh());
-        let key = got.into_value();
-        if result == CacheResult::Hit && Instant::now() >= key.expires {
-            // Past its TTL but not yet swept: never use it; fetch anew.
-            self.decrypt.invalidate(&digest).await;
-            return Box::pin(self.unwrapped_key(entry, copy, ctx, op, facts)).await;
+        let digest = copy_digest(copy, ctx, key.epoch);
+        // A second pass only after an expired entry was dropped.
+        for _ in 0..2 {
+            let got = self
+                .decrypt
+                .entry(digest)
+                .or_try_insert_with(Self::unwrap(key, copy, ctx, op, calls))
+                .await
+                .map_err(|e| (*e).clone())?;
+            let result = result_of(got.is_fresh());
+            let unwrapped = got.into_value();
+            if result == CacheResult::Hit && Instant::now() >= unwrapped.expires {
+                // Past its TTL but not yet swept: never use it; fetch anew.
+                self.decrypt.invalidate(&digest).await;
+                continue;
+            }
+            count(key.stats, op, result);
+            return Ok((unwrapped, result));
         }
-        count(entry, op, result);
-        Ok((key, result))
+        Err(CacheError::Contention)
+    }
+
+    /// One backend call to unwrap `copy`.
+    async fn unwrap(
+        key: CachedKey<'_>,
+        copy: &WrappedCopy<'_>,
+        ctx: &BackendContext<'_>,
+        op: Operation,
+        calls: &mut Vec<BackendCall>,
+    ) -> Result<Arc<UnwrappedKey>, CacheError> {
+        bump(&key.stats.op(op).backend_calls);
+        let (result, call) = crate::backend::timed(
+            key.backend.kind(),
+            key.wrap,
+            BackendOp::Unwrap,
+            key.backend.unwrap(copy, ctx),
+        )
+        .await;
+        calls.push(call);
+        Ok(Arc::new(UnwrappedKey {
+            data_key: result?,
+            expires: Instant::now() + key.limits.ttl,
+            stats: Arc::clone(key.stats),
+            key: Arc::clone(key.name),
+        }))
     }
 
     /// Seeds the decrypt side with a data key this process holds (ReEncrypt's new copy).
     pub async fn remember_unwrapped(
         &self,
-        entry: &KeyEntry,
+        key: CachedKey<'_>,
         copy: &WrappedCopy<'_>,
         ctx: &BackendContext<'_>,
         data_key: &SecretKey,
     ) {
-        if !entry.cache.enabled {
+        if !key.limits.enabled {
             return;
         }
         let unwrapped = UnwrappedKey {
             data_key: data_key.duplicate(),
-            expires: Instant::now() + entry.cache.ttl,
-            stats: Arc::clone(&entry.stats),
-            key: Arc::clone(&entry.name),
+            expires: Instant::now() + key.limits.ttl,
+            stats: Arc::clone(key.stats),
+            key: Arc::clone(key.name),
         };
         self.decrypt
-            .insert(
-                copy_digest(copy, ctx, entry.cache_epoch),
-                Arc::new(unwrapped),
-            )
+            .insert(copy_digest(copy, ctx, key.epoch), Arc::new(unwrapped))
             .await;
     }
 
@@ -447,8 +730,8 @@ impl DataKeyCache {
 }
 
 /// Counts one cache lookup in the key's per-operation counters.
-fn count(entry: &KeyEntry, op: Operation, result: CacheResult) {
-    let c = entry.stats.op(op);
+fn count(stats: &KeyStats, op: Operation, result: CacheResult) {
+    let c = stats.op(op);
     bump(match result {
         CacheResult::Hit => &c.cache_hits,
         CacheResult::Miss => &c.cache_misses,
@@ -508,6 +791,8 @@ mod tests {
                 key_version: "1".into(),
                 ciphertext: vec![1, 2, 3],
             },
+            more: Vec::new(),
+            missing: Vec::new(),
             generation: 0,
             expires: Instant::now(),
             messages: AtomicU64::new(0),
@@ -522,30 +807,10 @@ mod tests {
             stats,
             key: Arc::from("k"),
         };
-        let response = crate::proto::GenerateDataKeyResponse {
-            plaintext_key: bytes.clone().into(),
-            wrapped_key: vec![9; 4].into(),
-            key: "k".into(),
-            key_version: "1".into(),
-        };
-        let decrypted = crate::proto::DecryptResponse {
-            plaintext: bytes.clone().into(),
-            key: "k".into(),
-            key_version: "1".into(),
-        };
-        let request = crate::proto::EncryptRequest {
-            key: "k".into(),
-            plaintext: bytes.clone().into(),
-            context: Default::default(),
-        };
         for dbg in [
             format!("{active:?}"),
             format!("{unwrapped:?}"),
             format!("{:?}", Arc::new(active)),
-            format!("{response:?}"),
-            format!("{decrypted:?}"),
-            format!("{request:?}"),
-            format!("{:#?}", response),
         ] {
             for r in renderings(&bytes) {
                 assert!(!dbg.contains(&r), "{dbg} shows the key as {r}");
@@ -564,6 +829,8 @@ mod tests {
                 key_version: "1".into(),
                 ciphertext: vec![1],
             },
+            more: Vec::new(),
+            missing: Vec::new(),
             generation: 0,
             expires: Instant::now(),
             messages: AtomicU64::new(0),

@@ -1,6 +1,6 @@
 //! How request bodies that fail to decode are answered: like every other caller mistake, with
 //! INVALID_ARGUMENT or RESOURCE_EXHAUSTED and an ErrorInfo reason, through the one mapping in
-//! `error.rs`. tonic's own answers (prost's INTERNAL "failed to decode Protobuf message", the
+//! `status`. tonic's own answers (prost's INTERNAL "failed to decode Protobuf message", the
 //! transport's OUT_OF_RANGE "decoded message length too large") would tell callers that
 //! keybroker is broken (INTERNAL means a bug, docs/api.md) or give one limit two shapes.
 //!
@@ -66,7 +66,9 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
             let detail = detail
                 .strip_prefix("failed to decode Protobuf message: ")
                 .unwrap_or(detail);
-            Error::MalformedRequest(crate::util::Capped(detail).to_string()).to_status()
+            crate::status::to_status(&Error::MalformedRequest(
+                crate::util::Capped(detail).to_string(),
+            ))
         })
     }
 
@@ -160,5 +162,5 @@ fn reshape(
     if !transport_refusal {
         return resp;
     }
-    Error::MessageTooLarge { limit }.to_status().into_http()
+    crate::status::to_status(&Error::MessageTooLarge { limit }).into_http()
 }

@@ -1,9 +1,13 @@
 //! Configuration: one TOML file (see docs/config.md) or, with none, the embedded default.
 //!
-//! Validation walks the whole document and collects *every* problem with its location
-//! (`keys.prod.cache.ttl: ...`) instead of stopping at the first, so `keybroker config check`
-//! can report a broken file in one pass. Unknown fields are problems too (a typo in a limit
-//! must not silently fall back to a default).
+//! Each part reads its own section with the `settings` helpers (`[cache]` the cache,
+//! `[keys.NAME]` the registry and the backends, `[audit]` the audit log, `[identity]` the
+//! identity layer, `[aws]`/`[gcp]`/`[azure]`/`[local]` the backends, ...); this module composes
+//! them, and owns what belongs to the process as a whole (`[server]`, `[log]`, `[admin]`,
+//! `[metrics]`, environment overrides). Validation walks the whole document and collects
+//! *every* problem with its location (`keys.prod.cache.ttl: ...`) instead of stopping at the
+//! first, so `keybroker config check` can report a broken file in one pass. Unknown fields are
+//! problems too (a typo in a limit must not silently fall back to a default).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,14 +15,30 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use toml::{Table, Value};
+use toml::Table;
 
-use crate::audit::{AuditConfig, AuditMode, AuditSink};
-use crate::identity::{IdentityConfig, MtlsRule, PeerRule, TokenRule};
+use crate::audit::{AuditConfig, AuditSink};
+use crate::backend::aws::AwsDefaults;
+use crate::backend::azure::AzureSettings;
+use crate::backend::gcp::GcpSettings;
+use crate::backend::local::LocalSettings;
+use crate::backend::{Factory, KeyDefaults};
+use crate::identity::IdentityConfig;
+use crate::kms_plugin::KmsPluginSettings;
 use crate::metrics::PriceTable;
-use crate::operation::Operation;
-use crate::policy::{Policy, Statement};
-use crate::util::{check_name, format_duration, parse_duration, parse_size};
+use crate::policy::{ANY_IDENTIFIED, Policy};
+use crate::registry::{BackendLayer, Registry, StatsBook};
+use crate::settings::{Problems, Section, resolve};
+use crate::tls::{ClientAuth, Revocation, TlsFiles};
+use crate::transport::{ENV_ALLOW_INSECURE_REMOTE, ServerLimits};
+use crate::util::check_name;
+
+pub use crate::backend::BackendConfig;
+pub use crate::cache::{CacheConfig, CacheLimits};
+pub use crate::identity::CallerFrom;
+pub use crate::registry::KeyConfig;
+pub use crate::settings::Problem;
+pub use crate::transport::ListenAddr;
 
 pub const ENV_CONFIG: &str = "KEYBROKER_CONFIG";
 pub const ENV_LISTEN: &str = "KEYBROKER_LISTEN";
@@ -38,33 +58,6 @@ pub const DEFAULT_AUDIT_LOG: &str = ".keybroker/audit.jsonl";
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4 << 20;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// Cache defaults (docs/caching.md argues each number).
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
-pub const DEFAULT_MAX_MESSAGES: u64 = 1_000_000;
-pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
-pub const DEFAULT_CACHE_CAPACITY: u64 = 10_000;
-/// Hard ceilings no configuration may exceed.
-pub const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
-pub const MAX_MAX_MESSAGES: u64 = 1 << 32;
-pub const MAX_MAX_BYTES: u64 = 1 << 40;
-
-/// One configuration problem and where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub at: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.at.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.at, self.message)
-        }
-    }
-}
 
 /// All problems found in a configuration.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,53 +81,6 @@ impl fmt::Display for ConfigError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-    /// TCP with TLS (mutual TLS when `[server.tls] client_ca` is set): `tls://host:port`.
-    Tls(SocketAddr),
-}
-
-impl ListenAddr {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if let Some(hostport) = s.strip_prefix("tls://") {
-            return match Self::parse(hostport)? {
-                Self::Tcp(a) => Ok(Self::Tls(a)),
-                _ => Err(format!("{s:?} is not an address like tls://0.0.0.0:50052")),
-            };
-        }
-        if let Some(path) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
-            if path.is_empty() {
-                return Err(format!("{s:?} has no socket path"));
-            }
-            return Ok(Self::Unix(PathBuf::from(path)));
-        }
-        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
-        let hostport = match hostport.strip_prefix("localhost:") {
-            Some(port) => format!("127.0.0.1:{port}"),
-            None => hostport.to_owned(),
-        };
-        hostport.parse().map(Self::Tcp).map_err(|_| {
-            format!("{s:?} is not an address like 127.0.0.1:50051 or unix:///run/keybroker.sock")
-        })
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "{a}"),
-            Self::Unix(p) => write!(f, "unix://{}", p.display()),
-            Self::Tls(a) => write!(f, "tls://{a}"),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: Vec<ListenAddr>,
@@ -150,63 +96,112 @@ pub struct ServerConfig {
     /// `KEYBROKER_ALLOW_INSECURE_REMOTE`).
     pub allow_insecure_remote: bool,
     /// `[server.limits]`: connection, handshake and HTTP/2 limits.
-    pub limits: crate::transport::ServerLimits,
+    pub limits: ServerLimits,
 }
 
 /// `[server.tls]`: the server certificate and, for mutual TLS, the client CA bundle. The files
 /// are re-read when they change (SPIRE and cert-manager rotate them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTls {
-    pub files: crate::tls::TlsFiles,
-    pub client_auth: crate::tls::ClientAuth,
+    pub files: TlsFiles,
+    pub client_auth: ClientAuth,
     /// Which name in a client certificate becomes the caller.
     pub caller_from: CallerFrom,
     /// CRLs that client certificates are checked against (`client_crl`), re-read on change.
-    pub revocation: Option<crate::tls::Revocation>,
+    pub revocation: Option<Revocation>,
 }
 
-/// Where a client certificate's caller name comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallerFrom {
-    /// The `spiffe://` URI SAN (SPIFFE X.509-SVIDs carry exactly one).
-    Spiffe,
-    /// The first DNS SAN.
-    Dns,
-    /// The subject's common name.
-    SubjectCn,
-}
-
-/// Data-key cache limits for one key (or the global defaults).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheLimits {
-    pub enabled: bool,
-    pub ttl: Duration,
-    pub max_messages: u64,
-    pub max_bytes: u64,
-}
-
-impl Default for CacheLimits {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            ttl: DEFAULT_CACHE_TTL,
-            max_messages: DEFAULT_MAX_MESSAGES,
-            max_bytes: DEFAULT_MAX_BYTES,
+impl ServerConfig {
+    /// Reads `[server]` (with `[server.limits]` and `[server.tls]`) over `defaults`.
+    fn parse(s: &Section<'_>, defaults: ServerConfig, base: &Path, p: &mut Problems) -> Self {
+        let mut out = defaults;
+        if let Some(list) = s.str_list("listen", p) {
+            let mut listen = Vec::new();
+            for addr in &list {
+                match ListenAddr::parse(addr) {
+                    Ok(a) => listen.push(a),
+                    Err(e) => p.push(s.at("listen"), e),
+                }
+            }
+            if list.is_empty() {
+                p.push(s.at("listen"), "needs at least one address");
+            }
+            out.listen = listen;
         }
+        if let Some(mode) = s.file_mode("unix_socket_mode", p) {
+            out.unix_socket_mode = mode;
+        }
+        if let Some(n) = s.size("max_request_bytes", p) {
+            if n == 0 || n > 64 << 20 {
+                p.push(s.at("max_request_bytes"), "must be 1 byte to 64MiB");
+            }
+            out.max_request_bytes = n;
+        }
+        if let Some(d) = s.duration("shutdown_grace", p) {
+            out.shutdown_grace = d;
+        }
+        if let Some(n) = s.u64("worker_threads", p) {
+            if n > 256 {
+                p.push(s.at("worker_threads"), "must be 0 (one per core) to 256");
+            }
+            out.worker_threads = n as usize;
+        }
+        if let Some(b) = s.bool("allow_insecure_remote", p) {
+            out.allow_insecure_remote = b;
+        }
+        let limits = s.section("limits", p);
+        out.limits = ServerLimits::parse(&limits, p);
+        limits.finish(p);
+        let tls = s.section("tls", p);
+        out.tls = ServerTls::parse(&tls, base, p);
+        tls.finish(p);
+        if out.tls.is_none() && out.listen.iter().any(|l| matches!(l, ListenAddr::Tls(_))) {
+            p.push(
+                s.at("listen"),
+                "a tls:// address needs a [server.tls] section",
+            );
+        }
+        out
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct CacheConfig {
-    pub defaults: CacheLimits,
-    /// Entries across both caches (encrypt side and decrypt side each get this many).
-    pub capacity: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct LocalConfig {
-    pub keyring: PathBuf,
-    pub poll_interval: Duration,
+impl ServerTls {
+    /// Reads `[server.tls]` (`None` without the section, or without its required files).
+    fn parse(tls: &Section<'_>, base: &Path, p: &mut Problems) -> Option<Self> {
+        tls.table?;
+        let cert = tls.req_str("cert", p).map(|c| resolve(base, c));
+        let key = tls.req_str("key", p).map(|k| resolve(base, k));
+        let client_ca = tls.str("client_ca", p).map(|c| resolve(base, c));
+        let client_auth = match tls.str("client_auth", p) {
+            None | Some("required") => ClientAuth::Required,
+            Some("optional") => ClientAuth::Optional,
+            Some(_) => {
+                p.push(
+                    tls.at("client_auth"),
+                    "must be \"required\" or \"optional\"",
+                );
+                ClientAuth::Required
+            }
+        };
+        let caller_from = CallerFrom::parse(tls, p);
+        let revocation = Revocation::parse(tls, base, p);
+        if revocation.is_some() && client_ca.is_none() {
+            p.push(
+                tls.at("client_crl"),
+                "needs client_ca (CRLs check client certificates)",
+            );
+        }
+        Some(ServerTls {
+            files: TlsFiles {
+                cert: cert?,
+                key: key?,
+                client_ca,
+            },
+            client_auth,
+            caller_from,
+            revocation,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,65 +217,6 @@ pub struct LogConfig {
     pub level: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendConfig {
-    Local {
-        keyring: PathBuf,
-        /// The key's name inside the keyring.
-        key_id: String,
-        /// Create the keyring and the key if missing (the embedded default does).
-        create: bool,
-    },
-    /// Boxed: much larger than the other variants.
-    Aws(Box<crate::backend::aws::AwsKeyConfig>),
-    /// A Cloud KMS CryptoKey (see `backend::gcp`).
-    Gcp {
-        /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
-        key_id: String,
-        /// Overrides `[gcp] endpoint` for this key.
-        endpoint: Option<String>,
-    },
-    /// Azure Key Vault or Managed HSM (see docs/azure.md).
-    Azure {
-        /// The key URL as configured (validated; may pin a version).
-        key_id: String,
-        key: crate::backend::azure::KeyUrl,
-        /// The global `[azure]` section (one credential and client per vault for all keys).
-        settings: crate::backend::azure::AzureSettings,
-    },
-}
-
-impl BackendConfig {
-    pub fn kind(&self) -> crate::backend::BackendKind {
-        match self {
-            Self::Local { .. } => crate::backend::BackendKind::Local,
-            Self::Aws(_) => crate::backend::BackendKind::Aws,
-            Self::Gcp { .. } => crate::backend::BackendKind::Gcp,
-            Self::Azure { .. } => crate::backend::BackendKind::Azure,
-        }
-    }
-
-    pub fn key_id(&self) -> &str {
-        match self {
-            Self::Local { key_id, .. } => key_id,
-            Self::Aws(c) => &c.key_id,
-            Self::Gcp { key_id, .. } => key_id,
-            Self::Azure { key_id, .. } => key_id,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct KeyConfig {
-    pub name: String,
-    pub description: String,
-    pub enabled: bool,
-    pub backend: BackendConfig,
-    pub cache: CacheLimits,
-    /// Who may do what with this key; empty denies everything.
-    pub policy: Policy,
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where this configuration came from ("embedded default" or a path), for messages.
@@ -288,19 +224,25 @@ pub struct Config {
     pub embedded: bool,
     pub server: ServerConfig,
     pub cache: CacheConfig,
-    pub local: LocalConfig,
+    /// `[local]`: the default keyring of `backend = "local"` keys.
+    pub local: LocalSettings,
     /// `[aws]`: defaults for AWS KMS keys.
-    pub aws: crate::backend::aws::AwsDefaults,
+    pub aws: AwsDefaults,
     /// `[gcp]`: Cloud KMS client settings shared by every `backend = "gcp"` key.
-    pub gcp: crate::backend::gcp::GcpSettings,
+    pub gcp: GcpSettings,
     pub log: LogConfig,
     pub identity: IdentityConfig,
     pub audit: AuditConfig,
     /// The admin HTTP listener (/metrics, /healthz, /readyz); None switches it off.
     pub admin_listen: Option<SocketAddr>,
     pub metrics: MetricsConfig,
-    pub azure: crate::backend::azure::AzureSettings,
+    pub azure: AzureSettings,
     pub keys: BTreeMap<String, KeyConfig>,
+    /// `[kms_plugin]`: the Kubernetes KMS v2 plugin socket (None: off).
+    pub kms_plugin: Option<KmsPluginSettings>,
+    /// What the file says in a way that still works but should change (deprecated names):
+    /// `config check` shows them, `serve` logs them.
+    pub notices: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -335,6 +277,8 @@ impl Config {
                     key_id: DEFAULT_KEY.to_owned(),
                     create: true,
                 },
+                secondaries: Vec::new(),
+                require: Default::default(),
                 cache: CacheLimits::default(),
                 // Development mode: anyone who can reach the sidecar may use the key.
                 policy: Policy::allow_anonymous_everything(),
@@ -355,18 +299,15 @@ impl Config {
                 worker_threads: 0,
                 tls: None,
                 allow_insecure_remote: false,
-                limits: crate::transport::ServerLimits::default(),
+                limits: ServerLimits::default(),
             },
-            cache: CacheConfig {
-                defaults: CacheLimits::default(),
-                capacity: DEFAULT_CACHE_CAPACITY,
-            },
-            local: LocalConfig {
+            cache: CacheConfig::default(),
+            local: LocalSettings {
                 keyring,
                 poll_interval: Duration::from_secs(1),
             },
             aws: Default::default(),
-            gcp: crate::backend::gcp::GcpSettings::default(),
+            gcp: GcpSettings::default(),
             log: LogConfig {
                 format: LogFormat::Text,
                 level: "info".to_owned(),
@@ -380,6 +321,8 @@ impl Config {
             metrics: MetricsConfig::default(),
             azure: Default::default(),
             keys,
+            kms_plugin: None,
+            notices: Vec::new(),
         }
     }
 
@@ -417,8 +360,11 @@ impl Config {
         let config = Self::from_root(&root, source_name, base, &mut p);
         root.finish(&mut p);
         match config {
-            Some(c) if p.0.is_empty() => Ok(c),
-            _ => Err(fail(p.0)),
+            Some(mut c) if p.errors.is_empty() => {
+                c.notices = p.notices;
+                Ok(c)
+            }
+            _ => Err(fail(p.errors)),
         }
     }
 
@@ -435,212 +381,100 @@ impl Config {
         config.local.keyring = resolve(base, DEFAULT_KEYRING);
 
         let server = root.section("server", p);
-        if let Some(list) = server.str_list("listen", p) {
-            let mut listen = Vec::new();
-            for s in &list {
-                match ListenAddr::parse(s) {
-                    Ok(a) => listen.push(a),
-                    Err(e) => p.push(server.at("listen"), e),
-                }
-            }
-            if list.is_empty() {
-                p.push(server.at("listen"), "needs at least one address");
-            }
-            config.server.listen = listen;
-        }
-        if let Some(mode) = server.file_mode("unix_socket_mode", p) {
-            config.server.unix_socket_mode = mode;
-        }
-        if let Some(n) = server.size("max_request_bytes", p) {
-            if n == 0 || n > 64 << 20 {
-                p.push(server.at("max_request_bytes"), "must be 1 byte to 64MiB");
-            }
-            config.server.max_request_bytes = n;
-        }
-        if let Some(d) = server.duration("shutdown_grace", p) {
-            config.server.shutdown_grace = d;
-        }
-        if let Some(n) = server.u64("worker_threads", p) {
-            if n > 256 {
-                p.push(
-                    server.at("worker_threads"),
-                    "must be 0 (one per core) to 256",
-                );
-            }
-            config.server.worker_threads = n as usize;
-        }
-        if let Some(b) = server.bool("allow_insecure_remote", p) {
-            config.server.allow_insecure_remote = b;
-        }
-        let limits = server.section("limits", p);
-        config.server.limits = crate::transport::ServerLimits::parse(&limits, p);
-        limits.finish(p);
-        let tls = server.section("tls", p);
-        if tls.table.is_some() {
-            let cert = tls.req_str("cert", p).map(|c| resolve(base, c));
-            let key = tls.req_str("key", p).map(|k| resolve(base, k));
-            let client_ca = tls.str("client_ca", p).map(|c| resolve(base, c));
-            let client_auth = match tls.str("client_auth", p) {
-                None | Some("required") => crate::tls::ClientAuth::Required,
-                Some("optional") => crate::tls::ClientAuth::Optional,
-                Some(_) => {
-                    p.push(
-                        tls.at("client_auth"),
-                        "must be \"required\" or \"optional\"",
-                    );
-                    crate::tls::ClientAuth::Required
-                }
-            };
-            let caller_from = match tls.str("caller_from", p) {
-                None | Some("spiffe") => CallerFrom::Spiffe,
-                Some("dns") => CallerFrom::Dns,
-                Some("subject_cn") => CallerFrom::SubjectCn,
-                Some(_) => {
-                    p.push(
-                        tls.at("caller_from"),
-                        "must be \"spiffe\", \"dns\" or \"subject_cn\"",
-                    );
-                    CallerFrom::Spiffe
-                }
-            };
-            let revocation = crate::tls::Revocation::parse(&tls, base, p);
-            if revocation.is_some() && client_ca.is_none() {
-                p.push(
-                    tls.at("client_crl"),
-                    "needs client_ca (CRLs check client certificates)",
-                );
-            }
-            if let (Some(cert), Some(key)) = (cert, key) {
-                config.server.tls = Some(ServerTls {
-                    files: crate::tls::TlsFiles {
-                        cert,
-                        key,
-                        client_ca,
-                    },
-                    client_auth,
-                    caller_from,
-                    revocation,
-                });
-            }
-        }
-        tls.finish(p);
-        if config.server.tls.is_none()
-            && config
-                .server
-                .listen
-                .iter()
-                .any(|l| matches!(l, ListenAddr::Tls(_)))
-        {
-            p.push(
-                server.at("listen"),
-                "a tls:// address needs a [server.tls] section",
-            );
-        }
+        config.server = ServerConfig::parse(&server, config.server, base, p);
         server.finish(p);
-
         let cache = root.section("cache", p);
-        config.cache.defaults = cache_limits(&cache, CacheLimits::default(), p);
-        if let Some(n) = cache.u64("capacity", p) {
-            if n == 0 {
-                p.push(cache.at("capacity"), "must be at least 1");
-            }
-            config.cache.capacity = n;
-        }
+        config.cache = CacheConfig::parse(&cache, p);
         cache.finish(p);
-
         let local = root.section("local", p);
-        if let Some(s) = local.str("keyring", p) {
-            config.local.keyring = resolve(base, s);
-        }
-        if let Some(d) = local.duration("poll_interval", p) {
-            if d < Duration::from_millis(100) {
-                p.push(local.at("poll_interval"), "must be at least 100ms");
-            }
-            config.local.poll_interval = d;
-        }
+        config.local = LocalSettings::parse(&local, config.local, base, p);
         local.finish(p);
-
         let aws = root.section("aws", p);
-        config.aws = crate::backend::aws::AwsDefaults::parse(&aws, base, p);
+        config.aws = AwsDefaults::parse(&aws, base, p);
         aws.finish(p);
         let gcp = root.section("gcp", p);
-        config.gcp = crate::backend::gcp::GcpSettings::parse(&gcp, p);
+        config.gcp = GcpSettings::parse(&gcp, p);
         gcp.finish(p);
-
-        let log = root.section("log", p);
-        if let Some(s) = log.str("format", p) {
-            match s {
-                "text" => config.log.format = LogFormat::Text,
-                "json" => config.log.format = LogFormat::Json,
-                _ => p.push(log.at("format"), "must be \"text\" or \"json\""),
-            }
-        }
-        if let Some(s) = log.str("level", p) {
-            config.log.level = s.to_owned();
-        }
-        log.finish(p);
-
-        config.identity = identity(&root.section("identity", p), base, p);
-        config.audit = audit(&root.section("audit", p), base, p);
-
-        let admin = root.section("admin", p);
-        if let Some(a) = admin.str("listen", p) {
-            match parse_admin_listen(a) {
-                Ok(v) => config.admin_listen = v,
-                Err(e) => p.push(admin.at("listen"), e),
-            }
-        }
-        admin.finish(p);
-
-        let metrics = root.section("metrics", p);
-        if let Some(b) = metrics.bool("enabled", p) {
-            config.metrics.enabled = b;
-        }
-        metrics.finish(p);
-
-        let pricing = root.section("pricing", p);
-        for (name, section) in pricing.subsections(p) {
-            let Some(kind) = crate::backend::BackendKind::parse(name) else {
-                p.push(
-                    section.path.clone(),
-                    "unknown backend (local, aws, gcp or azure)",
-                );
-                continue;
-            };
-            let price = config.metrics.prices.get_mut(kind);
-            for (field, slot) in [
-                ("per_10k_requests", &mut price.per_10k_requests),
-                ("key_month", &mut price.key_month),
-            ] {
-                if let Some(v) = section.float(field, p) {
-                    if !(0.0..=1e6).contains(&v) {
-                        p.push(section.at(field), "must be a non-negative price in USD");
-                    }
-                    *slot = v;
-                }
-            }
-            section.finish(p);
-        }
+        config.process_sections(root, p);
+        config.identity = IdentityConfig::parse(&root.section("identity", p), base, p);
+        config.audit = AuditConfig::parse(&root.section("audit", p), base, p);
+        config.metrics.prices.parse(&root.section("pricing", p), p);
         let azure = root.section("azure", p);
-        config.azure = crate::backend::azure::AzureSettings::parse(&azure, base, p);
+        config.azure = AzureSettings::parse(&azure, base, p);
         azure.finish(p);
-
-        let keys = root.section("keys", p);
-        if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
-            p.push("keys", "at least one key must be configured");
-        }
-        for (name, section) in keys.subsections(p) {
-            if let Err(e) = check_name(name) {
-                p.push(section.path.clone(), format!("key name {e}"));
-            }
-            if let Some(k) = key_config(name, &section, &config, base, p) {
-                config.keys.insert(name.to_owned(), k);
-            }
-            section.finish(p);
+        config.keys_section(root, base, p);
+        config.kms_plugin = KmsPluginSettings::parse(&root.section("kms_plugin", p), base, p);
+        // The plugin listener owns its caller name: no client certificate may take it.
+        config
+            .identity
+            .reserved
+            .extend(config.kms_plugin.iter().map(|k| k.caller.clone()));
+        if let Some(k) = &config.kms_plugin
+            && !k.key.is_empty()
+            && !config.keys.contains_key(&k.key)
+        {
+            p.push(
+                "kms_plugin.key",
+                format!("names key {:?}, which is not configured", k.key),
+            );
         }
         Some(config)
     }
 
+    /// `[log]`, `[admin]` and `[metrics]`: the process's own sections.
+    fn process_sections(&mut self, root: &Section<'_>, p: &mut Problems) {
+        let log = root.section("log", p);
+        if let Some(s) = log.str("format", p) {
+            match s {
+                "text" => self.log.format = LogFormat::Text,
+                "json" => self.log.format = LogFormat::Json,
+                _ => p.push(log.at("format"), "must be \"text\" or \"json\""),
+            }
+        }
+        if let Some(s) = log.str("level", p) {
+            self.log.level = s.to_owned();
+        }
+        log.finish(p);
+        let admin = root.section("admin", p);
+        if let Some(a) = admin.str("listen", p) {
+            match parse_admin_listen(a) {
+                Ok(v) => self.admin_listen = v,
+                Err(e) => p.push(admin.at("listen"), e),
+            }
+        }
+        admin.finish(p);
+        let metrics = root.section("metrics", p);
+        if let Some(b) = metrics.bool("enabled", p) {
+            self.metrics.enabled = b;
+        }
+        metrics.finish(p);
+    }
+
+    /// `[keys.NAME]`, each over the section-level defaults read before.
+    fn keys_section(&mut self, root: &Section<'_>, base: &Path, p: &mut Problems) {
+        let keys = root.section("keys", p);
+        if keys.table.is_none() || keys.table.is_some_and(|t| t.is_empty()) {
+            p.push("keys", "at least one key must be configured");
+        }
+        let defaults = KeyDefaults {
+            local: &self.local,
+            aws: &self.aws,
+            azure: &self.azure,
+        };
+        let mut parsed = BTreeMap::new();
+        for (name, section) in keys.subsections(p) {
+            if let Err(e) = check_name(name) {
+                p.push(section.path.clone(), format!("key name {e}"));
+            }
+            if let Some(k) =
+                KeyConfig::parse(name, &section, self.cache.defaults, defaults, base, p)
+            {
+                parsed.insert(name.to_owned(), k);
+            }
+            section.finish(p);
+        }
+        self.keys = parsed;
+    }
     /// Applies environment overrides (`KEYBROKER_LISTEN`, `KEYBROKER_ADMIN_LISTEN`,
     /// `KEYBROKER_LOG`, `KEYBROKER_LOG_FORMAT`, `KEYBROKER_SOCKET_MODE`,
     /// `KEYBROKER_ALLOW_INSECURE_REMOTE`); problems are reported like file problems.
@@ -673,12 +507,12 @@ impl Config {
         if let Ok(v) = std::env::var(ENV_LOG) {
             self.log.level = v;
         }
-        if let Ok(v) = std::env::var(crate::transport::ENV_ALLOW_INSECURE_REMOTE) {
+        if let Ok(v) = std::env::var(ENV_ALLOW_INSECURE_REMOTE) {
             match v.trim() {
                 "true" | "1" => self.server.allow_insecure_remote = true,
                 "false" | "0" | "" => self.server.allow_insecure_remote = false,
                 _ => problems.push(Problem {
-                    at: crate::transport::ENV_ALLOW_INSECURE_REMOTE.to_owned(),
+                    at: ENV_ALLOW_INSECURE_REMOTE.to_owned(),
                     message: "must be \"true\" or \"false\"".to_owned(),
                 }),
             }
@@ -718,14 +552,13 @@ impl Config {
     /// them as errors; `serve` and reloads log them as warnings.
     pub fn warnings(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        let rules = self.identity.caller_names();
+        let mut rules = self.identity.caller_names();
+        // The KMS plugin listener names its caller itself.
+        rules.extend(self.kms_plugin.iter().map(|k| k.caller.clone()));
         for k in self.keys.values() {
             for (i, st) in k.policy.statements.iter().enumerate() {
                 for c in &st.callers {
-                    if c == crate::policy::ANY_IDENTIFIED
-                        || rules.contains(c)
-                        || self.certificates_can_name(c)
-                    {
+                    if c == ANY_IDENTIFIED || rules.contains(c) || self.certificates_can_name(c) {
                         continue;
                     }
                     out.push(Problem {
@@ -776,316 +609,38 @@ impl Config {
     /// those the policies name (plus `anonymous`).
     pub fn known_callers(&self) -> std::collections::BTreeSet<String> {
         let mut names = self.identity.caller_names();
+        names.extend(self.kms_plugin.iter().map(|k| k.caller.clone()));
         for k in self.keys.values() {
             names.extend(
                 k.policy
                     .callers()
-                    .filter(|c| *c != crate::policy::ANY_IDENTIFIED)
+                    .filter(|c| *c != ANY_IDENTIFIED)
                     .map(str::to_owned),
             );
         }
         names
     }
-}
 
-fn key_config(
-    name: &str,
-    s: &Section<'_>,
-    config: &Config,
-    base: &Path,
-    p: &mut Problems,
-) -> Option<KeyConfig> {
-    let description = s.str("description", p).unwrap_or_default().to_owned();
-    let enabled = s.bool("enabled", p).unwrap_or(true);
-    let backend_name = s.req_str("backend", p);
-    let key_id = s.req_str("key_id", p);
-    let cache_section = s.section("cache", p);
-    let cache = cache_limits(&cache_section, config.cache.defaults, p);
-    cache_section.finish(p);
-    let policy = policy(s, p);
-    let backend = match backend_name? {
-        "local" => {
-            let keyring = s
-                .str("keyring", p)
-                .map(|k| resolve(base, k))
-                .unwrap_or_else(|| config.local.keyring.clone());
-            let create = s.bool("create", p).unwrap_or(false);
-            let key_id = key_id?;
-            if let Err(e) = check_name(key_id) {
-                p.push(s.at("key_id"), format!("keyring key name {e}"));
-            }
-            BackendConfig::Local {
-                keyring,
-                key_id: key_id.to_owned(),
-                create,
-            }
-        }
-        "aws" => {
-            let aws = crate::backend::aws::AwsKeyConfig::parse(key_id?, s, &config.aws, p);
-            BackendConfig::Aws(Box::new(aws))
-        }
-        "gcp" => crate::backend::gcp::key_config(s, key_id?, p)?,
-        "azure" => {
-            let key_id = key_id?;
-            let key = match crate::backend::azure::KeyUrl::parse(key_id) {
-                Ok(k) => k,
-                Err(e) => {
-                    p.push(s.at("key_id"), e);
-                    return None;
-                }
-            };
-            BackendConfig::Azure {
-                key_id: key_id.to_owned(),
-                key,
-                settings: config.azure.clone(),
-            }
-        }
-        other => {
-            p.push(
-                s.at("backend"),
-                format!("unknown backend {other:?} (expected local, aws, gcp or azure)"),
-            );
-            return None;
-        }
-    };
-    Some(KeyConfig {
-        name: name.to_owned(),
-        description,
-        enabled,
-        backend,
-        cache,
-        policy,
-    })
-}
+    /// A backend factory over this configuration's section-level settings.
+    pub fn backend_factory(&self) -> Factory {
+        Factory::new(&self.local, &self.gcp)
+    }
 
-/// `[[keys.NAME.policy]]` statements: `callers` (names, or `*` for any identified caller) and
-/// `operations` (names, or `*` for all).
-fn policy(key: &Section<'_>, p: &mut Problems) -> Policy {
-    let mut statements = Vec::new();
-    for st in key.section_list("policy", p) {
-        let mut callers = std::collections::BTreeSet::new();
-        match st.str_list("callers", p) {
-            Some(list) if !list.is_empty() => {
-                for c in list {
-                    if c != crate::policy::ANY_IDENTIFIED
-                        && let Err(e) = check_name(c)
-                    {
-                        p.push(st.at("callers"), format!("caller {e}"));
-                    }
-                    callers.insert(c.to_owned());
-                }
-            }
-            _ => p.push(
-                st.at("callers"),
-                "is required: a list of caller names (or \"*\")",
-            ),
-        }
-        let mut operations = std::collections::BTreeSet::new();
-        match st.str_list("operations", p) {
-            Some(list) if !list.is_empty() => {
-                for o in list {
-                    if o == "*" {
-                        operations.extend(Operation::ALL);
-                    } else if let Some(op) = Operation::parse(o) {
-                        operations.insert(op);
-                    } else {
-                        p.push(
-                            st.at("operations"),
-                            format!("unknown operation {o:?} (encrypt, decrypt, generate_data_key, re_encrypt, list or *)"),
-                        );
-                    }
-                }
-            }
-            _ => p.push(
-                st.at("operations"),
-                "is required: a list of operations (or \"*\")",
-            ),
-        }
-        st.finish(p);
-        statements.push(Statement {
-            callers,
-            operations,
-        });
-    }
-    Policy { statements }
-}
-
-/// `[audit]`: the audit log (see `audit.rs`).
-fn audit(s: &Section<'_>, base: &Path, p: &mut Problems) -> AuditConfig {
-    let mut a = AuditConfig::default();
-    if let Some(b) = s.bool("enabled", p) {
-        a.enabled = b;
-    }
-    if let Some(path) = s.str("path", p) {
-        a.sink = match path {
-            "-" | "stdout" => AuditSink::Stdout,
-            "" => {
-                p.push(s.at("path"), "must be a file path or \"-\" for stdout");
-                AuditSink::Stdout
-            }
-            other => AuditSink::File(resolve(base, other)),
-        };
-    }
-    if let Some(n) = s.size("max_file_size", p) {
-        if n < 4096 {
-            p.push(s.at("max_file_size"), "must be at least 4KiB");
-        }
-        a.max_file_bytes = n;
-    }
-    if let Some(n) = s.u64("max_files", p) {
-        if n > 1000 {
-            p.push(s.at("max_files"), "must be 0 to 1000");
-        }
-        a.max_files = n as u32;
-    }
-    if let Some(n) = s.u64("queue", p) {
-        if n == 0 || n > 1 << 20 {
-            p.push(s.at("queue"), "must be 1 to 1048576");
-        }
-        a.queue = n as usize;
-    }
-    if let Some(d) = s.duration("block_timeout", p) {
-        if d > Duration::from_secs(10) {
-            p.push(s.at("block_timeout"), "must be at most 10s");
-        }
-        a.block_timeout = d;
-    }
-    if let Some(m) = s.str("mode", p) {
-        a.mode = match m {
-            "required" => AuditMode::Required,
-            "best_effort" => AuditMode::BestEffort,
-            _ => {
-                p.push(s.at("mode"), "must be \"required\" or \"best_effort\"");
-                AuditMode::Required
-            }
-        };
-    }
-    if let Some(b) = s.bool("include_context_values", p) {
-        a.include_context_values = b;
-    }
-    if let Some(f) = s.str("key_file", p) {
-        a.key_file = Some(resolve(base, f));
-    }
-    if let Some(f) = s.str("checkpoint_file", p) {
-        a.checkpoint_file = Some(resolve(base, f));
-    }
-    if let Some(d) = s.duration("checkpoint_interval", p) {
-        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
-            p.push(s.at("checkpoint_interval"), "must be 100ms to 1h");
-        }
-        a.checkpoint_interval = d;
-    }
-    if let AuditSink::File(log) = &a.sink {
-        for (field, f) in [
-            ("key_file", &a.key_file),
-            ("checkpoint_file", &a.checkpoint_file),
-        ] {
-            if f.as_ref() == Some(log) {
-                p.push(s.at(field), "must not be the audit log itself");
-            }
-        }
-    }
-    s.finish(p);
-    a
-}
-
-/// `[identity]`: how callers are identified (see `identity.rs`).
-fn identity(s: &Section<'_>, base: &Path, p: &mut Problems) -> IdentityConfig {
-    let mut out = IdentityConfig::default();
-    if let Some(d) = s.duration("reload_interval", p) {
-        if d < Duration::from_millis(100) {
-            p.push(s.at("reload_interval"), "must be at least 100ms");
-        }
-        out.reload_interval = d;
-    }
-    let caller = |t: &Section<'_>, p: &mut Problems| -> String {
-        let c = t.req_str("caller", p).unwrap_or_default();
-        if !c.is_empty()
-            && let Err(e) = check_name(c)
-        {
-            p.push(t.at("caller"), format!("caller {e}"));
-        }
-        if c == crate::identity::ANONYMOUS || c == crate::policy::ANY_IDENTIFIED {
-            p.push(t.at("caller"), format!("{c:?} is reserved"));
-        }
-        c.to_owned()
-    };
-    for t in s.section_list("tokens", p) {
-        let caller = caller(&t, p);
-        if let Some(f) = t.req_str("file", p) {
-            out.tokens.push(TokenRule {
-                caller,
-                file: resolve(base, f),
-            });
-        }
-        t.finish(p);
-    }
-    for t in s.section_list("peers", p) {
-        let caller = caller(&t, p);
-        let to_u32 = |field: &str, p: &mut Problems| {
-            t.u64(field, p).and_then(|n| match u32::try_from(n) {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    p.push(t.at(field), "is out of range");
-                    None
-                }
+    /// Builds the registry of this configuration's keys (see [`Registry::build`]); problems
+    /// are reported like configuration problems.
+    pub async fn build_registry(
+        &self,
+        stats: &StatsBook,
+        layer: Option<&BackendLayer>,
+        previous: Option<&Registry>,
+    ) -> Result<Registry, ConfigError> {
+        Registry::build(&self.keys, self.backend_factory(), stats, layer, previous)
+            .await
+            .map_err(|problems| ConfigError {
+                source_name: self.source_name.clone(),
+                problems,
             })
-        };
-        let uid = to_u32("uid", p);
-        let gid = to_u32("gid", p);
-        if uid.is_none() && gid.is_none() {
-            p.push(t.path.clone(), "needs uid, gid or both");
-        }
-        out.peers.push(PeerRule { caller, uid, gid });
-        t.finish(p);
     }
-    for t in s.section_list("mtls", p) {
-        let caller = caller(&t, p);
-        if let Some(id) = t.req_str("id", p) {
-            out.mtls.push(MtlsRule {
-                caller,
-                id: id.to_owned(),
-            });
-        }
-        t.finish(p);
-    }
-    s.finish(p);
-    out
-}
-
-fn cache_limits(s: &Section<'_>, base: CacheLimits, p: &mut Problems) -> CacheLimits {
-    let mut l = base;
-    if let Some(b) = s.bool("enabled", p) {
-        l.enabled = b;
-    }
-    if let Some(d) = s.duration("ttl", p) {
-        if d.is_zero() || d > MAX_CACHE_TTL {
-            p.push(
-                s.at("ttl"),
-                format!(
-                    "must be above 0 and at most {}",
-                    format_duration(MAX_CACHE_TTL)
-                ),
-            );
-        }
-        l.ttl = d;
-    }
-    if let Some(n) = s.u64("max_messages", p) {
-        if n == 0 || n > MAX_MAX_MESSAGES {
-            p.push(
-                s.at("max_messages"),
-                format!("must be 1 to {MAX_MAX_MESSAGES} (2^32)"),
-            );
-        }
-        l.max_messages = n;
-    }
-    if let Some(n) = s.size("max_bytes", p) {
-        if n == 0 || n > MAX_MAX_BYTES {
-            p.push(s.at("max_bytes"), "must be 1 byte to 1TiB");
-        }
-        l.max_bytes = n;
-    }
-    l
 }
 
 /// An admin listen address, or `off`/`""` for none.
@@ -1107,285 +662,6 @@ fn line_column(text: &str, at: usize) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
     format!("line {line}, column {column}")
-}
-
-fn resolve(base: &Path, s: &str) -> PathBuf {
-    let path = PathBuf::from(s);
-    if path.is_absolute() {
-        path
-    } else {
-        base.join(path)
-    }
-}
-
-/// Collected problems.
-#[derive(Debug, Default)]
-pub struct Problems(pub Vec<Problem>);
-
-impl Problems {
-    pub fn push(&mut self, at: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem {
-            at: at.into(),
-            message: message.into(),
-        });
-    }
-}
-
-/// A view of one TOML table that remembers which fields were read, so `finish` can report the
-/// unknown ones. Wrong types are reported at the field's path and read as absent.
-pub struct Section<'a> {
-    pub table: Option<&'a Table>,
-    pub path: String,
-    seen: std::cell::RefCell<Vec<String>>,
-}
-
-impl<'a> Section<'a> {
-    pub fn new(table: Option<&'a Table>, path: &str) -> Self {
-        Self {
-            table,
-            path: path.to_owned(),
-            seen: Default::default(),
-        }
-    }
-
-    pub fn at(&self, field: &str) -> String {
-        if self.path.is_empty() {
-            field.to_owned()
-        } else {
-            format!("{}.{field}", self.path)
-        }
-    }
-
-    fn get(&self, field: &str) -> Option<&'a Value> {
-        self.seen.borrow_mut().push(field.to_owned());
-        self.table?.get(field)
-    }
-
-    pub fn str(&self, field: &str, p: &mut Problems) -> Option<&'a str> {
-        match self.get(field)? {
-            Value::String(s) => Some(s),
-            other => {
-                p.push(
-                    self.at(field),
-                    format!("must be a string, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn req_str(&self, field: &str, p: &mut Problems) -> Option<&'a str> {
-        let v = self.str(field, p);
-        if v.is_none() && self.table.is_some_and(|t| !t.contains_key(field)) {
-            p.push(self.at(field), "is required");
-        }
-        v
-    }
-
-    pub fn bool(&self, field: &str, p: &mut Problems) -> Option<bool> {
-        match self.get(field)? {
-            Value::Boolean(b) => Some(*b),
-            other => {
-                p.push(
-                    self.at(field),
-                    format!("must be true or false, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn u64(&self, field: &str, p: &mut Problems) -> Option<u64> {
-        match self.get(field)? {
-            Value::Integer(i) if *i >= 0 => Some(*i as u64),
-            Value::Integer(_) => {
-                p.push(self.at(field), "must not be negative");
-                None
-            }
-            other => {
-                p.push(
-                    self.at(field),
-                    format!("must be an integer, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn size(&self, field: &str, p: &mut Problems) -> Option<u64> {
-        match self.get(field)? {
-            Value::Integer(i) if *i >= 0 => Some(*i as u64),
-            Value::String(s) => match parse_size(s) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    p.push(self.at(field), e);
-                    None
-                }
-            },
-            _ => {
-                p.push(
-                    self.at(field),
-                    "must be a size: bytes, or a string like \"4MiB\"",
-                );
-                None
-            }
-        }
-    }
-
-    pub fn float(&self, field: &str, p: &mut Problems) -> Option<f64> {
-        match self.get(field)? {
-            Value::Float(f) => Some(*f),
-            Value::Integer(i) => Some(*i as f64),
-            other => {
-                p.push(
-                    self.at(field),
-                    format!("must be a number, not {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn duration(&self, field: &str, p: &mut Problems) -> Option<Duration> {
-        match self.get(field)? {
-            Value::String(s) => match parse_duration(s) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    p.push(self.at(field), e);
-                    None
-                }
-            },
-            other => {
-                p.push(
-                    self.at(field),
-                    format!(
-                        "must be a duration string like \"30s\", not {}",
-                        other.type_str()
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    /// A Unix file mode: an integer (`0o660`) or an octal string (`"0660"`).
-    pub fn file_mode(&self, field: &str, p: &mut Problems) -> Option<u32> {
-        let mode = match self.get(field)? {
-            Value::Integer(i) => u32::try_from(*i).ok(),
-            Value::String(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
-            _ => None,
-        };
-        match mode {
-            Some(m) if m <= 0o777 => Some(m),
-            _ => {
-                p.push(self.at(field), "must be a file mode like \"0660\"");
-                None
-            }
-        }
-    }
-
-    /// A string or an array of strings.
-    pub fn str_list(&self, field: &str, p: &mut Problems) -> Option<Vec<&'a str>> {
-        match self.get(field)? {
-            Value::String(s) => Some(vec![s.as_str()]),
-            Value::Array(items) => {
-                let mut out = Vec::new();
-                for (i, v) in items.iter().enumerate() {
-                    match v.as_str() {
-                        Some(s) => out.push(s),
-                        None => p.push(format!("{}[{i}]", self.at(field)), "must be a string"),
-                    }
-                }
-                Some(out)
-            }
-            other => {
-                p.push(
-                    self.at(field),
-                    format!(
-                        "must be a string or a list of strings, not {}",
-                        other.type_str()
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    /// A sub-table (absent reads as an empty section).
-    pub fn section(&self, field: &str, p: &mut Problems) -> Section<'a> {
-        let table = match self.get(field) {
-            None => None,
-            Some(Value::Table(t)) => Some(t),
-            Some(other) => {
-                p.push(
-                    self.at(field),
-                    format!("must be a table, not {}", other.type_str()),
-                );
-                None
-            }
-        };
-        Section::new(table, &self.at(field))
-    }
-
-    /// An array of tables (`[[field]]`).
-    pub fn section_list(&self, field: &str, p: &mut Problems) -> Vec<Section<'a>> {
-        match self.get(field) {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, v)| {
-                    let at = format!("{}[{i}]", self.at(field));
-                    match v {
-                        Value::Table(t) => Some(Section::new(Some(t), &at)),
-                        _ => {
-                            p.push(at, "must be a table");
-                            None
-                        }
-                    }
-                })
-                .collect(),
-            Some(other) => {
-                p.push(
-                    self.at(field),
-                    format!("must be a list of tables, not {}", other.type_str()),
-                );
-                Vec::new()
-            }
-        }
-    }
-
-    /// Every entry of this table as a sub-section (for `[keys.NAME]`-style maps).
-    pub fn subsections(&self, p: &mut Problems) -> Vec<(&'a str, Section<'a>)> {
-        let Some(t) = self.table else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for (name, v) in t {
-            self.seen.borrow_mut().push(name.clone());
-            match v {
-                Value::Table(sub) => {
-                    out.push((name.as_str(), Section::new(Some(sub), &self.at(name))))
-                }
-                other => p.push(
-                    self.at(name),
-                    format!("must be a table, not {}", other.type_str()),
-                ),
-            }
-        }
-        out
-    }
-
-    /// Reports fields that no reader asked for.
-    pub fn finish(&self, p: &mut Problems) {
-        let Some(t) = self.table else { return };
-        let seen = self.seen.borrow();
-        for k in t.keys() {
-            if !seen.iter().any(|s| s == k) {
-                p.push(self.at(k), "unknown field");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

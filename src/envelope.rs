@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use aws_lc_rs::{aead, constant_time, digest, hkdf};
 use zeroize::Zeroize;
 
-use crate::backend::BackendKind;
+use crate::backend_kind::BackendKind;
 use crate::secret::{RandomFailed, SecretKey, random_fill};
 
 pub const MAGIC: [u8; 2] = *b"KB";
@@ -30,7 +30,7 @@ pub const SALT_LEN: usize = 32;
 pub const COMMITMENT_LEN: usize = 32;
 pub const TAG_LEN: usize = 16;
 /// Key name and caller name length limit (bytes).
-pub const MAX_NAME_LEN: usize = 128;
+pub const MAX_NAME_LEN: usize = crate::util::MAX_NAME_LEN;
 pub const MAX_COPIES: usize = 8;
 pub const MAX_KEY_ID_LEN: usize = 2048;
 pub const MAX_VERSION_LEN: usize = 2048;
@@ -152,19 +152,6 @@ impl From<RandomFailed> for SealError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("decryption failed")]
 pub struct Unauthentic;
-
-/// The canonical encoding of an encryption context, which is authenticated as AAD: pair count,
-/// then pairs sorted by key bytes, each length-prefixed (u16 big-endian). `BTreeMap<String, _>`
-/// iterates in byte order, which is exactly the canonical order.
-pub fn encode_context(context: &BTreeMap<String, String>, out: &mut Vec<u8>) {
-    // Limits are enforced by `check_context` before any sealing or opening; saturate so an
-    // unchecked call can never panic.
-    put_u16(out, context.len().min(u16::MAX as usize) as u16);
-    for (k, v) in context {
-        put_bytes16(out, k.as_bytes());
-        put_bytes16(out, v.as_bytes());
-    }
-}
 
 /// Checks an encryption context against the format limits, naming the offending part.
 pub fn check_context(context: &BTreeMap<String, String>) -> Result<(), String> {
@@ -337,7 +324,7 @@ fn seal_inner(
     // commitment goes in between, giving the AAD: header || canonical(context).
     let mut aad = Vec::with_capacity(prefix_end + COMMITMENT_LEN + 2 + context.len() * 32);
     aad.extend_from_slice(&out);
-    encode_context(context, &mut aad);
+    crate::context::encode_map(context, &mut aad);
     let prk = extract(data_key, salt);
     let material = derive(version, &prk, &aad).map_err(|_| SealError::Crypto)?;
     out.extend_from_slice(material.commitment());
@@ -476,7 +463,7 @@ impl Envelope<'_> {
         let prefix_end = self.header.len() - COMMITMENT_LEN;
         let mut aad = Vec::with_capacity(self.header.len() + 2 + context.len() * 32);
         aad.extend_from_slice(&self.header[..prefix_end]);
-        encode_context(context, &mut aad);
+        crate::context::encode_map(context, &mut aad);
         let prk = extract(data_key, self.salt);
         let material = derive(self.version, &prk, &aad).map_err(|_| Unauthentic)?;
         constant_time::verify_slices_are_equal(material.commitment(), self.commitment)
@@ -602,12 +589,6 @@ fn encoded_header_len(key_name: &str, caller: &str, copies: &[WrappedCopy<'_>]) 
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_be_bytes());
-}
-
-fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = bytes.len().min(u16::MAX as usize);
-    put_u16(out, len as u16);
-    out.extend_from_slice(&bytes[..len]);
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str, what: &'static str) -> Result<(), SealError> {
@@ -768,7 +749,7 @@ mod tests {
     #[test]
     fn context_encoding_is_canonical() {
         let mut a = Vec::new();
-        encode_context(&ctx(&[("b", "2"), ("a", "1")]), &mut a);
+        crate::context::encode_map(&ctx(&[("b", "2"), ("a", "1")]), &mut a);
         assert_eq!(a, [0, 2, 0, 1, b'a', 0, 1, b'1', 0, 1, b'b', 0, 1, b'2']);
     }
 

@@ -1,27 +1,24 @@
-//! The request-level error type, and the one place it becomes a gRPC status.
+//! The request-level error type, in domain terms: what went wrong, the stable reason clients
+//! can switch on (`KEY_DISABLED`, `POLICY_DENIED`, ...), and what a caller may be told about it.
+//! The one mapping to a gRPC status (code, message, ErrorInfo details, logging of the cause
+//! chain) is `status`, at the edge; nothing here knows about gRPC.
 //!
-//! Every status carries a `google.rpc.ErrorInfo` detail (domain `keybroker.io`) with a stable
-//! `reason` that clients can switch on. Messages name keys, callers and operations (all from the
-//! configuration, not secret) and never contain plaintext, key bytes or a provider's raw
-//! response; the full cause chain is logged here instead.
+//! Messages name keys, callers and operations (all from the configuration, not secret) and never
+//! contain plaintext, key bytes or a provider's raw response (that stays in the `source` chain,
+//! for the log).
 
-use std::collections::HashMap;
-use std::error::Error as _;
-
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use std::borrow::Cow;
 
 use crate::backend::{BackendError, BackendErrorKind};
 use crate::envelope::FormatError;
-
-pub const ERROR_DOMAIN: &str = "keybroker.io";
+use crate::util::Capped;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request names a key the configuration does not have. The caller is answered exactly
     /// as for a key it has no grant on ([`Error::NoGrant`]), so key names cannot be enumerated;
     /// this variant (KEY_NOT_FOUND) is what the log, the metrics and the audit record keep.
-    #[error("key {:?} is not configured", crate::util::Capped(key))]
+    #[error("key {:?} is not configured", Capped(key))]
     KeyNotFound {
         key: String,
         caller: String,
@@ -79,6 +76,14 @@ pub enum Error {
     AuditUnavailable,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// A request this front door cannot serve as asked although it is well formed: a Kubernetes
+    /// KMS `key_id` of another key, or a result over kube-apiserver's limits. `reason` is the
+    /// stable ErrorInfo reason; `message` names only configuration values and limits.
+    #[error("{message}")]
+    Precondition {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Error {
@@ -95,128 +100,99 @@ impl Error {
         }
     }
 
-    /// The gRPC code and the stable ErrorInfo reason.
-    pub fn code_and_reason(&self) -> (Code, &'static str) {
+    /// The stable ErrorInfo reason (docs/api.md lists them).
+    pub fn reason(&self) -> &'static str {
         match self {
-            Error::KeyNotFound { .. } => (Code::NotFound, "KEY_NOT_FOUND"),
-            Error::NoGrant { .. } => (Code::PermissionDenied, "POLICY_DENIED"),
-            Error::KeyDisabled { .. } => (Code::FailedPrecondition, "KEY_DISABLED"),
-            Error::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
-            Error::MalformedRequest(_) => (Code::InvalidArgument, "MALFORMED_REQUEST"),
-            Error::MessageTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
-            Error::InvalidCiphertext(_) => (Code::InvalidArgument, "INVALID_CIPHERTEXT"),
-            Error::DecryptionFailed => (Code::InvalidArgument, "DECRYPTION_FAILED"),
-            Error::RequestTooLarge { .. } => (Code::ResourceExhausted, "REQUEST_TOO_LARGE"),
-            Error::PolicyDenied { .. } => (Code::PermissionDenied, "POLICY_DENIED"),
-            Error::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
-            Error::AuditUnavailable => (Code::Unavailable, "AUDIT_UNAVAILABLE"),
-            Error::Internal(_) => (Code::Internal, "INTERNAL"),
+            Error::KeyNotFound { .. } => "KEY_NOT_FOUND",
+            Error::NoGrant { .. } | Error::PolicyDenied { .. } => "POLICY_DENIED",
+            Error::KeyDisabled { .. } => "KEY_DISABLED",
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::MalformedRequest(_) => "MALFORMED_REQUEST",
+            Error::MessageTooLarge { .. } | Error::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
+            Error::InvalidCiphertext(_) => "INVALID_CIPHERTEXT",
+            Error::DecryptionFailed => "DECRYPTION_FAILED",
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+            Error::Precondition { reason, .. } => reason,
             Error::Backend { source, .. } => match source.kind {
-                BackendErrorKind::NotFound => (Code::NotFound, "BACKEND_KEY_NOT_FOUND"),
-                BackendErrorKind::Disabled => (Code::FailedPrecondition, "KEY_DISABLED"),
-                BackendErrorKind::PermissionDenied => {
-                    (Code::PermissionDenied, "BACKEND_PERMISSION_DENIED")
-                }
-                BackendErrorKind::Unauthenticated => {
-                    (Code::Unauthenticated, "BACKEND_UNAUTHENTICATED")
-                }
-                BackendErrorKind::InvalidCiphertext => (Code::InvalidArgument, "DECRYPTION_FAILED"),
-                BackendErrorKind::Throttled => (Code::ResourceExhausted, "BACKEND_THROTTLED"),
-                BackendErrorKind::Unavailable => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
-                BackendErrorKind::DeadlineExceeded => {
-                    (Code::DeadlineExceeded, "BACKEND_DEADLINE_EXCEEDED")
-                }
-                BackendErrorKind::Integrity => (Code::Unavailable, "BACKEND_INTEGRITY"),
-                BackendErrorKind::InvalidArgument => {
-                    (Code::InvalidArgument, "BACKEND_INVALID_ARGUMENT")
-                }
-                BackendErrorKind::Internal => (Code::Internal, "BACKEND_INTERNAL"),
+                BackendErrorKind::NotFound => "BACKEND_KEY_NOT_FOUND",
+                BackendErrorKind::Disabled => "KEY_DISABLED",
+                BackendErrorKind::PermissionDenied => "BACKEND_PERMISSION_DENIED",
+                BackendErrorKind::Unauthenticated => "BACKEND_UNAUTHENTICATED",
+                BackendErrorKind::InvalidCiphertext => "DECRYPTION_FAILED",
+                BackendErrorKind::Throttled => "BACKEND_THROTTLED",
+                BackendErrorKind::Unavailable => "BACKEND_UNAVAILABLE",
+                BackendErrorKind::DeadlineExceeded => "BACKEND_DEADLINE_EXCEEDED",
+                BackendErrorKind::Integrity => "BACKEND_INTEGRITY",
+                BackendErrorKind::InvalidArgument => "BACKEND_INVALID_ARGUMENT",
+                BackendErrorKind::Internal => "BACKEND_INTERNAL",
             },
         }
     }
 
+    /// Whether the fault is keybroker's or its dependencies' (a backend, the audit log) rather
+    /// than the caller's: such errors are logged with their cause chain at warn level.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::Backend { .. } | Error::AuditUnavailable | Error::Internal(_)
+        )
+    }
+
     /// What the caller is told: an unknown key looks like a key without a grant.
-    fn public(&self) -> std::borrow::Cow<'_, Error> {
+    pub fn public(&self) -> Cow<'_, Error> {
         match self {
             Error::KeyNotFound {
                 key,
                 caller,
                 operation,
-            } => std::borrow::Cow::Owned(Error::NoGrant {
+            } => Cow::Owned(Error::NoGrant {
                 caller: caller.clone(),
                 key: Some(key.clone()),
                 operation,
             }),
-            other => std::borrow::Cow::Borrowed(other),
+            other => Cow::Borrowed(other),
         }
     }
 
-    pub fn to_status(&self) -> Status {
-        self.log(self.code_and_reason().0);
-        let public = self.public();
-        let public = public.as_ref();
-        let (code, reason) = public.code_and_reason();
-        let mut metadata = HashMap::new();
-        match public {
+    /// The ErrorInfo metadata of this error as the caller sees it (call it on [`Error::public`]):
+    /// which key, caller, operation, backend or limit it is about. Names from a ciphertext are
+    /// not checked against the name rules, so they are capped.
+    pub fn details(&self) -> Vec<(&'static str, String)> {
+        match self {
             Error::KeyNotFound { key, .. } | Error::KeyDisabled { key } => {
-                // A name from a ciphertext is not checked against the name rules: cap it.
-                metadata.insert("key".to_owned(), crate::util::Capped(key).to_string());
+                vec![("key", Capped(key).to_string())]
             }
             Error::NoGrant {
                 caller,
                 key,
                 operation,
             } => {
-                metadata.insert("caller".to_owned(), caller.clone());
+                let mut d = vec![("caller", caller.clone())];
                 if let Some(key) = key {
-                    metadata.insert("key".to_owned(), crate::util::Capped(key).to_string());
+                    d.push(("key", Capped(key).to_string()));
                 }
-                metadata.insert("operation".to_owned(), (*operation).to_owned());
+                d.push(("operation", (*operation).to_owned()));
+                d
             }
             Error::PolicyDenied {
                 caller,
                 key,
                 operation,
-            } => {
-                metadata.insert("caller".to_owned(), caller.clone());
-                metadata.insert("key".to_owned(), key.clone());
-                metadata.insert("operation".to_owned(), (*operation).to_owned());
-            }
-            Error::Backend { key, source } => {
-                metadata.insert("key".to_owned(), key.clone());
-                metadata.insert("backend".to_owned(), source.backend.as_str().to_owned());
-            }
+            } => vec![
+                ("caller", caller.clone()),
+                ("key", key.clone()),
+                ("operation", (*operation).to_owned()),
+            ],
+            Error::Backend { key, source } => vec![
+                ("key", key.clone()),
+                ("backend", source.backend.as_str().to_owned()),
+            ],
             Error::RequestTooLarge { limit, .. } | Error::MessageTooLarge { limit } => {
-                metadata.insert("limit_bytes".to_owned(), limit.to_string());
+                vec![("limit_bytes", limit.to_string())]
             }
-            _ => {}
-        }
-        Status::with_error_details(
-            code,
-            public.to_string(),
-            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-        )
-    }
-
-    /// Server-side faults are logged with their whole cause chain; caller mistakes at debug.
-    fn log(&self, code: Code) {
-        let mut chain = String::new();
-        let mut cause = self.source();
-        while let Some(c) = cause {
-            chain.push_str(": ");
-            chain.push_str(&c.to_string());
-            cause = c.source();
-        }
-        match code {
-            Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::Unauthenticated
-                if matches!(
-                    self,
-                    Error::Backend { .. } | Error::AuditUnavailable | Error::Internal(_)
-                ) =>
-            {
-                tracing::warn!(code = ?code, error = %self, cause = %chain, "request failed")
-            }
-            _ => tracing::debug!(code = ?code, error = %self, cause = %chain, "request failed"),
+            _ => Vec::new(),
         }
     }
 }
@@ -226,17 +202,11 @@ fn no_grant_message(caller: &str, key: Option<&str>, operation: &str) -> String 
         // Worded for both cases it covers: no grant on an existing key, and no such key.
         Some(key) => format!(
             "caller {caller:?} is not allowed to {operation} with key {:?} (no grant, or no such key)",
-            crate::util::Capped(key)
+            Capped(key)
         ),
         None => format!(
             "caller {caller:?} is not allowed to {operation} with any key: no key's policy grants it"
         ),
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        e.to_status()
     }
 }
 
@@ -246,37 +216,16 @@ mod tests {
     use crate::backend::BackendKind;
 
     #[test]
-    fn statuses_carry_reason_details() {
-        let s = Error::KeyDisabled { key: "k".into() }.to_status();
-        assert_eq!(s.code(), Code::FailedPrecondition);
-        let info = s.get_details_error_info().unwrap();
-        assert_eq!(info.reason, "KEY_DISABLED");
-        assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(info.metadata["key"], "k");
-    }
-
-    #[test]
-    fn an_unknown_key_is_answered_like_a_key_without_a_grant() {
+    fn an_unknown_key_is_told_as_a_key_without_a_grant() {
         let unknown = Error::KeyNotFound {
             key: "k".into(),
             caller: "c".into(),
             operation: "encrypt",
         };
-        assert_eq!(unknown.code_and_reason(), (Code::NotFound, "KEY_NOT_FOUND"));
-        let no_grant = Error::NoGrant {
-            caller: "c".into(),
-            key: Some("k".into()),
-            operation: "encrypt",
-        };
-        let (a, b) = (unknown.to_status(), no_grant.to_status());
-        assert_eq!((a.code(), a.message()), (b.code(), b.message()));
-        assert_eq!(a.code(), Code::PermissionDenied);
-        let (ia, ib) = (
-            a.get_details_error_info().unwrap(),
-            b.get_details_error_info().unwrap(),
-        );
-        assert_eq!((&ia.reason, &ia.metadata), (&ib.reason, &ib.metadata));
-        assert_eq!(a.get_details_error_info().unwrap().reason, "POLICY_DENIED");
+        assert_eq!(unknown.reason(), "KEY_NOT_FOUND");
+        let public = unknown.public();
+        assert_eq!(public.reason(), "POLICY_DENIED");
+        assert!(matches!(*public, Error::NoGrant { .. }));
     }
 
     #[test]
@@ -289,31 +238,7 @@ mod tests {
                 "detail",
             ),
         );
-        let s = e.to_status();
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(
-            s.get_details_error_info().unwrap().reason,
-            "DECRYPTION_FAILED"
-        );
-        assert!(!s.message().contains("detail"));
-    }
-
-    #[test]
-    fn backend_unavailable_names_the_backend() {
-        let e = Error::backend(
-            "k",
-            BackendError::new(
-                BackendKind::Aws,
-                BackendErrorKind::Unavailable,
-                "connection refused",
-            ),
-        );
-        let s = e.to_status();
-        assert_eq!(s.code(), Code::Unavailable);
-        assert!(s.message().contains("aws"), "{}", s.message());
-        assert_eq!(
-            s.get_details_error_info().unwrap().metadata["backend"],
-            "aws"
-        );
+        assert!(matches!(e, Error::DecryptionFailed));
+        assert!(!e.to_string().contains("detail"));
     }
 }

@@ -35,6 +35,17 @@ pub fn service() -> (
     (reporter, HealthServer::new(service), drain_tx)
 }
 
+/// Another health service over the same reporter and drain switch (the KMS plugin socket).
+pub fn server(
+    reporter: &HealthReporter,
+    drain: watch::Receiver<bool>,
+) -> HealthServer<DrainingHealth> {
+    HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        drain,
+    })
+}
+
 pub struct DrainingHealth {
     inner: HealthService,
     drain: watch::Receiver<bool>,

@@ -8,8 +8,10 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::identity::{ANONYMOUS, Caller};
 use crate::operation::Operation;
+use crate::principal::{ANONYMOUS, Caller};
+use crate::settings::{Problems, Section};
+use crate::util::check_name;
 
 /// Matches any identified caller (not `anonymous`, which must always be named explicitly).
 pub const ANY_IDENTIFIED: &str = "*";
@@ -61,6 +63,58 @@ impl Policy {
 
     pub fn is_empty(&self) -> bool {
         self.statements.is_empty()
+    }
+
+    /// Reads the `[[keys.NAME.policy]]` statements of a key's section: `callers` (names, or `*`
+    /// for any identified caller) and `operations` (names, or `*` for all).
+    pub fn parse(key: &Section<'_>, p: &mut Problems) -> Self {
+        let mut statements = Vec::new();
+        for st in key.section_list("policy", p) {
+            let mut callers = BTreeSet::new();
+            match st.str_list("callers", p) {
+                Some(list) if !list.is_empty() => {
+                    for c in list {
+                        if c != ANY_IDENTIFIED
+                            && let Err(e) = check_name(c)
+                        {
+                            p.push(st.at("callers"), format!("caller {e}"));
+                        }
+                        callers.insert(c.to_owned());
+                    }
+                }
+                _ => p.push(
+                    st.at("callers"),
+                    "is required: a list of caller names (or \"*\")",
+                ),
+            }
+            let mut operations = BTreeSet::new();
+            match st.str_list("operations", p) {
+                Some(list) if !list.is_empty() => {
+                    for o in list {
+                        if o == "*" {
+                            operations.extend(Operation::ALL);
+                        } else if let Some(op) = Operation::parse(o) {
+                            operations.insert(op);
+                        } else {
+                            p.push(
+                                st.at("operations"),
+                                format!("unknown operation {o:?} (encrypt, decrypt, generate_data_key, re_encrypt, list or *)"),
+                            );
+                        }
+                    }
+                }
+                _ => p.push(
+                    st.at("operations"),
+                    "is required: a list of operations (or \"*\")",
+                ),
+            }
+            st.finish(p);
+            statements.push(Statement {
+                callers,
+                operations,
+            });
+        }
+        Policy { statements }
     }
 
     /// Every caller name the policy mentions (for bounding metric labels).
@@ -138,7 +192,7 @@ impl fmt::Display for Need {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IdentitySource;
+    use crate::principal::IdentitySource;
 
     fn policy(stmts: &[(&[&str], &[Operation])]) -> Policy {
         Policy {

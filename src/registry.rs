@@ -1,21 +1,136 @@
-//! The registry: configured key names mapped to backend instances, limits and counters.
+//! The registry: configured key names mapped to backend instances, limits, policies and
+//! counters, and what one configured key is ([`KeyConfig`], read from `[keys.NAME]`).
 //!
-//! Built once per configuration (and rebuilt on reload). Backends that can share a client or a
-//! file share it through [`BackendFactory`]: one keyring watcher per file, one SDK client per
-//! cloud endpoint.
+//! Built once per configuration (and rebuilt on reload) with a backend [`Factory`], which
+//! shares clients and keyrings between keys. Must never: hand out a key whose backend failed
+//! to build (the whole registry fails, with every key's problem), or reuse a data-key cache
+//! epoch across a change of a key's backend or limits.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::backend::KeyBackend;
-use crate::backend::gcp::{GcpBackend, GcpClient, GcpSettings};
-use crate::backend::local::{LocalBackend, LocalKeyring};
-use crate::config::{BackendConfig, CacheLimits, Config, ConfigError, Problem};
-use crate::identity::Caller;
+use crate::backend::breaker::Breaker;
+use crate::backend::{BackendConfig, Factory, KeyBackend, KeyDefaults};
+use crate::cache::{CacheLimits, CachedKey, Require};
 use crate::operation::Operation;
 use crate::policy::{Need, Policy};
+use crate::principal::{ANONYMOUS, Caller};
+use crate::settings::{Problem, Problems, Section};
 use crate::stats::KeyStats;
+
+/// One configured key, as `[keys.NAME]` describes it.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub name: String,
+    pub description: String,
+    pub enabled: bool,
+    /// The first (or only) wrapping backend: it generates the data keys.
+    pub backend: BackendConfig,
+    /// The other wrapping backends of a `wrap = [...]` key, in order: each wraps the same data
+    /// key, and the envelope carries every copy (docs/multi-backend.md).
+    pub secondaries: Vec<BackendConfig>,
+    /// What a data key needs when a secondary cannot wrap it.
+    pub require: Require,
+    pub cache: CacheLimits,
+    /// Who may do what with this key; empty denies everything.
+    pub policy: Policy,
+}
+
+impl KeyConfig {
+    /// Reads `[keys.NAME]` over the section-level defaults (the caller reports unknown fields
+    /// with `finish`).
+    pub fn parse(
+        name: &str,
+        s: &Section<'_>,
+        cache: CacheLimits,
+        backends: KeyDefaults<'_>,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Self> {
+        let description = s.str("description", p).unwrap_or_default().to_owned();
+        let enabled = s.bool("enabled", p).unwrap_or(true);
+        let require = Require::parse(s, p);
+        let wraps = if s.has("wrap") {
+            Self::parse_wrap_list(s, backends, base, p)
+        } else {
+            let backend_name = s.req_str("backend", p);
+            let key_id = s.req_str("key_id", p);
+            backend_name
+                .and_then(|b| BackendConfig::parse(b, key_id, s, backends, base, p))
+                .map(|b| vec![b])
+        };
+        let cache_section = s.section("cache", p);
+        let cache = CacheLimits::parse(&cache_section, cache, p);
+        cache_section.finish(p);
+        let policy = Policy::parse(s, p);
+        let mut wraps = wraps?.into_iter();
+        let backend = wraps.next()?;
+        Some(Self {
+            name: name.to_owned(),
+            description,
+            enabled,
+            backend,
+            secondaries: wraps.collect(),
+            require,
+            cache,
+            policy,
+        })
+    }
+
+    /// `wrap = [ {backend = "...", key_id = "...", ...}, ... ]`: every wrapping backend, each
+    /// entry with the backend's own key fields. At most as many as an envelope has copies.
+    fn parse_wrap_list(
+        s: &Section<'_>,
+        backends: KeyDefaults<'_>,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Vec<BackendConfig>> {
+        for single in ["backend", "key_id"] {
+            if s.has(single) {
+                p.push(
+                    s.at(single),
+                    "a key with `wrap` names its backends there only",
+                );
+            }
+        }
+        let entries = s.section_list("wrap", p);
+        if entries.is_empty() || entries.len() > crate::envelope::MAX_COPIES {
+            p.push(
+                s.at("wrap"),
+                format!("must list 1 to {} backends", crate::envelope::MAX_COPIES),
+            );
+            return None;
+        }
+        let mut out: Vec<BackendConfig> = Vec::with_capacity(entries.len());
+        let mut complete = true;
+        for e in &entries {
+            let backend_name = e.req_str("backend", p);
+            let key_id = e.req_str("key_id", p);
+            let parsed =
+                backend_name.and_then(|b| BackendConfig::parse(b, key_id, e, backends, base, p));
+            e.finish(p);
+            match parsed {
+                Some(b) => {
+                    if let Some(j) = out.iter().position(|o| *o == b) {
+                        p.push(
+                            e.path.clone(),
+                            format!("wraps with the same backend and key as wrap[{j}]"),
+                        );
+                    }
+                    out.push(b);
+                }
+                None => complete = false,
+            }
+        }
+        complete.then_some(out)
+    }
+
+    /// Every wrapping backend, the first one first.
+    pub fn wraps(&self) -> impl Iterator<Item = &BackendConfig> {
+        std::iter::once(&self.backend).chain(&self.secondaries)
+    }
+}
 
 /// One configured key.
 pub struct KeyEntry {
@@ -23,11 +138,17 @@ pub struct KeyEntry {
     pub description: String,
     /// Switched off in the configuration (checked before anything else).
     pub enabled: bool,
+    /// The first wrapping backend (`wraps[0]`): it generates the data keys.
     pub backend: Arc<dyn KeyBackend>,
     /// `backend.key_id()`, shared (every request's audit record names it).
     pub backend_key_id: Arc<str>,
-    /// What the backend was built from (a reload reuses it when unchanged).
-    pub backend_config: BackendConfig,
+    /// Every wrapping backend in configured order (one for a single-backend key).
+    pub wraps: Vec<Arc<dyn KeyBackend>>,
+    /// What each of `wraps` was built from (a reload reuses a backend when unchanged).
+    pub wrap_configs: Vec<BackendConfig>,
+    /// Each of `wraps`' recent record, for the order decrypt tries copies in.
+    pub breakers: Vec<Arc<Breaker>>,
+    pub require: Require,
     pub cache: CacheLimits,
     pub policy: Policy,
     pub stats: Arc<KeyStats>,
@@ -44,12 +165,51 @@ fn new_cache_epoch() -> u64 {
     NEXT_CACHE_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+impl KeyEntry {
+    /// What the data-key caches need of this key.
+    pub fn cached(&self) -> CachedKey<'_> {
+        // Any wrapping backend's rotation or state change retires the cached data keys (their
+        // copy under that backend's old version would otherwise live on).
+        let generation = self.wraps.iter().fold(0u64, |g, b| {
+            g.wrapping_mul(0x100_0000_01b3)
+                .wrapping_add(b.hint().generation)
+        });
+        CachedKey {
+            name: &self.name,
+            epoch: self.cache_epoch,
+            limits: self.cache,
+            stats: &self.stats,
+            backend: self.backend.as_ref(),
+            wrap: 0,
+            secondaries: self.wraps.get(1..).unwrap_or_default(),
+            require: self.require,
+            generation,
+        }
+    }
+
+    /// As [`Self::cached`], to unwrap through wrapping backend `i` (decrypt side).
+    pub fn cached_through(&self, i: usize) -> CachedKey<'_> {
+        CachedKey {
+            backend: self.wraps[i].as_ref(),
+            wrap: u8::try_from(i).unwrap_or(u8::MAX),
+            ..self.cached()
+        }
+    }
+
+    /// Whether the key may be used now: enabled in the configuration, and not disabled in the
+    /// first backend (which generates every data key).
+    pub fn usable(&self) -> bool {
+        self.enabled && !self.backend.hint().disabled
+    }
+}
+
 impl std::fmt::Debug for KeyEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyEntry")
             .field("name", &self.name)
             .field("backend", &self.backend.kind())
             .field("backend_key_id", &self.backend.key_id())
+            .field("wraps", &self.wraps.len())
             .field("enabled", &self.enabled)
             .field("cache", &self.cache)
             .finish()
@@ -107,7 +267,7 @@ impl Grants {
 
     fn allow(&self, caller: &Caller, need: Need) -> bool {
         let mut ops = self.named.get(&*caller.name).copied().unwrap_or(0);
-        if &*caller.name != crate::identity::ANONYMOUS {
+        if &*caller.name != ANONYMOUS {
             ops |= self.any_identified;
         }
         let has = |op: Operation| ops & (1 << op.index()) != 0;
@@ -115,86 +275,6 @@ impl Grants {
             Need::Op(op) => has(op),
             Need::ReEncryptFrom => has(Operation::Decrypt) || has(Operation::ReEncrypt),
             Need::ReEncryptTo { .. } => has(Operation::Encrypt) || has(Operation::ReEncrypt),
-        }
-    }
-}
-
-/// Builds backends, sharing what can be shared between keys.
-pub struct BackendFactory {
-    local_rings: HashMap<PathBuf, Arc<LocalKeyring>>,
-    poll_interval: std::time::Duration,
-    aws: crate::backend::aws::AwsClients,
-    gcp: GcpSettings,
-    /// One Cloud KMS client per endpoint (credentials are process-wide).
-    gcp_clients: HashMap<String, Arc<GcpClient>>,
-    azure: crate::backend::azure::AzureClients,
-}
-
-impl BackendFactory {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            local_rings: HashMap::new(),
-            poll_interval: config.local.poll_interval,
-            aws: Default::default(),
-            gcp: config.gcp.clone(),
-            gcp_clients: HashMap::new(),
-            azure: Default::default(),
-        }
-    }
-
-    async fn build(&mut self, backend: &BackendConfig) -> Result<Arc<dyn KeyBackend>, String> {
-        match backend {
-            BackendConfig::Local {
-                keyring,
-                key_id,
-                create,
-            } => {
-                let ring = match self.local_rings.get(keyring) {
-                    Some(r) => {
-                        if *create {
-                            // The shared handle was opened for another key; make sure this one
-                            // exists too.
-                            LocalKeyring::open(keyring, Some(key_id)).map_err(|e| e.to_string())?;
-                            r.reload_if_changed();
-                        }
-                        Arc::clone(r)
-                    }
-                    None => {
-                        let r = LocalKeyring::open(keyring, create.then_some(key_id.as_str()))
-                            .map_err(|e| e.to_string())?;
-                        r.watch(self.poll_interval);
-                        self.local_rings.insert(keyring.clone(), Arc::clone(&r));
-                        r
-                    }
-                };
-                if !ring.snapshot().keys.contains_key(key_id.as_str()) {
-                    return Err(format!(
-                        "key {key_id:?} is not in keyring {} (create it with `keybroker keys create {key_id}`)",
-                        keyring.display()
-                    ));
-                }
-                Ok(Arc::new(LocalBackend::new(ring, key_id.clone())))
-            }
-            BackendConfig::Aws(cfg) => Ok(Arc::new(self.aws.backend(cfg).await?)),
-            BackendConfig::Gcp { key_id, endpoint } => {
-                let endpoint = endpoint.as_deref().unwrap_or(&self.gcp.endpoint);
-                let client = match self.gcp_clients.get(endpoint) {
-                    Some(c) => Arc::clone(c),
-                    None => {
-                        let c = GcpClient::connect(endpoint, &self.gcp)
-                            .await
-                            .map_err(|e| format!("Cloud KMS client: {e}"))?;
-                        self.gcp_clients.insert(endpoint.to_owned(), Arc::clone(&c));
-                        c
-                    }
-                };
-                Ok(Arc::new(GcpBackend::new(client, key_id.clone())?))
-            }
-            BackendConfig::Azure {
-                key_id,
-                key,
-                settings,
-            } => Ok(Arc::new(self.azure.backend(key, key_id, settings)?)),
         }
     }
 }
@@ -209,59 +289,83 @@ impl Registry {
     /// `previous` (a configuration reload) lends its backends to keys whose backend
     /// configuration did not change, so a policy edit does not rebuild cloud clients.
     pub async fn build(
-        config: &Config,
+        config: &BTreeMap<String, KeyConfig>,
+        mut factory: Factory,
         stats: &StatsBook,
         layer: Option<&BackendLayer>,
         previous: Option<&Registry>,
-    ) -> Result<Self, ConfigError> {
-        let mut factory = BackendFactory::new(config);
+    ) -> Result<Self, Vec<Problem>> {
         let mut keys = BTreeMap::new();
         let mut problems = Vec::new();
-        for (name, kc) in &config.keys {
-            let same_backend = previous
-                .and_then(|p| p.get(name))
-                .filter(|e| e.backend_config == kc.backend);
-            let reused = same_backend.map(|e| Arc::clone(&e.backend));
-            let cache_epoch = same_backend
-                .filter(|e| e.cache == kc.cache)
+        for (name, kc) in config {
+            let configs: Vec<BackendConfig> = kc.wraps().cloned().collect();
+            let prev = previous.and_then(|p| p.get(name));
+            let cache_epoch = prev
+                .filter(|e| e.wrap_configs == configs && e.cache == kc.cache)
                 .map_or_else(new_cache_epoch, |e| e.cache_epoch);
-            let built = match reused {
-                Some(b) => Ok(b),
-                None => factory.build(&kc.backend).await.map(|backend| match layer {
-                    Some(wrap) => wrap(name, backend),
-                    None => backend,
-                }),
-            };
-            match built {
-                Ok(backend) => {
-                    let name: Arc<str> = Arc::from(name.as_str());
-                    keys.insert(
-                        Arc::clone(&name),
-                        Arc::new(KeyEntry {
-                            stats: stats.get(&name),
-                            name,
-                            description: kc.description.clone(),
-                            enabled: kc.enabled,
-                            backend_key_id: Arc::from(backend.key_id()),
-                            backend,
-                            backend_config: kc.backend.clone(),
-                            cache: kc.cache,
-                            policy: kc.policy.clone(),
-                            cache_epoch,
-                        }),
-                    );
+            let mut wraps = Vec::with_capacity(configs.len());
+            let mut breakers = Vec::with_capacity(configs.len());
+            let mut failed = false;
+            for (i, bc) in configs.iter().enumerate() {
+                let reused = prev.and_then(|e| {
+                    let j = e.wrap_configs.iter().position(|c| c == bc)?;
+                    Some((Arc::clone(&e.wraps[j]), Arc::clone(&e.breakers[j])))
+                });
+                let built = match reused {
+                    Some(b) => Ok(b),
+                    None => factory.build(bc).await.map(|backend| {
+                        let backend = match layer {
+                            Some(wrap) if i == 0 => wrap(name, backend),
+                            Some(wrap) => wrap(&format!("{name}#{i}"), backend),
+                            None => backend,
+                        };
+                        (backend, Arc::new(Breaker::default()))
+                    }),
+                };
+                match built {
+                    Ok((b, h)) => {
+                        wraps.push(b);
+                        breakers.push(h);
+                    }
+                    Err(message) => {
+                        failed = true;
+                        problems.push(Problem {
+                            at: if kc.secondaries.is_empty() {
+                                format!("keys.{name}")
+                            } else {
+                                format!("keys.{name}.wrap[{i}]")
+                            },
+                            message,
+                        });
+                    }
                 }
-                Err(message) => problems.push(Problem {
-                    at: format!("keys.{name}"),
-                    message,
-                }),
             }
+            if failed {
+                continue;
+            }
+            let backend = Arc::clone(&wraps[0]);
+            let name: Arc<str> = Arc::from(name.as_str());
+            keys.insert(
+                Arc::clone(&name),
+                Arc::new(KeyEntry {
+                    stats: stats.get(&name),
+                    name,
+                    description: kc.description.clone(),
+                    enabled: kc.enabled,
+                    backend_key_id: Arc::from(backend.key_id()),
+                    backend,
+                    wraps,
+                    wrap_configs: configs,
+                    breakers,
+                    require: kc.require,
+                    cache: kc.cache,
+                    policy: kc.policy.clone(),
+                    cache_epoch,
+                }),
+            );
         }
         if !problems.is_empty() {
-            return Err(ConfigError {
-                source_name: config.source_name.clone(),
-                problems,
-            });
+            return Err(problems);
         }
         let grants = Grants::of(keys.values().map(|e| &e.policy));
         Ok(Self { keys, grants })
@@ -286,8 +390,8 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::IdentitySource;
     use crate::policy::Statement;
+    use crate::principal::IdentitySource;
 
     fn policy(callers: &[&str], ops: &[Operation]) -> Policy {
         Policy {

@@ -11,15 +11,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::broker::Broker;
-use crate::config::{Config, ConfigError, Problem};
+use crate::config::{Config, ConfigError, ListenAddr, Problem};
 use crate::identity::Identifier;
 use crate::metrics::Metrics;
-use crate::registry::{BackendLayer, Registry, StatsBook};
+use crate::registry::{BackendLayer, StatsBook};
 use crate::util::FileStamp;
 
 pub struct Reloader {
     pub(crate) path: Option<PathBuf>,
-    pub(crate) listen_override: Option<Vec<crate::config::ListenAddr>>,
+    pub(crate) listen_override: Option<Vec<ListenAddr>>,
     pub(crate) current: Mutex<Config>,
     pub(crate) broker: Arc<Broker>,
     pub(crate) identifier: Arc<ArcSwap<Identifier>>,
@@ -68,17 +68,17 @@ impl Reloader {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let registry = Registry::build(
-            &new,
-            &self.stats,
-            self.layer.as_ref(),
-            Some(&self.broker.registry()),
-        )
-        .await?;
+        let registry = new
+            .build_registry(
+                &self.stats,
+                self.layer.as_ref(),
+                Some(&self.broker.registry()),
+            )
+            .await?;
         let identifier = Identifier::new(new.identity.clone())
             .map_err(|m| problem(&new.source_name, "identity.tokens", m))?;
 
-        for w in new.warnings() {
+        for w in new.notices.iter().chain(&new.warnings()) {
             tracing::warn!(at = %w.at, "{}", w.message);
         }
         // Everything validated and built: apply. Keys whose backend or cache limits changed got a

@@ -1,139 +1,27 @@
-//! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls,
-//! and wraps every call in the same envelope of cross-cutting work (`observe`): a request id and
-//! a tracing span, an audit slot reserved before any key is touched and filled after, metrics,
-//! and the one error → status mapping. No operation logic lives here.
+//! The `keybroker.v1.KeyBroker` gRPC service: translates protobuf messages to [`Broker`] calls
+//! and answers. Each call runs inside [`Observer::observe`] (audit, metrics, span, the one error
+//! → status mapping); no operation logic lives here, and nothing is audited or counted here.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
-use crate::audit::Auditor;
-use crate::broker::{Broker, DataKeySpec, Facts};
+use crate::broker::{Broker, DataKeySpec};
 use crate::error::Error;
-use crate::identity::{Caller, RequestId, RequestIds};
-use crate::metrics::Metrics;
+use crate::observe::Observer;
 use crate::operation::Operation;
 use crate::proto;
 use crate::proto::key_broker_server::KeyBroker;
 
 pub struct KeyBrokerService {
     broker: Arc<Broker>,
-    audit: Arc<Auditor>,
-    metrics: Arc<Metrics>,
-    /// For requests that did not come through the identity layer (direct service use).
-    ids: RequestIds,
+    observer: Arc<Observer>,
 }
 
 impl KeyBrokerService {
-    pub fn new(broker: Arc<Broker>, audit: Arc<Auditor>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            broker,
-            audit,
-            metrics,
-            ids: RequestIds::new(),
-        }
+    pub fn new(broker: Arc<Broker>, observer: Arc<Observer>) -> Self {
+        Self { broker, observer }
     }
-
-    /// Runs one operation with its audit record, metrics, span and status mapping.
-    async fn observe<T>(
-        &self,
-        meta: &Meta,
-        op: Operation,
-        contexts: [Option<&BTreeMap<String, String>>; 2],
-        f: impl AsyncFnOnce(&mut Facts) -> Result<T, Error>,
-    ) -> Result<T, Status> {
-        let span = tracing::debug_span!("request", request_id = %meta.request_id, op = op.as_str(), caller = %meta.caller.name);
-        async {
-            let started = Instant::now();
-            let mut facts = Facts::default();
-            // The audit slot is reserved before any key is used; without one, nothing happens.
-            let (result, slot) = match self.audit.reserve().await {
-                Ok(slot) => (f(&mut facts).await, Some(slot)),
-                Err(e) => (Err(e), None),
-            };
-            let latency = started.elapsed();
-            let code = match &result {
-                Ok(_) => tonic::Code::Ok,
-                Err(e) => e.code_and_reason().0,
-            };
-            self.metrics
-                .observe_request(&meta.caller, op, &facts, code, latency);
-            log_request(code, &facts, latency);
-            if let Some(slot) = slot {
-                self.audit.record(
-                    slot,
-                    &meta.caller,
-                    meta.request_id.clone(),
-                    op,
-                    facts,
-                    result.as_ref().map(|_| ()),
-                    latency,
-                    contexts,
-                );
-            }
-            result.map_err(|e| e.to_status())
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Answers a request refused before its body was read (`admission`): audited, counted and
-    /// mapped to a status like every other request.
-    pub async fn refuse(
-        &self,
-        caller: Caller,
-        request_id: Option<RequestId>,
-        op: Operation,
-        error: Error,
-    ) -> Status {
-        let meta = Meta {
-            caller,
-            request_id: request_id.unwrap_or_else(|| self.ids.next()),
-        };
-        let refused = self
-            .observe(&meta, op, [None, None], async |_facts| {
-                Err::<std::convert::Infallible, _>(error)
-            })
-            .await;
-        match refused {
-            Err(status) => status,
-            Ok(never) => match never {},
-        }
-    }
-
-    fn meta<T>(&self, req: &Request<T>) -> Meta {
-        let caller = req
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(Caller::anonymous);
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(|| self.ids.next());
-        Meta { caller, request_id }
-    }
-}
-
-/// The one debug line per request (inside the request's span, so it carries the request id).
-fn log_request(code: tonic::Code, facts: &Facts, latency: std::time::Duration) {
-    tracing::debug!(
-        code = crate::audit::code_name(code),
-        key = facts.key.as_deref().unwrap_or(""),
-        cache = facts.cache.map(|c| c.as_str()).unwrap_or(""),
-        latency_us = latency.as_micros() as u64,
-        "request"
-    );
-}
-
-/// Who asked, and the id that ties the request's log lines and audit record together.
-struct Meta {
-    caller: Caller,
-    request_id: RequestId,
 }
 
 #[tonic::async_trait]
@@ -142,9 +30,10 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::EncryptRequest>,
     ) -> Result<Response<proto::EncryptResponse>, Status> {
-        let meta = self.meta(&request);
+        let meta = self.observer.meta(&request);
         let req = request.into_inner();
         let out = self
+            .observer
             .observe(
                 &meta,
                 Operation::Encrypt,
@@ -167,9 +56,10 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::DecryptResponse>, Status> {
-        let meta = self.meta(&request);
+        let meta = self.observer.meta(&request);
         let req = request.into_inner();
         let out = self
+            .observer
             .observe(
                 &meta,
                 Operation::Decrypt,
@@ -192,9 +82,10 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        let meta = self.meta(&request);
+        let meta = self.observer.meta(&request);
         let req = request.into_inner();
         let out = self
+            .observer
             .observe(
                 &meta,
                 Operation::GenerateDataKey,
@@ -230,10 +121,11 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::ReEncryptRequest>,
     ) -> Result<Response<proto::ReEncryptResponse>, Status> {
-        let meta = self.meta(&request);
+        let meta = self.observer.meta(&request);
         let req = request.into_inner();
         let contexts = [Some(&req.source_context), Some(&req.destination_context)];
         let out = self
+            .observer
             .observe(&meta, Operation::ReEncrypt, contexts, async |facts| {
                 self.broker
                     .re_encrypt(
@@ -260,8 +152,9 @@ impl KeyBroker for KeyBrokerService {
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let meta = self.meta(&request);
+        let meta = self.observer.meta(&request);
         let listing = self
+            .observer
             .observe(&meta, Operation::List, [None, None], async |_facts| {
                 Ok(self.broker.list_keys(&meta.caller))
             })
@@ -293,6 +186,16 @@ impl KeyBroker for KeyBrokerService {
                     })
                     .collect(),
                 description: k.description,
+                wraps: k
+                    .wraps
+                    .into_iter()
+                    .map(|(kind, key_id, health)| proto::WrapBackend {
+                        backend: kind.as_str().to_owned(),
+                        backend_key_id: key_id,
+                        health: health.as_str().to_owned(),
+                    })
+                    .collect(),
+                require: k.require.as_str().to_owned(),
             })
             .collect();
         Ok(Response::new(proto::ListKeysResponse { keys }))

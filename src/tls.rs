@@ -82,9 +82,9 @@ impl Revocation {
     /// Reads `client_crl`, `crl_check`, `crl_allow_unknown` and `crl_allow_expired` from
     /// `[server.tls]`; `None` without `client_crl`.
     pub fn parse(
-        s: &crate::config::Section<'_>,
+        s: &crate::settings::Section<'_>,
         base: &Path,
-        p: &mut crate::config::Problems,
+        p: &mut crate::settings::Problems,
     ) -> Option<Self> {
         let crls = s.str_list("client_crl", p);
         let end_entity_only = match s.str("crl_check", p) {

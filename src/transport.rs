@@ -15,10 +15,11 @@
 //! configured, or start plaintext gRPC on a non-loopback address without the explicit opt-in.
 //! `[server.limits]` is the place for further transport and overload limits.
 
+use std::fmt;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,57 @@ use tokio::net::UnixListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::Connected;
 
-use crate::config::{ListenAddr, Problems, Section};
+use crate::settings::{Problems, Section};
 use crate::util::format_duration;
+
+/// A gRPC listener's address: `127.0.0.1:50051`, `unix:///run/keybroker.sock` or
+/// `tls://0.0.0.0:50052`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// TCP with TLS (mutual TLS when `[server.tls] client_ca` is set): `tls://host:port`.
+    Tls(SocketAddr),
+}
+
+impl ListenAddr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(hostport) = s.strip_prefix("tls://") {
+            return match Self::parse(hostport)? {
+                Self::Tcp(a) => Ok(Self::Tls(a)),
+                _ => Err(format!("{s:?} is not an address like tls://0.0.0.0:50052")),
+            };
+        }
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if path.is_empty() {
+                return Err(format!("{s:?} has no socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+        let hostport = match hostport.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => hostport.to_owned(),
+        };
+        hostport.parse().map(Self::Tcp).map_err(|_| {
+            format!("{s:?} is not an address like 127.0.0.1:50051 or unix:///run/keybroker.sock")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Tls(a) => write!(f, "tls://{a}"),
+        }
+    }
+}
 
 /// Env override of `[server] allow_insecure_remote`.
 pub const ENV_ALLOW_INSECURE_REMOTE: &str = "KEYBROKER_ALLOW_INSECURE_REMOTE";
@@ -363,7 +413,7 @@ mod tests {
         let s = Section::new(Some(&table), "server.limits");
         let l = ServerLimits::parse(&s, &mut p);
         s.finish(&mut p);
-        (l, p.0.iter().map(|p| p.to_string()).collect())
+        (l, p.errors.iter().map(|p| p.to_string()).collect())
     }
 
     #[test]

@@ -153,14 +153,16 @@ impl FileStamp {
     }
 }
 
+/// Longest key name and caller name (bytes); the envelope format's limit too.
+pub const MAX_NAME_LEN: usize = 128;
+
 /// Key names and caller names: 1 to 128 bytes of `[A-Za-z0-9._:/@-]`, which keeps them safe as
 /// metric label values, log fields and file names, and within the envelope's name limit.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > crate::envelope::MAX_NAME_LEN {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!(
-            "{:?} must be 1 to {} bytes",
+            "{:?} must be 1 to {MAX_NAME_LEN} bytes",
             Capped(name),
-            crate::envelope::MAX_NAME_LEN
         ));
     }
     if let Some(c) = name

@@ -13,7 +13,7 @@ use keybroker::backend::aws::{AwsClients, classify};
 use keybroker::backend::{BackendContext, BackendErrorKind, KeyBackend};
 use keybroker::config::{BackendConfig, Config};
 use keybroker::proto;
-use keybroker::registry::{Registry, StatsBook};
+use keybroker::registry::StatsBook;
 use tonic::Code;
 
 use crate::support::moto::{KmsErrorServer, Moto};
@@ -92,7 +92,8 @@ async fn aws_backend_conforms() {
         "{}\n[keys.a]\nbackend = \"aws\"\nkey_id = \"{a}\"\n[keys.b]\nbackend = \"aws\"\nkey_id = \"alias/conformance-b\"\n",
         moto.aws_section()
     ));
-    let registry = Registry::build(&config, &StatsBook::default(), None, None)
+    let registry = config
+        .build_registry(&StatsBook::default(), None, None)
         .await
         .unwrap();
     let ka = Arc::clone(&registry.get("a").unwrap().backend);
@@ -184,8 +185,8 @@ key_id = "arn:aws:kms:us-east-2:111122223333:alias/d"
         other => panic!("{other:?}"),
     };
     let (a, b, c, d) = (aws("a"), aws("b"), aws("c"), aws("d"));
-    assert_eq!(b.timeout, Duration::from_secs(1));
-    assert_eq!(a.timeout, keybroker::backend::aws::DEFAULT_TIMEOUT);
+    assert_eq!(b.call.timeout, Duration::from_secs(1));
+    assert_eq!(a.call.timeout, keybroker::backend::aws::DEFAULT_TIMEOUT);
     assert_eq!(
         d.region.as_deref(),
         Some("us-east-2"),
@@ -1079,7 +1080,8 @@ endpoint = "{}"
         dir.path().display(),
         fake.endpoint
     ));
-    let registry = Registry::build(&config, &StatsBook::default(), None, None)
+    let registry = config
+        .build_registry(&StatsBook::default(), None, None)
         .await
         .unwrap();
     let b = &registry.get("k").unwrap().backend;
@@ -1315,7 +1317,8 @@ async fn the_version_must_be_the_key_arn() {
         "{}\n[keys.a]\nbackend = \"aws\"\nkey_id = \"{a}\"\n",
         moto.aws_section()
     ));
-    let registry = Registry::build(&config, &StatsBook::default(), None, None)
+    let registry = config
+        .build_registry(&StatsBook::default(), None, None)
         .await
         .unwrap();
     let b = Arc::clone(&registry.get("a").unwrap().backend);

@@ -9,6 +9,7 @@ use aws_lc_rs::{aead, hkdf};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keybroker::backend::azure::AzureSettings;
+use keybroker::backend::call::CallPolicy;
 use keybroker::backend::{BackendContext, BackendErrorKind, KeyBackend};
 use keybroker::proto;
 use keybroker::secret::SecretKey;
@@ -20,8 +21,17 @@ use crate::support::{TestServer, conformance, ctx, reason};
 fn settings() -> AzureSettings {
     AzureSettings {
         refresh_interval: Duration::ZERO,
-        deadline: Duration::from_secs(5),
+        call: within(Duration::from_secs(5), 4),
         ..Default::default()
+    }
+}
+
+/// Azure's call policy shape: attempts that may each take what is left of `timeout`.
+fn within(timeout: Duration, max_attempts: u32) -> CallPolicy {
+    CallPolicy {
+        timeout,
+        attempt_timeout: timeout,
+        max_attempts,
     }
 }
 
@@ -181,8 +191,7 @@ async fn persistent_throttling_gives_up_within_the_deadline() {
     fake.create_rsa_key("k");
     let client = fake.vault_client();
     let s = AzureSettings {
-        deadline: Duration::from_millis(2800),
-        retries: 10,
+        call: within(Duration::from_millis(2800), 11),
         ..settings()
     };
     let backend = fake.backend(&client, "k", &s);
@@ -207,7 +216,7 @@ async fn server_errors_are_retried_then_unavailable() {
     fake.create_rsa_key("k");
     let client = fake.vault_client();
     let s = AzureSettings {
-        retries: 2,
+        call: within(Duration::from_secs(5), 3),
         ..settings()
     };
     let backend = fake.backend(&client, "k", &s);
@@ -282,7 +291,7 @@ async fn backend_errors_are_classified() {
             &c,
             "k",
             &AzureSettings {
-                retries: 1,
+                call: within(Duration::from_secs(5), 2),
                 ..settings()
             },
         );

@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keybroker::broker::Facts;
-use keybroker::cache::CacheResult;
-use keybroker::identity::{Caller, IdentitySource};
+use keybroker::facts::{CacheResult, Facts};
+use keybroker::principal::{Caller, IdentitySource};
 use keybroker::proto::{DecryptRequest, EncryptRequest, GenerateDataKeyRequest, ListKeysRequest};
 use tonic::Code;
 

@@ -20,6 +20,8 @@ use keybroker::secret::SecretKey;
 use serde_json::{Value, json};
 
 const KEK: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+/// The second key of the vector keyring, `escrow` (the multi-copy vector's second copy).
+const ESCROW_KEK: &str = "f0e1d2c3b4a5968778695a4b3c2d1e0f00112233445566778899aabbccddeeff";
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -182,6 +184,9 @@ struct Case {
     /// The sealed payload (for a derived data key: its length byte).
     plaintext: &'static [u8],
     data_key_len: usize,
+    /// Wrapped copies: 1 (key `default`), or 2 (also key `escrow`, as a key with two wrapping
+    /// keyrings writes; docs/multi-backend.md).
+    copies: usize,
 }
 
 const V1_CASES: &[Case] = &[
@@ -193,6 +198,7 @@ const V1_CASES: &[Case] = &[
         context: &[],
         plaintext: b"",
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "message with context",
@@ -202,6 +208,7 @@ const V1_CASES: &[Case] = &[
         context: &[("tenant", "acme"), ("purpose", "invoice")],
         plaintext: b"hello, keybroker",
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "message for a named caller",
@@ -211,6 +218,7 @@ const V1_CASES: &[Case] = &[
         context: &[("k", "")],
         plaintext: &[0u8, 1, 2, 255, 254, 253, 10, 13],
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "AES-128 data key blob",
@@ -220,6 +228,7 @@ const V1_CASES: &[Case] = &[
         context: &[("a", "b")],
         plaintext: b"",
         data_key_len: 16,
+        copies: 1,
     },
 ];
 
@@ -232,6 +241,7 @@ const V2_CASES: &[Case] = &[
         context: &[],
         plaintext: b"",
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "message with context",
@@ -241,6 +251,7 @@ const V2_CASES: &[Case] = &[
         context: &[("tenant", "acme"), ("purpose", "invoice")],
         plaintext: b"hello, keybroker",
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "message for a named caller",
@@ -250,6 +261,7 @@ const V2_CASES: &[Case] = &[
         context: &[("k", "")],
         plaintext: &[0u8, 1, 2, 255, 254, 253, 10, 13],
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "derived AES-256 data key",
@@ -259,6 +271,7 @@ const V2_CASES: &[Case] = &[
         context: &[("object", "invoices/2026/0001.pdf")],
         plaintext: &[32],
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "derived AES-128 data key",
@@ -268,6 +281,7 @@ const V2_CASES: &[Case] = &[
         context: &[("a", "b")],
         plaintext: &[16],
         data_key_len: 32,
+        copies: 1,
     },
     Case {
         name: "re-encrypted version 1 data key blob",
@@ -277,6 +291,17 @@ const V2_CASES: &[Case] = &[
         context: &[],
         plaintext: b"",
         data_key_len: 16,
+        copies: 1,
+    },
+    Case {
+        name: "message with two wrapped copies (keys default and escrow)",
+        kind: Kind::Message,
+        key_name: "default",
+        caller: "anonymous",
+        context: &[("region", "eu")],
+        plaintext: b"survives either keyring",
+        data_key_len: 32,
+        copies: 2,
     },
 ];
 
@@ -313,17 +338,38 @@ fn generate(version: u8) -> Value {
             wrapped
         };
         let context = context_map(c);
+        let mut copies = vec![WrappedCopy {
+            backend: BackendKind::Local,
+            key_id: "default",
+            key_version: "1",
+            wrapped: &wrapped,
+        }];
+        let escrow_salt: Vec<u8> = (0..32).map(|j| (0x30 + i + 7 * j) as u8).collect();
+        let escrow = local_wrap_v2(
+            &unhex(ESCROW_KEK),
+            "escrow",
+            1,
+            &bctx,
+            &data_key,
+            &escrow_salt,
+        )
+        .1;
+        if c.copies == 2 {
+            copies.push(WrappedCopy {
+                backend: BackendKind::Local,
+                key_id: "escrow",
+                key_version: "1",
+                wrapped: &escrow,
+            });
+            v.insert("escrow_wrap_salt".into(), hex(&escrow_salt).into());
+            v.insert("escrow_wrapped_key".into(), hex(&escrow).into());
+        }
         let ct = envelope::seal_with_salt(
             version,
             c.kind,
             c.key_name,
             c.caller,
-            &[WrappedCopy {
-                backend: BackendKind::Local,
-                key_id: "default",
-                key_version: "1",
-                wrapped: &wrapped,
-            }],
+            &copies,
             &SecretKey::from_slice(&data_key),
             &context,
             c.plaintext,
@@ -365,11 +411,15 @@ fn generate(version: u8) -> Value {
         }
         vectors.push(Value::Object(v));
     }
-    json!({
+    let mut file = json!({
         "format": format!("keybroker envelope v{version} test vectors"),
         "keyring": {"key": "default", "version": 1, "kek": KEK},
         "vectors": vectors,
-    })
+    });
+    if cases.iter().any(|c| c.copies == 2) {
+        file["escrow_keyring"] = json!({"key": "escrow", "version": 1, "kek": ESCROW_KEK});
+    }
+    file
 }
 
 fn load(version: u8) -> Value {
@@ -478,8 +528,21 @@ fn vectors_reseal_to_the_same_bytes_and_open_independently() {
                 assert_ne!(&dk[..], &data_key[..len], "{name}");
             }
 
-            // keybroker's parser agrees on every field.
+            // A second copy (the multi-copy vector) is the escrow key's wrap of the same key.
             let env = envelope::parse(&ct).unwrap();
+            if let Some(escrow) = v.get("escrow_wrapped_key") {
+                let salt = unhex(v["escrow_wrap_salt"].as_str().unwrap());
+                let (_, again) =
+                    local_wrap_v2(&unhex(ESCROW_KEK), "escrow", 1, &bctx, &data_key, &salt);
+                assert_eq!(hex(&again), *escrow, "{name}");
+                assert_eq!(env.copies.len(), 2, "{name}");
+                assert_eq!(env.copies[1].key_id, "escrow", "{name}");
+                assert_eq!(hex(env.copies[1].wrapped), *escrow, "{name}");
+            } else {
+                assert_eq!(env.copies.len(), 1, "{name}");
+            }
+
+            // keybroker's parser agrees on every field.
             assert_eq!(env.version, version, "{name}");
             assert_eq!(env.key_name, v["key_name"], "{name}");
             assert_eq!(env.caller, v["caller"], "{name}");
@@ -545,10 +608,13 @@ async fn local_backend_wraps_are_format_2() {
 fn write_vector_keyring(dir: &std::path::Path) {
     use base64::Engine;
     let kek_b64 = base64::engine::general_purpose::STANDARD.encode(unhex(KEK));
+    let escrow_b64 = base64::engine::general_purpose::STANDARD.encode(unhex(ESCROW_KEK));
     std::fs::write(
         dir.join("keyring"),
         json!({"format": "keybroker-keyring/v1", "keys": {"default": {"enabled": true, "primary": 1,
-            "versions": [{"version": 1, "created": "2026-01-01T00:00:00Z", "material": kek_b64}]}}})
+            "versions": [{"version": 1, "created": "2026-01-01T00:00:00Z", "material": kek_b64}]},
+            "escrow": {"enabled": true, "primary": 1,
+            "versions": [{"version": 1, "created": "2026-01-01T00:00:00Z", "material": escrow_b64}]}}})
         .to_string(),
     )
     .unwrap();
@@ -588,6 +654,48 @@ async fn a_server_with_the_vector_keyring_decrypts_the_vectors() {
             );
             assert_eq!(r.key_version, "1");
         }
+    }
+}
+
+/// The multi-copy vector opens through either copy alone: a server whose key is only the
+/// `escrow` keyring key, one whose key is only `default`, and one with both as wrapping
+/// backends.
+#[tokio::test]
+async fn the_multi_copy_vector_opens_through_either_copy() {
+    let file = load(2);
+    let v = file["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.get("escrow_wrapped_key").is_some())
+        .unwrap()
+        .clone();
+    for key in [
+        "backend = \"local\"\nkey_id = \"escrow\"\nkeyring = \"{dir}/keyring\"\n",
+        "backend = \"local\"\nkey_id = \"default\"\nkeyring = \"{dir}/keyring\"\n",
+        "wrap = [\n { backend = \"local\", key_id = \"default\", keyring = \"{dir}/keyring\" },\n { backend = \"local\", key_id = \"escrow\", keyring = \"{dir}/keyring\" },\n]\n",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_vector_keyring(dir.path());
+        let server = crate::support::TestServer::start_in(
+            dir,
+            &format!(
+                "[keys.default]\n{key}{}",
+                crate::support::allow_anonymous("default")
+            ),
+        )
+        .await;
+        let mut c = server.client().await;
+        let r = c
+            .decrypt(DecryptRequest {
+                ciphertext: unhex(v["ciphertext"].as_str().unwrap()).into(),
+                context: context_of(&v),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{key}: {s:?}"))
+            .into_inner();
+        assert_eq!(hex(&r.plaintext), decrypt_result(&v), "{key}");
+        assert!(server.stop().await);
     }
 }
 
@@ -649,6 +757,13 @@ async fn the_recovery_script_opens_every_vector() {
                 v["wrapped_key"],
                 "{name}"
             );
+            if let Some(escrow) = v.get("escrow_wrapped_key") {
+                assert_eq!(
+                    hex(&std::fs::read(parts.join("wrapped-1.bin")).unwrap()),
+                    *escrow,
+                    "{name}"
+                );
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Every example configuration the docs and deploy/ show passes `keybroker config check`, the
 //! command users are told to run on their copy: TOML blocks in README.md, docs/*.md and
 //! deploy/README.md that configure at least one key (fragments showing a single section are
-//! skipped), and the `keybroker.toml` of every ConfigMap under deploy/.
+//! skipped), the `keybroker.toml` of every ConfigMap under deploy/, and every file under
+//! docs/examples/ (tests/multi.rs also serves two-keyrings.toml).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,10 +95,28 @@ fn every_example_config_passes_config_check() {
     }
     let from_markdown = examples.len();
     examples.extend(configmap_configs());
+    // The standalone example files (docs/examples/*.toml), each one runnable as it is.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("docs/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
     assert!(
-        from_markdown >= 5 && examples.len() - from_markdown >= 3,
+        files.iter().any(|f| f.ends_with("two-keyrings.toml")),
+        "{files:?}"
+    );
+    let example_files = files.len();
+    for f in files {
+        examples.push((
+            f.display().to_string(),
+            std::fs::read_to_string(&f).unwrap(),
+        ));
+    }
+    assert!(
+        from_markdown >= 5 && examples.len() - from_markdown - example_files >= 3,
         "found {from_markdown} Markdown examples and {} ConfigMaps: the walk is broken",
-        examples.len() - from_markdown
+        examples.len() - from_markdown - example_files
     );
     let dir = tempfile::tempdir().unwrap();
     let mut failed = Vec::new();

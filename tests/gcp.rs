@@ -12,9 +12,13 @@ use aws_lc_rs::{aead, hkdf};
 use gcloud_sdk::GoogleApi;
 use gcloud_sdk::google::cloud::kms::v1::DecryptRequest;
 use gcloud_sdk::google::cloud::kms::v1::key_management_service_client::KeyManagementServiceClient;
-use keybroker::backend::gcp::{GcpBackend, GcpClient, GcpCredentials, GcpSettings, crc32c};
+use keybroker::backend::call::CallPolicy;
+use keybroker::backend::gcp::{
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_ENDPOINT, DEFAULT_MAX_ATTEMPTS, GcpBackend, GcpClient,
+    GcpCredentials, GcpSettings, crc32c,
+};
 use keybroker::backend::{BackendErrorKind, BackendKind, KeyBackend};
-use keybroker::config::{Config, ListenAddr};
+use keybroker::config::{BackendConfig, Config, ListenAddr};
 use keybroker::proto::{
     DecryptRequest as KbDecrypt, EncryptRequest as KbEncrypt, GenerateDataKeyRequest,
 };
@@ -28,10 +32,19 @@ use crate::support::{TestServer, ctx, reason};
 fn settings(fake: &GcpKmsFake) -> GcpSettings {
     GcpSettings {
         endpoint: fake.endpoint(),
-        deadline: Duration::from_secs(5),
-        retries: 2,
+        call: per_attempt(Duration::from_secs(5), 3),
         connect_timeout: Duration::from_secs(2),
         credentials: GcpCredentials::Custom(gcp_fake::credentials()),
+    }
+}
+
+/// GCP's call policy shape: `max_attempts` attempts of `attempt_timeout`, the whole call
+/// bounded only by them.
+fn per_attempt(attempt_timeout: Duration, max_attempts: u32) -> CallPolicy {
+    CallPolicy {
+        timeout: CallPolicy::all_attempts(attempt_timeout, max_attempts),
+        attempt_timeout,
+        max_attempts,
     }
 }
 
@@ -55,7 +68,7 @@ async fn server(fake: &GcpKmsFake, key: &str, key_extra: &str) -> TestServer {
         r#"
 [gcp]
 endpoint = "{}"
-deadline = "5s"
+attempt_timeout = "5s"
 
 [keys.app]
 backend = "gcp"
@@ -491,8 +504,7 @@ async fn credentials_deadline_and_unreachable_endpoint() {
     fake.set_delay(Duration::from_secs(2));
     fake.reset_counters();
     let quick = GcpSettings {
-        deadline: Duration::from_millis(150),
-        retries: 1,
+        call: per_attempt(Duration::from_millis(150), 2),
         ..settings(&fake)
     };
     let b = backend_with(&quick, &key).await;
@@ -508,7 +520,7 @@ async fn credentials_deadline_and_unreachable_endpoint() {
     };
     let closed = GcpSettings {
         endpoint: format!("http://127.0.0.1:{port}"),
-        retries: 1,
+        call: per_attempt(Duration::from_secs(5), 2),
         ..settings(&fake)
     };
     let b = backend_with(&closed, &key).await;
@@ -1056,4 +1068,105 @@ async fn respelled_versions_are_refused_without_a_call() {
     .await;
     // Exactly one Decrypt after the variants: the final check that the genuine copy unwraps.
     assert_eq!(fake.calls("Decrypt"), before.get() + 1);
+}
+
+fn parse(text: &str) -> Result<Config, keybroker::config::ConfigError> {
+    Config::parse(text, "test.toml", std::path::Path::new("/etc/kb"))
+}
+
+/// `[gcp]` and the GCP fields of a key, as `Config::parse` reads them (moved here from the
+/// backend's unit tests: the backend does not import the configuration).
+#[test]
+fn config_defaults_and_overrides() {
+    let c = parse(
+        r#"
+        [keys.app]
+        backend = "gcp"
+        key_id = "projects/p/locations/global/keyRings/r/cryptoKeys/k"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.keys["app"].backend,
+        BackendConfig::Gcp {
+            key_id: "projects/p/locations/global/keyRings/r/cryptoKeys/k".into(),
+            endpoint: None
+        }
+    );
+    assert_eq!(c.gcp.endpoint, DEFAULT_ENDPOINT);
+    assert_eq!(c.gcp.call.attempt_timeout, DEFAULT_ATTEMPT_TIMEOUT);
+    assert_eq!(c.gcp.call.max_attempts, DEFAULT_MAX_ATTEMPTS);
+    assert!(matches!(
+        c.gcp.credentials,
+        GcpCredentials::ApplicationDefault
+    ));
+
+    let c = parse(
+        r#"
+        [gcp]
+        endpoint = "https://europe-west1-cloudkms.googleapis.com/"
+        attempt_timeout = "2s"
+        max_attempts = 1
+        connect_timeout = "1s"
+        [keys.app]
+        backend = "gcp"
+        key_id = "projects/p/locations/europe-west1/keyRings/r/cryptoKeys/k"
+        endpoint = "http://127.0.0.1:8443"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.gcp.endpoint,
+        "https://europe-west1-cloudkms.googleapis.com"
+    );
+    assert_eq!(c.gcp.call.attempt_timeout, Duration::from_secs(2));
+    assert_eq!(c.gcp.call.max_attempts, 1);
+    assert_eq!(c.gcp.connect_timeout, Duration::from_secs(1));
+    assert!(matches!(
+        &c.keys["app"].backend,
+        BackendConfig::Gcp { endpoint: Some(e), .. } if e == "http://127.0.0.1:8443"
+    ));
+}
+
+#[test]
+fn config_problems_have_paths() {
+    let err = parse(
+        r#"
+        [gcp]
+        endpoint = "http://kms.example.com"
+        attempt_timeout = "0s"
+        max_attempts = 99
+        credentials = "fake"
+        [keys.a]
+        backend = "gcp"
+        key_id = "projects/p/locations/global/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1"
+        [keys.b]
+        backend = "gcp"
+        key_id = "my-key"
+        endpoint = "ftp://x"
+        keyring = "x"
+        "#,
+    )
+    .unwrap_err();
+    let text: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    let has = |s: &str| text.iter().any(|t| t.starts_with(s));
+    assert!(
+        has("gcp.endpoint: \"http://kms.example.com\": plain http"),
+        "{text:#?}"
+    );
+    assert!(has("gcp.attempt_timeout: must be"), "{text:#?}");
+    assert!(has("gcp.max_attempts: must be 1 to 20"), "{text:#?}");
+    // No configuration text can select anything but Application Default Credentials.
+    assert!(has("gcp.credentials: unknown field"), "{text:#?}");
+    assert!(
+        has("keys.a.key_id: ") && text.iter().any(|t| t.contains("CryptoKeyVersion")),
+        "{text:#?}"
+    );
+    assert!(
+        has("keys.b.key_id: \"my-key\" is not a Cloud KMS key name"),
+        "{text:#?}"
+    );
+    assert!(has("keys.b.endpoint: \"ftp://x\""), "{text:#?}");
+    assert!(has("keys.b.keyring: unknown field"), "{text:#?}");
+    assert_eq!(text.len(), 8, "{text:#?}");
 }

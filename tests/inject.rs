@@ -1126,6 +1126,9 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                 ("monitoring.coreos.com/v1", "PodMonitor") => {
                     round_trip::<prometheus_operator::PodMonitor>(doc)
                 }
+                ("apiserver.config.k8s.io/v1", "EncryptionConfiguration") => {
+                    round_trip::<crate::kms_plugin::encryption_config::EncryptionConfiguration>(doc)
+                }
                 other => panic!("{}: no type for {other:?}", file.display()),
             };
             assert_eq!(

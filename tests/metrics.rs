@@ -236,11 +236,11 @@ async fn label_values_are_bounded() {
     let broker = Arc::clone(&s.running.as_ref().unwrap().broker);
     let metrics = Arc::clone(&s.running.as_ref().unwrap().metrics);
     for i in 0..50 {
-        let caller = keybroker::identity::Caller::new(
+        let caller = keybroker::principal::Caller::new(
             format!("spiffe://x/ns/n/sa/{i}"),
-            keybroker::identity::IdentitySource::Mtls,
+            keybroker::principal::IdentitySource::Mtls,
         );
-        let mut facts = keybroker::broker::Facts::default();
+        let mut facts = keybroker::facts::Facts::default();
         let r = broker
             .encrypt(&caller, "default", b"x", &BTreeMap::new(), &mut facts)
             .await;
@@ -248,11 +248,7 @@ async fn label_values_are_bounded() {
             &caller,
             keybroker::operation::Operation::Encrypt,
             &facts,
-            if r.is_ok() {
-                tonic::Code::Ok
-            } else {
-                tonic::Code::Internal
-            },
+            keybroker::status::outcome(&r),
             Duration::from_micros(5),
         );
     }

@@ -498,7 +498,7 @@ fn a_subject_with_two_common_names_has_no_caller_name() {
     let key = KeyPair::generate().unwrap();
     let two = params.signed_by(&key, &ca.issuer).unwrap();
     assert!(
-        keybroker::server::certificate_identity(
+        keybroker::identity::certificate_identity(
             two.der(),
             keybroker::config::CallerFrom::SubjectCn
         )
@@ -507,7 +507,7 @@ fn a_subject_with_two_common_names_has_no_caller_name() {
     let (one, _) = ca.issue("billing", &[], None);
     let der = CertificateDer::from_pem_slice(one.as_bytes()).unwrap();
     assert_eq!(
-        keybroker::server::certificate_identity(&der, keybroker::config::CallerFrom::SubjectCn),
+        keybroker::identity::certificate_identity(&der, keybroker::config::CallerFrom::SubjectCn),
         Ok("billing".to_owned())
     );
 }

@@ -14,6 +14,7 @@
 //! and the previous one stays in force.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,13 +23,14 @@ use arc_swap::ArcSwap;
 use aws_lc_rs::{aead, hkdf};
 
 use super::{
-    BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
-    KeyHint, Wrapped,
+    BackendConfig, BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend,
+    KeyDescription, KeyHint, Wrapped,
 };
 use crate::envelope::{FormatError, WrappedCopy};
 use crate::keyring::{Keyring, KeyringError};
 use crate::secret::{SecretKey, random_fill};
-use crate::util::FileStamp;
+use crate::settings::{Problems, Section, resolve};
+use crate::util::{FileStamp, check_name};
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -43,6 +45,105 @@ const WRAP_V2: u8 = 0x02;
 const WRAP_SALT_LEN: usize = 32;
 /// Format 2 overhead: format byte, salt, tag.
 const WRAP_V2_OVERHEAD: usize = 1 + WRAP_SALT_LEN + TAG_LEN;
+
+/// `[local]`: where keys with `backend = "local"` find their keyring by default, and how often
+/// keyring files are checked for changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSettings {
+    pub keyring: PathBuf,
+    pub poll_interval: Duration,
+}
+
+impl LocalSettings {
+    /// Reads `[local]` over `defaults` (the caller reports unknown fields with `finish`).
+    pub fn parse(s: &Section<'_>, defaults: LocalSettings, base: &Path, p: &mut Problems) -> Self {
+        let mut out = defaults;
+        if let Some(k) = s.path("keyring", base, p) {
+            out.keyring = k;
+        }
+        if let Some(d) = s.duration("poll_interval", p) {
+            if d < Duration::from_millis(100) {
+                p.push(s.at("poll_interval"), "must be at least 100ms");
+            }
+            out.poll_interval = d;
+        }
+        out
+    }
+}
+
+/// Reads the local-backend fields of `[keys.NAME]` (`keyring`, `create`).
+pub fn key_config(
+    s: &Section<'_>,
+    key_id: Option<&str>,
+    defaults: &LocalSettings,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<BackendConfig> {
+    let keyring = s
+        .str("keyring", p)
+        .map(|k| resolve(base, k))
+        .unwrap_or_else(|| defaults.keyring.clone());
+    let create = s.bool("create", p).unwrap_or(false);
+    let key_id = key_id?;
+    if let Err(e) = check_name(key_id) {
+        p.push(s.at("key_id"), format!("keyring key name {e}"));
+    }
+    Some(BackendConfig::Local {
+        keyring,
+        key_id: key_id.to_owned(),
+        create,
+    })
+}
+
+/// The keyrings open in one registry: one handle (and one watcher) per file, shared by every
+/// key that uses it.
+pub struct LocalRings {
+    rings: HashMap<PathBuf, Arc<LocalKeyring>>,
+    poll_interval: Duration,
+}
+
+impl LocalRings {
+    pub fn new(poll_interval: Duration) -> Self {
+        Self {
+            rings: HashMap::new(),
+            poll_interval,
+        }
+    }
+
+    /// The backend for key `key_id` of `keyring`, creating both first with `create`.
+    pub fn backend(
+        &mut self,
+        keyring: &Path,
+        key_id: &str,
+        create: bool,
+    ) -> Result<LocalBackend, String> {
+        let ring = match self.rings.get(keyring) {
+            Some(r) => {
+                if create {
+                    // The shared handle was opened for another key; make sure this one exists
+                    // too.
+                    LocalKeyring::open(keyring, Some(key_id)).map_err(|e| e.to_string())?;
+                    r.reload_if_changed();
+                }
+                Arc::clone(r)
+            }
+            None => {
+                let r = LocalKeyring::open(keyring, create.then_some(key_id))
+                    .map_err(|e| e.to_string())?;
+                r.watch(self.poll_interval);
+                self.rings.insert(keyring.to_owned(), Arc::clone(&r));
+                r
+            }
+        };
+        if !ring.snapshot().keys.contains_key(key_id) {
+            return Err(format!(
+                "key {key_id:?} is not in keyring {} (create it with `keybroker keys create {key_id}`)",
+                keyring.display()
+            ));
+        }
+        Ok(LocalBackend::new(ring, key_id))
+    }
+}
 
 /// A keyring file loaded into memory, shared by every configured key that uses it.
 pub struct LocalKeyring {
@@ -295,7 +396,7 @@ fn open_exact(
 
 /// The keyring version a copy names, spelled exactly as `wrap` writes it.
 fn parse_version(copy: &WrappedCopy<'_>) -> Result<u32, FormatError> {
-    crate::backend::canonical_decimal(copy.key_version)
+    super::canonical_decimal(copy.key_version)
         .and_then(|v| u32::try_from(v).ok())
         .ok_or(FormatError::NotCanonical("key version"))
 }

@@ -1,78 +1,32 @@
 //! Key backends: the places data keys are wrapped and unwrapped (a local keyring, AWS KMS, GCP
-//! Cloud KMS, Azure Key Vault). One small async trait, one file per backend, one shared error
-//! type every backend converts its provider's errors into.
+//! Cloud KMS, Azure Key Vault). One small async trait, one module per backend (each owning its
+//! settings, clients and private error type, converted into the one [`BackendError`]), one
+//! call policy for deadlines and retries (`call`), and the [`Factory`] that builds backends
+//! from their configuration, sharing clients between keys.
 //!
-//! # Contract (every backend; checked by `tests/support/conformance.rs`)
-//! - `wrap` / `generate_data_key` record the durable key id and the exact key version used in
-//!   the returned [`Wrapped`]; `unwrap` of that copy returns the same data key bytes.
-//! - `unwrap` only ever uses the key the backend is configured for. A copy that names another
-//!   key, another key's version, or was made under a different [`BackendContext`] fails with
-//!   [`BackendErrorKind::InvalidCiphertext`] (never decrypts under the "wrong" key).
-//! - A copy whose key id or version is not spelled exactly as the backend records it (`01` or
-//!   `+1` for `1`, another case or port in a URL, an AWS version that is not the key ARN) is
-//!   refused by `check_canonical` (and by `unwrap`), without a provider call: each respelling
-//!   would otherwise be a new decrypt-cache entry and a paid call for the same wrapped key.
-//! - Errors are classified into [`BackendErrorKind`]; the caller-visible `message` is written by
-//!   keybroker, never a provider's raw response body (that goes into `source`, for the log).
-//! - No method logs, formats or returns key material except inside [`SecretKey`].
+//! Must never: import anything above it (configuration, registry, caches, broker, audit,
+//! metrics, the gRPC edges); put a provider's raw response into a caller-visible message; log,
+//! format or return key material outside a [`SecretKey`].
 
 use std::any::Any;
 use std::borrow::Cow;
-use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
+pub use crate::backend_kind::{BackendErrorKind, BackendKind};
 use crate::envelope::{FormatError, WrappedCopy};
+use crate::facts::{BackendCall, BackendOp};
 use crate::secret::SecretKey;
+use crate::settings::{Problems, Section};
 
 pub mod aws;
 pub mod azure;
+pub mod breaker;
+pub mod call;
 pub mod gcp;
 pub mod local;
-
-/// Which kind of backend wrapped a data key. The numeric codes are part of the envelope format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    Local,
-    Aws,
-    Gcp,
-    Azure,
-}
-
-impl BackendKind {
-    pub const ALL: [BackendKind; 4] = [Self::Local, Self::Aws, Self::Gcp, Self::Azure];
-
-    pub fn code(self) -> u8 {
-        match self {
-            Self::Local => 1,
-            Self::Aws => 2,
-            Self::Gcp => 3,
-            Self::Azure => 4,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.code() == code)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Aws => "aws",
-            Self::Gcp => "gcp",
-            Self::Azure => "azure",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The keybroker-level context bound to every wrapped data key: which keybroker key and which
 /// caller (cache partition) it was made for. Sent to the cloud with each call (AWS encryption
@@ -107,15 +61,7 @@ impl BackendContext<'_> {
     /// Appends [`Self::to_aad`] to `out` (no intermediate map: [`Self::pairs`] is already in
     /// canonical, sorted order).
     pub fn encode_aad(&self, out: &mut Vec<u8>) {
-        let pairs = self.pairs();
-        out.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
-        for (k, v) in pairs {
-            for part in [k.as_bytes(), v.as_bytes()] {
-                let len = part.len().min(u16::MAX as usize);
-                out.extend_from_slice(&(len as u16).to_be_bytes());
-                out.extend_from_slice(&part[..len]);
-            }
-        }
+        crate::context::encode(self.pairs().into_iter(), out);
     }
 }
 
@@ -158,6 +104,31 @@ pub struct KeyDescription {
 }
 
 /// A key backend bound to one configured key.
+///
+/// # Contract
+///
+/// Every backend (checked for each by `tests/support/conformance.rs`):
+/// - `wrap` / `generate_data_key` record the durable key id and the exact key version used in
+///   the returned [`Wrapped`]; `unwrap` of that copy returns the same data key bytes.
+/// - `unwrap` only ever uses the key the backend is configured for. A copy that names another
+///   key, another key's version, or was made under a different [`BackendContext`] fails with
+///   [`BackendErrorKind::InvalidCiphertext`] (never decrypts under the "wrong" key).
+/// - A copy whose key id or version is not spelled exactly as the backend records it (`01` or
+///   `+1` for `1`, another case or port in a URL, an AWS version that is not the key ARN) is
+///   refused by `check_canonical` (and by `unwrap`), without a provider call: each respelling
+///   would otherwise be a new decrypt-cache entry and a paid call for the same wrapped key.
+/// - Errors are classified into [`BackendErrorKind`]; the caller-visible `message` is written by
+///   keybroker, never a provider's raw response body (that goes into `source`, for the log).
+///   A cloud backend's calls run under its [`call::CallPolicy`] (deadline, attempts, backoff).
+/// - No method logs, formats or returns key material except inside [`SecretKey`].
+///
+/// A wrapper (instrumentation, fault injection, a circuit breaker: anything that implements
+/// this trait around another backend) forwards every method to the backend it wraps, adding its
+/// own behaviour around the calls and changing no answer it does not mean to change. In
+/// particular it forwards `check_canonical` (which has no default for that reason),
+/// `generate_data_key` (so a one-call backend stays one call), `rewrap_from` (so a wrapped AWS
+/// key still re-wraps inside KMS) and `as_any` (so the wrapped backend is still recognised as a
+/// peer by `rewrap_from`). `tests/support/counting.rs` is one.
 #[async_trait::async_trait]
 pub trait KeyBackend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
@@ -224,72 +195,9 @@ pub trait KeyBackend: Send + Sync + 'static {
     /// The key's durable id, primary version and state, asked of the provider.
     async fn describe(&self) -> Result<KeyDescription, BackendError>;
 
-    /// For `rewrap_from`: lets a backend recognise a peer of its own kind.
+    /// For `rewrap_from`: lets a backend recognise a peer of its own kind. A wrapper returns
+    /// the wrapped backend's answer (see the contract).
     fn as_any(&self) -> &dyn Any;
-}
-
-/// What went wrong in a backend, in the terms callers are given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendErrorKind {
-    /// The key (or key version) does not exist.
-    NotFound,
-    /// The key is disabled, pending deletion, expired, or does not permit the operation.
-    Disabled,
-    /// The backend refused our identity's access to the key.
-    PermissionDenied,
-    /// The backend refused our credentials (expired or invalid token).
-    Unauthenticated,
-    /// The wrapped key is not valid for this key or context: decryption fails.
-    InvalidCiphertext,
-    /// Rate limited or quota exhausted, after the SDK's retries.
-    Throttled,
-    /// Network failure, 5xx, or the backend is down.
-    Unavailable,
-    /// The per-call deadline passed.
-    DeadlineExceeded,
-    /// A response failed an integrity check (e.g. Cloud KMS CRC32C) after a retry.
-    Integrity,
-    /// The request was malformed for this backend (e.g. a data key length it cannot make).
-    InvalidArgument,
-    /// A bug or an unexpected response.
-    Internal,
-}
-
-impl BackendErrorKind {
-    /// Position in `metrics::OUTCOMES` (0 is success).
-    pub fn outcome_index(self) -> usize {
-        match self {
-            Self::NotFound => 1,
-            Self::Disabled => 2,
-            Self::PermissionDenied => 3,
-            Self::Unauthenticated => 4,
-            Self::InvalidCiphertext => 5,
-            Self::Throttled => 6,
-            Self::Unavailable => 7,
-            Self::DeadlineExceeded => 8,
-            Self::Integrity => 9,
-            Self::InvalidArgument => 10,
-            Self::Internal => 11,
-        }
-    }
-}
-
-impl fmt::Display for BackendErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::NotFound => "not found",
-            Self::Disabled => "key not usable",
-            Self::PermissionDenied => "permission denied",
-            Self::Unauthenticated => "unauthenticated",
-            Self::InvalidCiphertext => "invalid ciphertext",
-            Self::Throttled => "throttled",
-            Self::Unavailable => "unavailable",
-            Self::DeadlineExceeded => "deadline exceeded",
-            Self::Integrity => "integrity check failed",
-            Self::InvalidArgument => "invalid argument",
-            Self::Internal => "internal error",
-        })
-    }
 }
 
 /// The one error type all backends convert into. `message` may be shown to callers; `source`
@@ -323,6 +231,157 @@ impl BackendError {
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Arc::new(source));
         self
+    }
+}
+
+/// Runs one backend call and times it: its result, and the [`BackendCall`] fact that says what
+/// it was and how it ended (the cache hands these to the request; nothing here records them).
+pub async fn timed<T>(
+    backend: BackendKind,
+    wrap: u8,
+    op: BackendOp,
+    call: impl Future<Output = Result<T, BackendError>>,
+) -> (Result<T, BackendError>, BackendCall) {
+    let started = Instant::now();
+    let result = call.await;
+    let fact = BackendCall {
+        backend,
+        wrap,
+        op,
+        outcome: result.as_ref().map(|_| ()).map_err(|e| e.kind),
+        latency: started.elapsed(),
+    };
+    (result, fact)
+}
+
+/// One key's backend, as configured (`backend = "..."` and the backend's own fields of
+/// `[keys.NAME]`, with its section's defaults applied). Compared on reload: an unchanged
+/// configuration keeps its built backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendConfig {
+    Local {
+        keyring: PathBuf,
+        /// The key's name inside the keyring.
+        key_id: String,
+        /// Create the keyring and the key if missing (the embedded default does).
+        create: bool,
+    },
+    /// Boxed: much larger than the other variants.
+    Aws(Box<aws::AwsKeyConfig>),
+    /// A Cloud KMS CryptoKey (see `backend::gcp`).
+    Gcp {
+        /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+        key_id: String,
+        /// Overrides `[gcp] endpoint` for this key.
+        endpoint: Option<String>,
+    },
+    /// Azure Key Vault or Managed HSM (see docs/azure.md).
+    Azure {
+        /// The key URL as configured (validated; may pin a version).
+        key_id: String,
+        key: azure::KeyUrl,
+        /// The global `[azure]` section (one credential and client per vault for all keys);
+        /// boxed, as `Aws` is: much larger than the other variants.
+        settings: Box<azure::AzureSettings>,
+    },
+}
+
+/// The section-level settings a key's backend fields are read over.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDefaults<'a> {
+    pub local: &'a local::LocalSettings,
+    pub aws: &'a aws::AwsDefaults,
+    pub azure: &'a azure::AzureSettings,
+}
+
+impl BackendConfig {
+    /// Reads the backend fields of `[keys.NAME]` for `backend = name` (`key_id` is read by the
+    /// caller, which reports it when missing).
+    pub fn parse(
+        name: &str,
+        key_id: Option<&str>,
+        s: &Section<'_>,
+        defaults: KeyDefaults<'_>,
+        base: &Path,
+        p: &mut Problems,
+    ) -> Option<Self> {
+        Some(match name {
+            "local" => local::key_config(s, key_id, defaults.local, base, p)?,
+            "aws" => Self::Aws(Box::new(aws::AwsKeyConfig::parse(
+                key_id?,
+                s,
+                defaults.aws,
+                p,
+            ))),
+            "gcp" => gcp::key_config(s, key_id?, p)?,
+            "azure" => azure::key_config(s, key_id?, defaults.azure, p)?,
+            other => {
+                p.push(
+                    s.at("backend"),
+                    format!("unknown backend {other:?} (expected local, aws, gcp or azure)"),
+                );
+                return None;
+            }
+        })
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Self::Local { .. } => BackendKind::Local,
+            Self::Aws(_) => BackendKind::Aws,
+            Self::Gcp { .. } => BackendKind::Gcp,
+            Self::Azure { .. } => BackendKind::Azure,
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        match self {
+            Self::Local { key_id, .. } => key_id,
+            Self::Aws(c) => &c.key_id,
+            Self::Gcp { key_id, .. } => key_id,
+            Self::Azure { key_id, .. } => key_id,
+        }
+    }
+}
+
+/// Builds backends from their configuration, sharing what can be shared between keys: one
+/// keyring (and its watcher) per file, one SDK client per cloud endpoint and credentials.
+pub struct Factory {
+    local: local::LocalRings,
+    aws: aws::AwsClients,
+    gcp: gcp::GcpClients,
+    azure: azure::AzureClients,
+}
+
+impl Factory {
+    pub fn new(local: &local::LocalSettings, gcp: &gcp::GcpSettings) -> Self {
+        Self {
+            local: local::LocalRings::new(local.poll_interval),
+            aws: aws::AwsClients::default(),
+            gcp: gcp::GcpClients::new(gcp.clone()),
+            azure: azure::AzureClients::default(),
+        }
+    }
+
+    /// A backend for one key. Makes no network call: a provider outage at startup must not stop
+    /// the sidecar (configuration errors, a missing keyring key, are reported here).
+    pub async fn build(&mut self, config: &BackendConfig) -> Result<Arc<dyn KeyBackend>, String> {
+        Ok(match config {
+            BackendConfig::Local {
+                keyring,
+                key_id,
+                create,
+            } => Arc::new(self.local.backend(keyring, key_id, *create)?),
+            BackendConfig::Aws(cfg) => Arc::new(self.aws.backend(cfg).await?),
+            BackendConfig::Gcp { key_id, endpoint } => {
+                Arc::new(self.gcp.backend(key_id, endpoint.as_deref()).await?)
+            }
+            BackendConfig::Azure {
+                key_id,
+                key,
+                settings,
+            } => Arc::new(self.azure.backend(key, key_id, settings)?),
+        })
     }
 }
 
@@ -379,7 +438,7 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let mut want = Vec::new();
-        crate::envelope::encode_context(&map, &mut want);
+        crate::context::encode_map(&map, &mut want);
         assert_eq!(ctx.to_aad(), want);
     }
 }

@@ -217,7 +217,7 @@ pub fn split_documents(text: &str) -> Vec<Piece<'_>> {
     pieces
 }
 
-pub(super) fn run(args: FileArgs) -> crate::cli::CliResult {
+pub(super) fn run(args: FileArgs) -> crate::command::CliResult {
     let settings = super::settings_or_error(&args.sidecar)?;
     let text = if args.file.as_os_str() == "-" {
         let mut s = String::new();

@@ -495,14 +495,14 @@ fn settings_or_error(args: &SidecarArgs) -> Result<Settings, Box<dyn std::error:
         .map_err(|p| format!("bad sidecar settings:\n  - {}", p.join("\n  - ")).into())
 }
 
-fn serve(args: ServeArgs) -> crate::cli::CliResult {
+fn serve(args: ServeArgs) -> crate::command::CliResult {
     let settings = settings_or_error(&args.sidecar)?;
     let level = std::env::var(crate::config::ENV_LOG).unwrap_or_else(|_| "info".to_owned());
     let format = match std::env::var(crate::config::ENV_LOG_FORMAT).as_deref() {
         Ok("json") => LogFormat::Json,
         _ => LogFormat::Text,
     };
-    crate::cli::init_logging(format, &level);
+    crate::command::init_logging(format, &level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -525,7 +525,7 @@ fn serve(args: ServeArgs) -> crate::cli::CliResult {
         )
         .await?;
         tracing::info!(addr = %server.local_addr(), "keybroker injector listening (HTTPS)");
-        crate::cli::wait_for_signal().await?;
+        crate::command::wait_for_signal().await?;
         tracing::info!("shutdown signal received; finishing in-flight reviews");
         server.shutdown().await;
         Ok(())

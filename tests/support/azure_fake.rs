@@ -810,6 +810,67 @@ fn get_key(state: &State, kid_base: &str, name: &str, version: &str) -> Response
     json_response(200, &json!({ "key": jwk, "attributes": attributes }))
 }
 
+/// The key version an operation may use, or Key Vault's refusal: an unknown key or version
+/// (404), an identity without access (403), a disabled version, one outside its nbf/exp window
+/// (checked only for the operations Key Vault checks it for: wrapKey and sign), or an
+/// operation missing from the version's key_ops. `op` is the path segment, `op_name` the
+/// operation's name in messages and key_ops.
+// The refusal is the fake's HTTP answer itself, returned once per request: no need to box it.
+#[allow(clippy::result_large_err)]
+fn usable_version<'a>(
+    keys: &'a HashMap<String, FakeKey>,
+    name: &str,
+    version: &str,
+    op: &str,
+    op_name: &str,
+    check_validity: bool,
+) -> Result<&'a Version, Response<Full<Bytes>>> {
+    let Some(key) = keys.get(name) else {
+        return Err(not_found(name, version));
+    };
+    if key.denied {
+        return Err(forbidden_identity(op));
+    }
+    let v = if version.is_empty() {
+        &key.versions[key.current]
+    } else {
+        match key.versions.iter().find(|v| v.id == version) {
+            Some(v) => v,
+            None => return Err(not_found(name, version)),
+        }
+    };
+    let refuse =
+        |message: String, code: &str| Err(kv_error(403, "Forbidden", &message, Some(code)));
+    if !v.enabled {
+        return refuse(
+            format!("Operation {op_name} is not allowed on a disabled key."),
+            "KeyDisabled",
+        );
+    }
+    if check_validity {
+        let t = now();
+        if v.nbf.is_some_and(|nbf| t < nbf) {
+            return refuse(
+                format!("Operation {op_name} is not allowed on a key that is not yet valid."),
+                "KeyNotYetValid",
+            );
+        }
+        if v.exp.is_some_and(|exp| t >= exp) {
+            return refuse(
+                format!("Operation {op_name} is not allowed on an expired key."),
+                "KeyExpired",
+            );
+        }
+    }
+    if !v.key_ops.iter().any(|o| o == op_name) {
+        return refuse(
+            format!("Operation {op_name} is not permitted on this key."),
+            "KeyOperationForbidden",
+        );
+    }
+    Ok(v)
+}
+
 fn crypto(
     state: &State,
     kid_base: &str,
@@ -824,55 +885,10 @@ fn crypto(
         "unwrapKey"
     };
     let keys = state.keys.lock().unwrap();
-    let Some(key) = keys.get(name) else {
-        return not_found(name, version);
+    let v = match usable_version(&keys, name, version, op, op_name, op == "wrapkey") {
+        Ok(v) => v,
+        Err(refused) => return refused,
     };
-    if key.denied {
-        return forbidden_identity(op);
-    }
-    let v = if version.is_empty() {
-        &key.versions[key.current]
-    } else {
-        match key.versions.iter().find(|v| v.id == version) {
-            Some(v) => v,
-            None => return not_found(name, version),
-        }
-    };
-    if !v.enabled {
-        return kv_error(
-            403,
-            "Forbidden",
-            &format!("Operation {op_name} is not allowed on a disabled key."),
-            Some("KeyDisabled"),
-        );
-    }
-    if op == "wrapkey" {
-        let t = now();
-        if v.nbf.is_some_and(|nbf| t < nbf) {
-            return kv_error(
-                403,
-                "Forbidden",
-                &format!("Operation {op_name} is not allowed on a key that is not yet valid."),
-                Some("KeyNotYetValid"),
-            );
-        }
-        if v.exp.is_some_and(|exp| t >= exp) {
-            return kv_error(
-                403,
-                "Forbidden",
-                &format!("Operation {op_name} is not allowed on an expired key."),
-                Some("KeyExpired"),
-            );
-        }
-    }
-    if !v.key_ops.iter().any(|o| o == op_name) {
-        return kv_error(
-            403,
-            "Forbidden",
-            &format!("Operation {op_name} is not permitted on this key."),
-            Some("KeyOperationForbidden"),
-        );
-    }
     let Ok(params) = serde_json::from_slice::<Value>(body) else {
         return kv_error(
             400,
@@ -1035,55 +1051,10 @@ fn signature_op(
     body: &[u8],
 ) -> Response<Full<Bytes>> {
     let keys = state.keys.lock().unwrap();
-    let Some(key) = keys.get(name) else {
-        return not_found(name, version);
+    let v = match usable_version(&keys, name, version, op, op, op == "sign") {
+        Ok(v) => v,
+        Err(refused) => return refused,
     };
-    if key.denied {
-        return forbidden_identity(op);
-    }
-    let v = if version.is_empty() {
-        &key.versions[key.current]
-    } else {
-        match key.versions.iter().find(|v| v.id == version) {
-            Some(v) => v,
-            None => return not_found(name, version),
-        }
-    };
-    if !v.enabled {
-        return kv_error(
-            403,
-            "Forbidden",
-            &format!("Operation {op} is not allowed on a disabled key."),
-            Some("KeyDisabled"),
-        );
-    }
-    if op == "sign" {
-        let t = now();
-        if v.nbf.is_some_and(|nbf| t < nbf) {
-            return kv_error(
-                403,
-                "Forbidden",
-                "Operation sign is not allowed on a key that is not yet valid.",
-                Some("KeyNotYetValid"),
-            );
-        }
-        if v.exp.is_some_and(|exp| t >= exp) {
-            return kv_error(
-                403,
-                "Forbidden",
-                "Operation sign is not allowed on an expired key.",
-                Some("KeyExpired"),
-            );
-        }
-    }
-    if !v.key_ops.iter().any(|o| o == op) {
-        return kv_error(
-            403,
-            "Forbidden",
-            &format!("Operation {op} is not permitted on this key."),
-            Some("KeyOperationForbidden"),
-        );
-    }
     let Ok(params) = serde_json::from_slice::<Value>(body) else {
         return kv_error(
             400,

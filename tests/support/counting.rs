@@ -1,6 +1,7 @@
 //! A counting (and failure-injecting) wrapper around a real backend, installed through the
 //! server's backend layer: the tests count what actually reaches the backend, independently of
-//! keybroker's own counters.
+//! keybroker's own counters. It forwards every method of the trait, as the `KeyBackend`
+//! contract asks of a wrapper (so a wrapped AWS key still re-wraps inside KMS).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub struct Counters {
     pub generate: AtomicU64,
     pub wrap: AtomicU64,
     pub unwrap: AtomicU64,
+    /// Re-wraps the inner backend did itself (`rewrap_from`, e.g. KMS ReEncrypt).
+    pub rewrap: AtomicU64,
     /// While set, every call fails with Unavailable.
     pub fail: AtomicBool,
     /// Added latency per call (lets concurrent requests overlap a miss).
@@ -37,9 +40,12 @@ impl Counters {
     pub fn unwrap(&self) -> u64 {
         self.unwrap.load(Ordering::SeqCst)
     }
+    pub fn rewrap(&self) -> u64 {
+        self.rewrap.load(Ordering::SeqCst)
+    }
     /// Every call that reached the backend.
     pub fn total(&self) -> u64 {
-        self.generate() + self.wrap() + self.unwrap()
+        self.generate() + self.wrap() + self.unwrap() + self.rewrap()
     }
     pub fn set_fail(&self, fail: bool) {
         self.fail.store(fail, Ordering::SeqCst);
@@ -112,11 +118,30 @@ impl KeyBackend for Counting {
         self.before(&self.counters.unwrap).await?;
         self.inner.unwrap(copy, ctx).await
     }
+    async fn rewrap_from(
+        &self,
+        source: &dyn KeyBackend,
+        copy: &WrappedCopy<'_>,
+        source_ctx: &BackendContext<'_>,
+        ctx: &BackendContext<'_>,
+    ) -> Option<Result<Wrapped, BackendError>> {
+        // While failing, decline: the broker then falls back to `wrap`, which fails like every
+        // other call, and nothing reaches the inner backend.
+        if self.counters.fail.load(Ordering::SeqCst) {
+            return None;
+        }
+        let rewrapped = self.inner.rewrap_from(source, copy, source_ctx, ctx).await;
+        if rewrapped.is_some() {
+            self.counters.rewrap.fetch_add(1, Ordering::SeqCst);
+        }
+        rewrapped
+    }
     async fn describe(&self) -> Result<KeyDescription, BackendError> {
         self.inner.describe().await
     }
+    /// The wrapped backend's, so that it is still recognised as a peer by `rewrap_from`.
     fn as_any(&self) -> &dyn Any {
-        self
+        self.inner.as_any()
     }
 }
 

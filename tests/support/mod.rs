@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod counting;
 pub mod gcp_fake;
 pub mod h2raw;
+pub mod hung;
 pub mod moto;
 
 use std::collections::BTreeMap;

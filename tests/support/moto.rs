@@ -59,6 +59,13 @@ impl Drop for Moto {
 }
 
 impl Moto {
+    /// Stops the server (an AWS outage: connections are refused from now on); the credentials
+    /// file stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts moto on a free loopback port and waits (at most 30 s) until it answers.
     pub async fn start() -> Self {
         let venv = venv();
@@ -107,6 +114,37 @@ impl Moto {
             dir = std::mem::replace(&mut moto.dir, tempfile::tempdir().unwrap());
         }
         panic!("moto_server did not start (see the log above)");
+    }
+
+    /// Kills moto (SIGKILL): the backend outage of tests/kms_plugin.rs. Its state is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh moto on the same port after [`Moto::kill`] (empty: keys must be made
+    /// again) and waits (at most 30 s) until it answers.
+    pub async fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("moto-restart.log")).unwrap();
+        self.child = Command::new(venv().join("bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .env(
+                "MOTO_RECORDER_FILEPATH",
+                self.dir.path().join("recording.jsonl"),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = self.api("GET", "/moto-api/data.json").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto_server did not restart on port {}", self.port);
     }
 
     /// A plain HTTP/1.1 request to moto's own API; returns (status, body).

@@ -22,7 +22,7 @@ use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Sample, ServerMode, median};
-use crate::cli::CliResult;
+use crate::command::CliResult;
 use crate::proto;
 
 const PROFILE: &str = "keybroker-bench";

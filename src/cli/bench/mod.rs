@@ -8,6 +8,7 @@
 //! alternate run by run so a noisy neighbour hits both; medians over runs are reported.
 
 pub mod aws;
+pub mod kms;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -20,8 +21,8 @@ use clap::{Args, ValueEnum};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::cli::CliResult;
 use crate::client::KeyBrokerClient;
+use crate::command::CliResult;
 use crate::proto;
 use crate::proto::key_broker_server::{KeyBroker, KeyBrokerServer};
 

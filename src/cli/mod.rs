@@ -1,18 +1,19 @@
 //! Command-line interface. Startup code: errors are reported to stderr with a non-zero exit.
+//! The client subcommands are `calls`; the benchmark harness is `bench` (private to the
+//! command line: the sidecar's library does not carry it).
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Parser, Subcommand};
-use tonic_types::StatusExt;
 
-use crate::config::{self, BackendConfig, Config, LogFormat};
+use crate::command::{CliResult, Signals, init_logging, load_config, runtime};
+use crate::config::{self, BackendConfig, Config};
 use crate::keyring::{self, Keyring};
-use crate::proto;
+
+mod bench;
+mod calls;
 
 #[derive(Debug, Parser)]
 #[command(name = "keybroker", version, about = "A multi-cloud key-broker sidecar", long_about = None)]
@@ -44,14 +45,17 @@ pub enum Cmd {
     /// Print a new data key (JSON, base64 fields).
     Datakey(DatakeyArgs),
     /// Run the benchmark harness (see docs/benchmarks.md).
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Sidecar injection into Kubernetes pods: the admission webhook, or offline on manifests.
     Inject(crate::inject::InjectArgs),
     /// Benchmark the AWS KMS backend against a KMS endpoint (see docs/benchmarks.md).
-    BenchAws(crate::bench::aws::BenchAwsArgs),
+    BenchAws(bench::aws::BenchAwsArgs),
+    /// Benchmark the Kubernetes KMS v2 plugin: apiserver-restart Decrypts and Encrypt's added
+    /// latency (see docs/benchmarks.md).
+    BenchKms(bench::kms::BenchKmsArgs),
     /// A benchmark server process (started by `bench`).
     #[command(hide = true)]
-    BenchServer(crate::bench::BenchServerArgs),
+    BenchServer(bench::BenchServerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -206,13 +210,14 @@ pub fn run(cli: Cli) -> ExitCode {
         } => crate::audit::AuditKey::load(&key)
             .map(|k| println!("{}", k.context_digest(&context.into_iter().collect())))
             .map_err(|e| e.to_string().into()),
-        Cmd::Encrypt(args) => client_cmd(|| encrypt(args)),
-        Cmd::Decrypt(args) => client_cmd(|| decrypt(args)),
-        Cmd::Datakey(args) => client_cmd(|| datakey(args)),
-        Cmd::Bench(args) => crate::bench::run(args),
+        Cmd::Encrypt(args) => calls::client_cmd(|| calls::encrypt(args)),
+        Cmd::Decrypt(args) => calls::client_cmd(|| calls::decrypt(args)),
+        Cmd::Datakey(args) => calls::client_cmd(|| calls::datakey(args)),
+        Cmd::Bench(args) => bench::run(args),
         Cmd::Inject(args) => return crate::inject::run(args),
-        Cmd::BenchServer(args) => crate::bench::run_server(args),
-        Cmd::BenchAws(args) => crate::bench::aws::run(args),
+        Cmd::BenchServer(args) => bench::run_server(args),
+        Cmd::BenchAws(args) => bench::aws::run(args),
+        Cmd::BenchKms(args) => bench::kms::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -221,46 +226,6 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-pub type CliResult = Result<(), Box<dyn std::error::Error>>;
-
-/// Sets up `tracing` on stderr (stdout is for command output).
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
-/// Loads the configuration a command should use: the file, else the embedded default; then the
-/// environment overrides.
-pub fn load_config(path: Option<&Path>) -> Result<Config, config::ConfigError> {
-    let mut config = match path {
-        Some(p) => Config::load(p)?,
-        None => Config::embedded_default(),
-    };
-    config.apply_env()?;
-    Ok(config)
-}
-
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if worker_threads > 1 {
-            b.worker_threads(worker_threads);
-        }
-        b
-    };
-    b.enable_all().build()
 }
 
 fn serve(args: ServeArgs) -> CliResult {
@@ -351,36 +316,6 @@ fn print_banner(
     let _ = out.flush();
 }
 
-/// Resolves on SIGTERM or SIGINT (what Kubernetes and a terminal send).
-pub async fn wait_for_signal() -> std::io::Result<()> {
-    Signals::install()?.wait().await;
-    Ok(())
-}
-
-/// SIGTERM and SIGINT handlers, installed (so the default action, exit, no longer applies)
-/// before they are waited on.
-pub struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    pub fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    pub async fn wait(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
-}
-
 fn config_check(file: &Path) -> ExitCode {
     let config = match Config::load(file) {
         Ok(c) => c,
@@ -389,6 +324,10 @@ fn config_check(file: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Deprecated names still work: shown, not counted as problems.
+    for n in &config.notices {
+        eprintln!("warning: {n}");
+    }
     // Policies that can never apply are errors here (serve only warns about them).
     let mut problems: Vec<String> = config.warnings().iter().map(|p| p.to_string()).collect();
     // Local keyrings are files: check them too (without creating anything).
@@ -536,142 +475,5 @@ fn keys(args: KeysArgs) -> CliResult {
             println!("enabled key {name:?}");
         }
     }
-    Ok(())
-}
-
-fn client_cmd<F, Fut>(f: F) -> CliResult
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = CliResult>,
-{
-    runtime(1)?.block_on(f())
-}
-
-fn read_stdin() -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    std::io::stdin().lock().read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(bytes)?;
-    out.flush()
-}
-
-async fn connect(
-    conn: &ConnArgs,
-) -> Result<crate::client::KeyBrokerClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
-    let addr = conn
-        .addr
-        .clone()
-        .unwrap_or_else(crate::client::default_addr);
-    let channel = crate::client::connect(&addr)
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    Ok(crate::client::client(channel, 64 << 20))
-}
-
-fn context(conn: &ConnArgs) -> BTreeMap<String, String> {
-    conn.context.iter().cloned().collect()
-}
-
-/// `msg` as a request carrying the caller's bearer token, when one is given.
-fn request<T>(conn: &ConnArgs, msg: T) -> Result<tonic::Request<T>, Box<dyn std::error::Error>> {
-    let mut req = tonic::Request::new(msg);
-    let token = match (&conn.token_file, &conn.token) {
-        (Some(path), _) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?,
-        ),
-        (None, Some(t)) => zeroize::Zeroizing::new(t.clone()),
-        (None, None) => return Ok(req),
-    };
-    let token = token.trim();
-    if token.is_empty() {
-        return Err("the bearer token is empty".into());
-    }
-    // The token is never echoed, not even in this error.
-    let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| "the bearer token contains characters a header cannot carry")?;
-    req.metadata_mut().insert("authorization", value);
-    Ok(req)
-}
-
-/// A status as one readable line: code, reason, message.
-fn status_error(s: tonic::Status) -> Box<dyn std::error::Error> {
-    let reason = s
-        .get_details_error_info()
-        .map(|i| format!(" [{}]", i.reason))
-        .unwrap_or_default();
-    format!("{:?}{reason}: {}", s.code(), s.message()).into()
-}
-
-async fn encrypt(args: ClientArgs) -> CliResult {
-    let plaintext = read_stdin()?;
-    let mut client = connect(&args.conn).await?;
-    let msg = proto::EncryptRequest {
-        key: args.key,
-        plaintext: plaintext.into(),
-        context: context(&args.conn),
-    };
-    let resp = client
-        .encrypt(request(&args.conn, msg)?)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if args.base64 {
-        write_stdout(format!("{}\n", B64.encode(&resp.ciphertext)).as_bytes())?;
-    } else {
-        write_stdout(&resp.ciphertext)?;
-    }
-    Ok(())
-}
-
-async fn decrypt(args: DecryptArgs) -> CliResult {
-    let input = read_stdin()?;
-    let ciphertext = if args.base64 {
-        B64.decode(input.trim_ascii())
-            .map_err(|e| format!("stdin is not base64: {e}"))?
-    } else {
-        input
-    };
-    let mut client = connect(&args.conn).await?;
-    let msg = proto::DecryptRequest {
-        ciphertext: ciphertext.into(),
-        context: context(&args.conn),
-    };
-    let resp = client
-        .decrypt(request(&args.conn, msg)?)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    write_stdout(&resp.plaintext)?;
-    Ok(())
-}
-
-async fn datakey(args: DatakeyArgs) -> CliResult {
-    let spec = match args.spec.as_str() {
-        "AES_128" => proto::DataKeySpec::Aes128,
-        _ => proto::DataKeySpec::Aes256,
-    };
-    let mut client = connect(&args.conn).await?;
-    let msg = proto::GenerateDataKeyRequest {
-        key: args.key,
-        spec: spec as i32,
-        context: context(&args.conn),
-    };
-    let resp = client
-        .generate_data_key(request(&args.conn, msg)?)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let json = serde_json::json!({
-        "plaintext_key": B64.encode(&resp.plaintext_key),
-        "wrapped_key": B64.encode(&resp.wrapped_key),
-        "key": resp.key,
-        "key_version": resp.key_version,
-    });
-    write_stdout(format!("{json}\n").as_bytes())?;
     Ok(())
 }

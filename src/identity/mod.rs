@@ -7,12 +7,15 @@
 //! `anonymous`. A credential that is presented but not valid is UNAUTHENTICATED, never
 //! `anonymous`. Tokens are compared in constant time and never logged; token files are re-read
 //! when they change (Kubernetes secret mounts rotate them).
+//!
+//! `conn` is what a connection says about its client; `layer` the tower layer that identifies
+//! every request. Must never: import the server, log or keep a token (only its digest), or let
+//! an unmapped certificate take a caller name another source owns.
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
-use std::task::{Context, Poll};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,88 +23,16 @@ use aws_lc_rs::{constant_time, digest};
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::server::ConnInfo;
-use crate::util::FileStamp;
+use crate::policy::ANY_IDENTIFIED;
+use crate::principal::{ANONYMOUS, Caller, IdentitySource};
+use crate::settings::{Problems, Section, resolve};
+use crate::util::{FileStamp, check_name};
 
-pub const ANONYMOUS: &str = "anonymous";
+mod conn;
+mod layer;
 
-static ANONYMOUS_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(ANONYMOUS));
-
-/// Whether `id` is a SPIFFE ID as the SPIFFE standard defines it: `spiffe://`, a trust domain of
-/// lowercase letters, digits, `.`, `-`, `_`, and an optional path of non-empty segments of
-/// letters, digits, `.`, `-`, `_` that are not `.` or `..` (no trailing slash, port, user info,
-/// query or fragment).
-pub fn is_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else {
-        return false;
-    };
-    let (domain, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let domain_ok = !domain.is_empty()
-        && domain.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        });
-    let path_ok = path.is_empty()
-        || path[1..].split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        });
-    id.len() <= 2048 && domain_ok && path_ok
-}
-
-/// How a caller was identified, strongest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IdentitySource {
-    Mtls,
-    PeerCredentials,
-    BearerToken,
-    Anonymous,
-}
-
-impl IdentitySource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mtls => "mtls",
-            Self::PeerCredentials => "peer_credentials",
-            Self::BearerToken => "bearer_token",
-            Self::Anonymous => "anonymous",
-        }
-    }
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub name: Arc<str>,
-    pub source: IdentitySource,
-}
-
-impl Caller {
-    pub fn anonymous() -> Self {
-        Self {
-            name: Arc::clone(&ANONYMOUS_NAME),
-            source: IdentitySource::Anonymous,
-        }
-    }
-
-    pub fn new(name: impl Into<Arc<str>>, source: IdentitySource) -> Self {
-        Self {
-            name: name.into(),
-            source,
-        }
-    }
-}
-
-impl fmt::Debug for Caller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.name, self.source.as_str())
-    }
-}
+pub use conn::{CallerFrom, ConnInfo, PeerCred, certificate_identity, is_spiffe_id};
+pub use layer::{IdentityLayer, IdentityService, REQUEST_ID_HEADER, request_id, spawn_refresher};
 
 /// `[[identity.tokens]]`: a caller's bearer token, read from a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +64,9 @@ pub struct IdentityConfig {
     pub mtls: Vec<MtlsRule>,
     /// How often token files (and certificates) are checked for changes.
     pub reload_interval: Duration,
+    /// Caller names another part owns (the Kubernetes KMS plugin listener's caller): an unmapped
+    /// client certificate may not take them, so no certificate becomes `kube-apiserver`.
+    pub reserved: Vec<String>,
 }
 
 impl Default for IdentityConfig {
@@ -142,11 +76,76 @@ impl Default for IdentityConfig {
             peers: Vec::new(),
             mtls: Vec::new(),
             reload_interval: Duration::from_secs(5),
+            reserved: Vec::new(),
         }
     }
 }
 
 impl IdentityConfig {
+    /// Reads `[identity]` (token files against `base`), reporting unknown fields.
+    pub fn parse(s: &Section<'_>, base: &Path, p: &mut Problems) -> Self {
+        let mut out = IdentityConfig::default();
+        if let Some(d) = s.duration("reload_interval", p) {
+            if d < Duration::from_millis(100) {
+                p.push(s.at("reload_interval"), "must be at least 100ms");
+            }
+            out.reload_interval = d;
+        }
+        let caller = |t: &Section<'_>, p: &mut Problems| -> String {
+            let c = t.req_str("caller", p).unwrap_or_default();
+            if !c.is_empty()
+                && let Err(e) = check_name(c)
+            {
+                p.push(t.at("caller"), format!("caller {e}"));
+            }
+            if c == ANONYMOUS || c == ANY_IDENTIFIED {
+                p.push(t.at("caller"), format!("{c:?} is reserved"));
+            }
+            c.to_owned()
+        };
+        for t in s.section_list("tokens", p) {
+            let caller = caller(&t, p);
+            if let Some(f) = t.req_str("file", p) {
+                out.tokens.push(TokenRule {
+                    caller,
+                    file: resolve(base, f),
+                });
+            }
+            t.finish(p);
+        }
+        for t in s.section_list("peers", p) {
+            let caller = caller(&t, p);
+            let to_u32 = |field: &str, p: &mut Problems| {
+                t.u64(field, p).and_then(|n| match u32::try_from(n) {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        p.push(t.at(field), "is out of range");
+                        None
+                    }
+                })
+            };
+            let uid = to_u32("uid", p);
+            let gid = to_u32("gid", p);
+            if uid.is_none() && gid.is_none() {
+                p.push(t.path.clone(), "needs uid, gid or both");
+            }
+            out.peers.push(PeerRule { caller, uid, gid });
+            t.finish(p);
+        }
+        for t in s.section_list("mtls", p) {
+            let caller = caller(&t, p);
+            if let Some(id) = t.req_str("id", p) {
+                out.mtls.push(MtlsRule {
+                    caller,
+                    id: id.to_owned(),
+                });
+            }
+            t.finish(p);
+        }
+        s.finish(p);
+        out
+    }
+
     /// Every caller name these rules can produce (plus `anonymous`).
     pub fn caller_names(&self) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = self
@@ -221,7 +220,8 @@ impl Identifier {
             .map(load_token)
             .collect::<Result<Vec<_>, _>>()?;
         let mut reserved = config.caller_names();
-        reserved.insert(crate::policy::ANY_IDENTIFIED.to_owned());
+        reserved.insert(ANY_IDENTIFIED.to_owned());
+        reserved.extend(config.reserved.iter().cloned());
         Ok(Self {
             config,
             reserved,
@@ -346,178 +346,9 @@ impl Identifier {
     }
 }
 
-/// Request id header a client may set (kept if sane), echoed in logs and audit records.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// The id tying a request's log lines and audit record together. Generated ids are a
-/// per-process random prefix and a counter, formatted only when written out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestId {
-    Generated {
-        prefix: u32,
-        n: u64,
-    },
-    /// A sane `x-request-id` from the client.
-    Client(Arc<str>),
-}
-
-impl fmt::Display for RequestId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Generated { prefix, n } => write!(f, "{prefix:08x}-{n:012x}"),
-            Self::Client(s) => f.write_str(s),
-        }
-    }
-}
-
-/// Hands out request ids.
-#[derive(Debug)]
-pub struct RequestIds {
-    prefix: u32,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl RequestIds {
-    pub fn new() -> Self {
-        let mut b = [0u8; 4];
-        let _ = crate::secret::random_fill(&mut b);
-        Self {
-            prefix: u32::from_be_bytes(b),
-            next: std::sync::atomic::AtomicU64::new(1),
-        }
-    }
-
-    pub fn next(&self) -> RequestId {
-        RequestId::Generated {
-            prefix: self.prefix,
-            n: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
-    /// The client's `x-request-id` when it is sane (printable ASCII, at most 128 bytes), else
-    /// a new id.
-    pub fn for_request(&self, headers: &http::HeaderMap) -> RequestId {
-        match headers
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            Some(v) => RequestId::Client(Arc::from(v)),
-            None => self.next(),
-        }
-    }
-}
-
-/// Tower layer attaching a [`Caller`] to each request (or answering UNAUTHENTICATED). It sits
-/// inside tonic's per-connection stack, after the connection info is attached and before routing,
-/// so health, reflection and KeyBroker calls are all identified the same way.
-#[derive(Clone)]
-pub struct IdentityLayer {
-    identifier: Arc<ArcSwap<Identifier>>,
-    ids: Arc<RequestIds>,
-}
-
-impl IdentityLayer {
-    pub fn new(identifier: Arc<ArcSwap<Identifier>>) -> Self {
-        Self {
-            identifier,
-            ids: Arc::new(RequestIds::new()),
-        }
-    }
-}
-
-impl<S> tower::Layer<S> for IdentityLayer {
-    type Service = IdentityService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        IdentityService {
-            inner,
-            identifier: Arc::clone(&self.identifier),
-            ids: Arc::clone(&self.ids),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct IdentityService<S> {
-    inner: S,
-    identifier: Arc<ArcSwap<Identifier>>,
-    ids: Arc<RequestIds>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for IdentityService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    // No allocation per request: either the inner future or a ready refusal.
-    type Future = futures_util::future::Either<
-        S::Future,
-        std::future::Ready<Result<Self::Response, Self::Error>>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let request_id = self.ids.for_request(req.headers());
-        let identified = self.identifier.load().identify(
-            req.extensions().get::<ConnInfo>(),
-            req.headers()
-                .get(http::header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        );
-        match identified {
-            Ok(caller) => {
-                req.extensions_mut().insert(caller);
-                req.extensions_mut().insert(request_id);
-                // The clone-and-swap dance keeps the service that was polled ready.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                futures_util::future::Either::Left(inner.call(req))
-            }
-            Err(e) => {
-                let status = tracing::debug_span!("request", request_id = %request_id, path = %crate::util::Capped(req.uri().path()))
-                    .in_scope(|| e.to_status());
-                futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
-            }
-        }
-    }
-}
-
-/// Re-reads token files every `interval` until aborted.
-pub fn spawn_refresher(
-    identifier: Arc<ArcSwap<Identifier>>,
-    interval: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let id = identifier.load_full();
-            let _ = tokio::task::spawn_blocking(move || id.refresh()).await;
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::PeerCred;
 
     fn conn(uid: u32, gid: u32) -> ConnInfo {
         ConnInfo {
@@ -595,6 +426,7 @@ mod tests {
                     id: "billing.example".into(),
                 },
             ],
+            reserved: vec!["kube-apiserver".into()],
             ..Default::default()
         })
         .unwrap();
@@ -602,7 +434,14 @@ mod tests {
             id.identify(Some(&tls_conn(name)), None)
                 .map(|c| c.name.to_string())
         };
-        for taken in ["billing", "local-app", "shop-api", "anonymous", "*"] {
+        for taken in [
+            "billing",
+            "local-app",
+            "shop-api",
+            "anonymous",
+            "*",
+            "kube-apiserver",
+        ] {
             assert!(
                 matches!(who(taken), Err(Error::Unauthenticated(_))),
                 "{taken}"
