@@ -29,7 +29,9 @@ pub fn code(e: &Error) -> Code {
         | Error::MalformedRequest(_)
         | Error::InvalidCiphertext(_)
         | Error::DecryptionFailed => Code::InvalidArgument,
-        Error::MessageTooLarge { .. } | Error::RequestTooLarge { .. } => Code::ResourceExhausted,
+        Error::MessageTooLarge { .. }
+        | Error::RequestTooLarge { .. }
+        | Error::Overloaded { .. } => Code::ResourceExhausted,
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::AuditUnavailable => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
