@@ -39,8 +39,16 @@ fuzz_target!(|input: Input<'_>| {
     let len = input.key_name.len()
         + input.caller.len()
         + input.plaintext.len()
-        + input.copies.iter().map(|c| c.1.len() + c.2.len() + c.3.len() + 1).sum::<usize>()
-        + input.context.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + input
+            .copies
+            .iter()
+            .map(|c| c.1.len() + c.2.len() + c.3.len() + 1)
+            .sum::<usize>()
+        + input
+            .context
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
         + 64;
     bounded(len, || {
         let version = if input.version_1 {
@@ -90,7 +98,10 @@ fuzz_target!(|input: Input<'_>| {
             let env = envelope::parse(bytes).ok()?;
             match env.kind {
                 Kind::Message => env.open(key, context).ok(),
-                _ => env.open_data_key(key, context).ok().map(|k| k.as_ref().to_vec()),
+                _ => env
+                    .open_data_key(key, context)
+                    .ok()
+                    .map(|k| k.as_ref().to_vec()),
             }
         };
 
@@ -108,15 +119,28 @@ fuzz_target!(|input: Input<'_>| {
             Kind::DerivedDataKey => assert_eq!(opened.len(), derived[0] as usize),
         }
 
-        assert!(open(&sealed, &other_key, &context).is_none(), "opened under another key");
+        assert!(
+            open(&sealed, &other_key, &context).is_none(),
+            "opened under another key"
+        );
         let mut other_context = context.clone();
         other_context.insert("fuzz".to_owned(), "other".to_owned());
         if other_context != context {
-            assert!(open(&sealed, &data_key, &other_context).is_none(), "opened under another context");
+            assert!(
+                open(&sealed, &data_key, &other_context).is_none(),
+                "opened under another context"
+            );
         }
         let mut tampered = sealed.clone();
         let at = input.tamper_at as usize % tampered.len();
-        tampered[at] ^= if input.tamper_mask == 0 { 1 } else { input.tamper_mask };
-        assert!(open(&tampered, &data_key, &context).is_none(), "a changed ciphertext opened");
+        tampered[at] ^= if input.tamper_mask == 0 {
+            1
+        } else {
+            input.tamper_mask
+        };
+        assert!(
+            open(&tampered, &data_key, &context).is_none(),
+            "a changed ciphertext opened"
+        );
     });
 });

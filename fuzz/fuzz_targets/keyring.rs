@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     bounded(data.len(), || {
         if let Err(e) = Keyring::parse_bytes(data, Path::new("keyring")) {
             let text = e.to_string();
-            assert!(text.len() <= 512, "long keyring error ({} bytes)", text.len());
+            assert!(
+                text.len() <= 512,
+                "long keyring error ({} bytes)",
+                text.len()
+            );
         }
     });
 });

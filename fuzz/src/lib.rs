@@ -107,7 +107,10 @@ fn over_bound(live: usize) -> ! {
     let growth = live.saturating_sub(BASE.load(Relaxed));
     let len = INPUT_LEN.load(Relaxed);
     let mut buf = [0u8; 256];
-    let mut w = Cursor { buf: &mut buf, at: 0 };
+    let mut w = Cursor {
+        buf: &mut buf,
+        at: 0,
+    };
     w.put(b"\nkeybroker-fuzz: allocation bound exceeded: the heap grew by ");
     w.num(growth);
     w.put(b" bytes for an input of ");
@@ -195,8 +198,16 @@ fn report(len: usize, growth: usize) {
         eprintln!(
             "keybroker-fuzz: alloc stats: input {len} bytes, heap growth {growth} bytes \
              ({per_byte}/byte){}{}",
-            if worst_growth { " [largest growth]" } else { "" },
-            if worst_per_byte { " [largest per byte]" } else { "" },
+            if worst_growth {
+                " [largest growth]"
+            } else {
+                ""
+            },
+            if worst_per_byte {
+                " [largest per byte]"
+            } else {
+                ""
+            },
         );
     }
 }
