@@ -188,7 +188,7 @@ async fn a_full_disk_fails_closed_keeps_the_keyring_and_recovers() {
     // The audit chain is whole, and every request that was answered OK has its record (records
     // of requests served just before the disk filled were kept and written once it could).
     assert!(server.stop().await);
-    let report = keybroker::audit::verify(&[audit.clone()]).unwrap();
+    let report = keybroker::audit::verify(std::slice::from_ref(&audit)).unwrap();
     let text = std::fs::read_to_string(&audit).unwrap();
     let ok = text
         .lines()

@@ -412,7 +412,11 @@ mod tests {
             std::fs::write(&path, &log).unwrap();
             let from_bytes = verify_bytes(&path, log.as_bytes(), &opts);
             assert_eq!(from_bytes.is_ok(), good, "{log:?}: {from_bytes:?}");
-            assert_eq!(from_bytes, verify_with(&[path.clone()], &opts), "{log:?}");
+            assert_eq!(
+                from_bytes,
+                verify_with(std::slice::from_ref(&path), &opts),
+                "{log:?}"
+            );
         }
     }
 }
