@@ -63,7 +63,7 @@ impl Failure {
                 matches!(
                     s.code(),
                     Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
-                ) || credentials_error(s).map_or_else(|| is_transport_failure(s), |t| t)
+                ) || credentials_error(s).unwrap_or_else(|| is_transport_failure(s))
             }
             _ => false,
         }
