@@ -91,6 +91,13 @@ pub enum Error {
     StreamCancelled,
     #[error("the audit log cannot record this request, so it is refused")]
     AuditUnavailable,
+    /// The listener already has its limit of requests in flight (`[server.limits]
+    /// max_requests_in_flight`): refused at once instead of queued, so that a burst cannot
+    /// grow memory or latency without bound. The caller may retry after a backoff.
+    #[error(
+        "the server is overloaded: {limit} requests are already in flight on this listener; retry later"
+    )]
+    Overloaded { limit: u64 },
     #[error("internal error: {0}")]
     Internal(&'static str),
     /// A request this front door cannot serve as asked although it is well formed: a Kubernetes
@@ -134,6 +141,7 @@ impl Error {
             Error::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
             Error::StreamCancelled => "STREAM_CANCELLED",
             Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Error::Overloaded { .. } => "OVERLOADED",
             Error::Internal(_) => "INTERNAL",
             Error::Precondition { reason, .. } => reason,
             Error::Backend { source, .. } => match source.kind {
@@ -221,6 +229,7 @@ impl Error {
                 vec![("limit_bytes", limit.to_string())]
             }
             Error::BatchTooLarge { limit, .. } => vec![("limit_items", limit.to_string())],
+            Error::Overloaded { limit } => vec![("limit_requests", limit.to_string())],
             _ => Vec::new(),
         }
     }

@@ -206,15 +206,24 @@ impl Keyring {
             .take(MAX_FILE_LEN + 1)
             .read_to_end(&mut text)
             .map_err(io_err)?;
-        let form: FileForm =
-            serde_json::from_slice(&text).map_err(|e| invalid(json_problem(&e)))?;
+        let mut ring = Self::parse_bytes(&text, path)?;
+        ring.warnings = warnings;
+        Ok(ring)
+    }
+
+    /// Validates keyring file contents: [`Keyring::load`] after its access checks, without the
+    /// file (`path` only names it in errors). Separate so that the fuzz harness (`fuzz/`) can
+    /// drive the parser on untrusted bytes directly.
+    pub fn parse_bytes(text: &[u8], path: &Path) -> Result<Self, KeyringError> {
+        let invalid = |reason: String| KeyringError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let form: FileForm = serde_json::from_slice(text).map_err(|e| invalid(json_problem(&e)))?;
         if form.format != FORMAT {
             return Err(invalid(format!("\"format\" is not {FORMAT:?}")));
         }
-        let mut ring = Keyring {
-            warnings,
-            ..Keyring::default()
-        };
+        let mut ring = Keyring::default();
         for (name, fk) in form.keys {
             // The name is not echoed: a name that fails the rules may be anything (even key
             // material pasted into the wrong place).
@@ -681,6 +690,26 @@ fn lock_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_bytes_reads_what_load_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring");
+        edit(&path, true, |r| r.create_key("a")).unwrap();
+        edit(&path, false, |r| r.rotate_key("a")).unwrap();
+        let loaded = Keyring::load(&path).unwrap();
+        let parsed = Keyring::parse_bytes(&fs::read(&path).unwrap(), &path).unwrap();
+        let a = (&loaded.keys["a"], &parsed.keys["a"]);
+        assert_eq!((a.0.primary, a.0.enabled), (a.1.primary, a.1.enabled));
+        assert_eq!(a.0.versions.len(), 2);
+        for (v, kv) in &a.0.versions {
+            assert_eq!(kv.material().as_ref(), a.1.versions[v].material().as_ref());
+        }
+        assert!(matches!(
+            Keyring::parse_bytes(b"{", &path),
+            Err(KeyringError::Invalid { .. })
+        ));
+    }
 
     #[test]
     fn create_rotate_disable_persist() {

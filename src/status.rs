@@ -34,7 +34,8 @@ pub fn code(e: &Error) -> Code {
         | Error::DecryptionFailed => Code::InvalidArgument,
         Error::MessageTooLarge { .. }
         | Error::RequestTooLarge { .. }
-        | Error::BatchTooLarge { .. } => Code::ResourceExhausted,
+        | Error::BatchTooLarge { .. }
+        | Error::Overloaded { .. } => Code::ResourceExhausted,
         Error::StreamCancelled => Code::Cancelled,
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::AuditUnavailable => Code::Unavailable,

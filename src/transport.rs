@@ -7,6 +7,10 @@
 //! - A connection limit per listener (a flood on the TCP port never starves the Unix socket) and
 //!   a cap on concurrent TLS handshakes per TLS listener. Over a limit, a new connection is
 //!   accepted and closed at once: the client learns immediately, the accept loop never waits.
+//! - A limit on requests in flight per listener ([`ConnGate::admit_request`], applied by the
+//!   server's overload layer): beyond it a request is refused at once (RESOURCE_EXHAUSTED,
+//!   `OVERLOADED`), never queued. HTTP/2 keepalive pings close connections whose peer stopped
+//!   reading or answering, and a request timeout ends streams that went silent.
 //! - Plaintext TCP on an address other than loopback is refused unless explicitly allowed.
 //! - Unix sockets are bound under a umask that gives the socket file its final mode from the
 //!   moment it exists (no chmod afterwards, so no window with a looser mode).
@@ -16,6 +20,7 @@
 //! `[server.limits]` is the place for further transport and overload limits.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -29,7 +34,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::Connected;
 
 use crate::settings::{Problems, Section};
 use crate::util::format_duration;
@@ -109,6 +113,19 @@ pub struct ServerLimits {
     /// The largest request message a caller may send when no key's policy grants it the
     /// operation at all: such a request is refused before its body is read (`admission`).
     pub ungranted_request_bytes: u64,
+    /// Requests in flight per listener (over all its connections); one more is refused at once
+    /// with RESOURCE_EXHAUSTED / OVERLOADED.
+    pub max_requests_in_flight: usize,
+    /// How often the server pings an HTTP/2 connection to see that its peer still reads.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// The longest a request may take from its headers to its answer (a caller's shorter
+    /// `grpc-timeout` wins): a stream whose client went silent mid-request ends then.
+    pub request_timeout: Duration,
+    /// How long a new connection (after its TLS handshake) may stay silent before its first
+    /// bytes: a client that connects and sends nothing gives its slot back then.
+    pub preface_timeout: Duration,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
@@ -119,6 +136,11 @@ pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub const DEFAULT_UNGRANTED_REQUEST_BYTES: u64 = 64 << 10;
+pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 1024;
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -131,6 +153,11 @@ impl Default for ServerLimits {
             max_pending_accept_reset_streams: DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
             max_local_error_reset_streams: DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS,
             ungranted_request_bytes: DEFAULT_UNGRANTED_REQUEST_BYTES,
+            max_requests_in_flight: DEFAULT_MAX_REQUESTS_IN_FLIGHT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            preface_timeout: DEFAULT_PREFACE_TIMEOUT,
         }
     }
 }
@@ -162,6 +189,9 @@ impl ServerLimits {
         if let Some(n) = count("max_local_error_reset_streams", 1, 1 << 20, p) {
             l.max_local_error_reset_streams = n as usize;
         }
+        if let Some(n) = count("max_requests_in_flight", 1, 1 << 20, p) {
+            l.max_requests_in_flight = n as usize;
+        }
         if let Some(n) = s.size("max_header_list_size", p) {
             if (1 << 10..=1 << 20).contains(&n) {
                 l.max_header_list_size = n as u32;
@@ -176,13 +206,48 @@ impl ServerLimits {
                 p.push(s.at("ungranted_request_bytes"), "must be 1KiB to 64MiB");
             }
         }
-        if let Some(d) = s.duration("tls_handshake_timeout", p) {
-            let (min, max) = (Duration::from_millis(100), Duration::from_secs(60));
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        for (field, min, max, slot) in [
+            (
+                "tls_handshake_timeout",
+                ms(100),
+                secs(60),
+                &mut l.tls_handshake_timeout,
+            ),
+            (
+                "keepalive_interval",
+                secs(1),
+                secs(3600),
+                &mut l.keepalive_interval,
+            ),
+            (
+                "keepalive_timeout",
+                ms(100),
+                secs(600),
+                &mut l.keepalive_timeout,
+            ),
+            (
+                "request_timeout",
+                ms(100),
+                secs(3600),
+                &mut l.request_timeout,
+            ),
+            (
+                "preface_timeout",
+                ms(100),
+                secs(600),
+                &mut l.preface_timeout,
+            ),
+        ] {
+            let Some(d) = s.duration(field, p) else {
+                continue;
+            };
             if (min..=max).contains(&d) {
-                l.tls_handshake_timeout = d;
+                *slot = d;
             } else {
                 p.push(
-                    s.at("tls_handshake_timeout"),
+                    s.at(field),
                     format!(
                         "must be {} to {}",
                         format_duration(min),
@@ -201,6 +266,9 @@ impl ServerLimits {
             .http2_max_header_list_size(self.max_header_list_size)
             .http2_max_pending_accept_reset_streams(Some(self.max_pending_accept_reset_streams))
             .http2_max_local_error_reset_streams(Some(self.max_local_error_reset_streams))
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.keepalive_timeout))
+            .timeout(self.request_timeout)
     }
 }
 
@@ -254,7 +322,11 @@ pub struct ConnGate {
     listener: String,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+    max_requests: u64,
+    preface_timeout: Duration,
     refused: AtomicU64,
+    refused_requests: AtomicU64,
     /// When a refusal was last logged: at most one warning per interval, with the count.
     last_warned: Mutex<Option<Instant>>,
 }
@@ -267,7 +339,11 @@ impl ConnGate {
             listener: listener.to_string(),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Arc::new(Semaphore::new(limits.max_tls_handshakes)),
+            requests: Arc::new(Semaphore::new(limits.max_requests_in_flight)),
+            max_requests: limits.max_requests_in_flight as u64,
+            preface_timeout: limits.preface_timeout,
             refused: AtomicU64::new(0),
+            refused_requests: AtomicU64::new(0),
             last_warned: Mutex::new(None),
         })
     }
@@ -291,13 +367,40 @@ impl ConnGate {
         slot
     }
 
+    /// A slot for one request in flight, held until its answer is ready; `None` when the
+    /// listener already has `max_requests_in_flight` (the request is refused, not queued). One
+    /// atomic operation on the semaphore per request.
+    pub fn admit_request(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = Arc::clone(&self.requests).try_acquire_owned().ok();
+        if slot.is_none() {
+            let total = self.refused_requests.fetch_add(1, Ordering::Relaxed) + 1;
+            self.warn("request limit (max_requests_in_flight)", total);
+        }
+        slot
+    }
+
+    /// The listener's `max_requests_in_flight`.
+    pub fn max_requests(&self) -> u64 {
+        self.max_requests
+    }
+
     /// Connections refused so far.
     pub fn refusals(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Requests refused so far (over `max_requests_in_flight`).
+    pub fn request_refusals(&self) -> u64 {
+        self.refused_requests.load(Ordering::Relaxed)
+    }
+
     fn refused(&self, limit: &'static str) {
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        self.warn(limit, total);
+    }
+
+    /// At most one warning per interval per listener, with the running count.
+    fn warn(&self, limit: &'static str, total: u64) {
         let Ok(mut last) = self.last_warned.lock() else {
             return;
         };
@@ -305,29 +408,40 @@ impl ConnGate {
         if last.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL) {
             *last = Some(now);
             tracing::warn!(listener = %self.listener, limit, refused_total = total,
-                "connection refused: the listener is at its limit");
+                "refused: the listener is at its limit");
         }
     }
 }
 
 /// A connection that holds its listener slot until it is dropped (hyper drops the connection's
-/// I/O when the connection ends).
+/// I/O when the connection ends), and knows its listener's gate (for the request limit). Until
+/// its first bytes arrive it runs on the gate's `preface_timeout`: a connection that stays
+/// silent past it fails its read, and hyper closes it.
 pub struct Limited<IO> {
     io: IO,
+    gate: Arc<ConnGate>,
+    silent: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl<IO> Limited<IO> {
-    pub fn new(io: IO, slot: OwnedSemaphorePermit) -> Self {
-        Self { io, _slot: slot }
+    pub fn new(io: IO, gate: Arc<ConnGate>, slot: OwnedSemaphorePermit) -> Self {
+        let silent = Some(Box::pin(tokio::time::sleep(gate.preface_timeout)));
+        Self {
+            io,
+            gate,
+            silent,
+            _slot: slot,
+        }
     }
-}
 
-impl<IO: Connected> Connected for Limited<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    pub fn io(&self) -> &IO {
+        &self.io
+    }
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+    /// The gate of the listener that accepted this connection.
+    pub fn gate(&self) -> &Arc<ConnGate> {
+        &self.gate
     }
 }
 
@@ -337,7 +451,24 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(silent) = &mut this.silent {
+            match &read {
+                Poll::Pending => {
+                    if silent.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client sent nothing within preface_timeout",
+                        )));
+                    }
+                }
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.silent = None,
+                Poll::Ready(_) => {}
+            }
+        }
+        read
     }
 }
 

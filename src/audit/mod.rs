@@ -44,7 +44,7 @@ pub use key::{AuditKey, MAX_KEY_LEN, MIN_KEY_LEN, new_key_file};
 pub use report::{UsageReport, UsageRow, usage_report};
 pub use verify::{
     BrokenLink, CHECKPOINT_FORMAT, Checkpoint, VerifyOptions, VerifyReport, read_checkpoint,
-    verify, verify_with,
+    verify, verify_bytes, verify_with,
 };
 use writer::Writer;
 pub use writer::rotated;

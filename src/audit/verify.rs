@@ -104,6 +104,39 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, BrokenLink> {
 
 /// [`verify`] with a key and/or a checkpoint.
 pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyReport, BrokenLink> {
+    let last_file = files.last().cloned().unwrap_or_default();
+    verify_lines(Lines::new(files), last_file, opts)
+}
+
+/// [`verify_with`] on one log already in memory (`name` only labels the problem), split into
+/// lines exactly as files are. Separate so that the fuzz harness (`fuzz/`) can drive the
+/// verifier on untrusted bytes without files.
+pub fn verify_bytes(
+    name: &Path,
+    log: &[u8],
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, BrokenLink> {
+    let lines = io::Cursor::new(log)
+        .split(b'\n')
+        .enumerate()
+        .map(|(i, raw)| {
+            raw.map(|raw| (name.to_owned(), i + 1, raw))
+                .map_err(|e| BrokenLink {
+                    file: name.to_owned(),
+                    line: i + 1,
+                    seq: None,
+                    problem: format!("cannot read: {e}"),
+                })
+        });
+    verify_lines(lines, name.to_owned(), opts)
+}
+
+/// The chain check over numbered lines; `last_file` is named in problems found at the end.
+fn verify_lines(
+    lines: impl Iterator<Item = Result<(PathBuf, usize, Vec<u8>), BrokenLink>>,
+    last_file: PathBuf,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, BrokenLink> {
     let key = opts.key.as_ref();
     let mut walk = Walk {
         report: VerifyReport {
@@ -119,7 +152,7 @@ pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyRepo
         checkpoint_seen: false,
         prev: None,
     };
-    let mut lines = Lines::new(files).peekable();
+    let mut lines = lines.peekable();
     while let Some(item) = lines.next() {
         let (file, n, raw) = item?;
         let broken = |seq: Option<u64>, problem: String| BrokenLink {
@@ -140,7 +173,7 @@ pub fn verify_with(files: &[PathBuf], opts: &VerifyOptions) -> Result<VerifyRepo
         walk.advance(seq, link_of(&raw))
             .map_err(|p| broken(Some(seq), p.into()))?;
     }
-    walk.finish(files, key.is_some())
+    walk.finish(last_file, key.is_some())
 }
 
 /// Reads the checkpoint `verify` was given: it must exist (and authenticate, with a key).
@@ -257,10 +290,10 @@ impl Walk {
 
     /// What only the end can show: a keyed log with no MAC at all, and a log cut short of its
     /// checkpoint.
-    fn finish(mut self, files: &[PathBuf], keyed: bool) -> Result<VerifyReport, BrokenLink> {
+    fn finish(mut self, last_file: PathBuf, keyed: bool) -> Result<VerifyReport, BrokenLink> {
         let report = &self.report;
         let end = |problem: String| BrokenLink {
-            file: files.last().cloned().unwrap_or_default(),
+            file: last_file.clone(),
             line: 0,
             seq: report.last_seq,
             problem,
@@ -353,6 +386,37 @@ impl Iterator for Lines<'_> {
                     }));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_bytes_agrees_with_verify_on_a_file() {
+        let first = format!("{{\"seq\":1,\"prev\":\"{GENESIS}\"}}");
+        let second = format!("{{\"seq\":2,\"prev\":\"{}\"}}", link_of(first.as_bytes()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let opts = VerifyOptions::default();
+        for (log, good) in [
+            (format!("{first}\n{second}\n"), true),
+            (format!("{first}\n{second}"), true),
+            (String::new(), true),
+            (format!("{first}\n\n{second}\n"), false),
+            (format!("{second}\n{first}\n"), false),
+            (format!("{first}\n{{\"seq\":2,\"prev\":\"00\"}}\n"), false),
+        ] {
+            std::fs::write(&path, &log).unwrap();
+            let from_bytes = verify_bytes(&path, log.as_bytes(), &opts);
+            assert_eq!(from_bytes.is_ok(), good, "{log:?}: {from_bytes:?}");
+            assert_eq!(
+                from_bytes,
+                verify_with(std::slice::from_ref(&path), &opts),
+                "{log:?}"
+            );
         }
     }
 }

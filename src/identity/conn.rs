@@ -44,6 +44,9 @@ pub struct ConnInfo {
     /// A verified client certificate was presented but carries no usable name: the request is
     /// refused as UNAUTHENTICATED, never treated as anonymous.
     pub peer_cert_error: Option<&'static str>,
+    /// The gate of the listener that accepted the connection: its request-in-flight limit
+    /// (`None` outside a listener, e.g. in unit tests).
+    pub gate: Option<std::sync::Arc<crate::transport::ConnGate>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -360,6 +360,7 @@ mod tests {
             }),
             peer_identity: None,
             peer_cert_error: None,
+            gate: None,
         }
     }
 
@@ -369,6 +370,7 @@ mod tests {
             peer_cred: None,
             peer_identity: Some(id.to_owned()),
             peer_cert_error: None,
+            gate: None,
         }
     }
 

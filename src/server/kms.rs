@@ -64,6 +64,7 @@ pub(super) async fn spawn(
         .server
         .limits
         .http2(tonic::transport::Server::builder())
+        .layer(super::overload::OverloadLayer)
         .layer(crate::codec::OversizeLayer::new(DECODE_LIMIT as u64))
         .add_service(crate::health::server(health, drain))
         .add_service(reflection_v1)

@@ -30,9 +30,7 @@ pub(super) enum Conn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnInfo),
 }
 
-impl Connected for Conn {
-    type ConnectInfo = ConnInfo;
-
+impl Conn {
     fn connect_info(&self) -> ConnInfo {
         match self {
             Conn::Tcp(s) => ConnInfo {
@@ -40,14 +38,29 @@ impl Connected for Conn {
                 peer_cred: None,
                 peer_identity: None,
                 peer_cert_error: None,
+                gate: None,
             },
             Conn::Unix(_, cred) => ConnInfo {
                 peer_addr: None,
                 peer_cred: *cred,
                 peer_identity: None,
                 peer_cert_error: None,
+                gate: None,
             },
             Conn::Tls(_, info) => info.clone(),
+        }
+    }
+}
+
+/// What tonic attaches to every request of a connection: who the client is, and the gate of
+/// the listener that accepted it (the overload layer takes a request slot from it).
+impl Connected for Limited<Conn> {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            gate: Some(Arc::clone(self.gate())),
+            ..self.io().connect_info()
         }
     }
 }
@@ -145,6 +158,7 @@ async fn handshake(
             peer_cred: None,
             peer_identity,
             peer_cert_error,
+            gate: None,
         },
     ))
 }
@@ -223,12 +237,13 @@ pub(super) async fn accept_loop(
                     let _ = s.set_nodelay(true);
                     // Handshakes run on their own tasks: a slow client must not hold up others.
                     let (tls, from, timeout, tx) = (Arc::clone(tls), *from, *timeout, tx.clone());
+                    let gate = Arc::clone(&gate);
                     tokio::spawn(async move {
                         let done = handshake(&tls, from, timeout, s).await;
                         drop(handshaking);
                         match done {
                             Ok(conn) => {
-                                let _ = tx.send(Ok(Limited::new(conn, slot))).await;
+                                let _ = tx.send(Ok(Limited::new(conn, gate, slot))).await;
                             }
                             Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         }
@@ -248,7 +263,11 @@ pub(super) async fn accept_loop(
             }
         };
         let Some(slot) = gate.admit() else { continue };
-        if tx.send(Ok(Limited::new(conn, slot))).await.is_err() {
+        if tx
+            .send(Ok(Limited::new(conn, Arc::clone(&gate), slot)))
+            .await
+            .is_err()
+        {
             return; // the server stopped accepting
         }
     }

@@ -40,6 +40,7 @@ use crate::transport::{ConnGate, Limited};
 
 mod kms;
 mod listen;
+mod overload;
 
 use listen::{Conn, Listener, OwnedSocket, accept_loop, bind_unix};
 
@@ -448,6 +449,8 @@ fn spawn_grpc(
         .server
         .limits
         .http2(tonic::transport::Server::builder())
+        // Over the listener's requests-in-flight limit, refused before any other work.
+        .layer(overload::OverloadLayer)
         // Identify every request (or refuse a bad credential) before any service sees it.
         .layer(IdentityLayer::new(identifier))
         // The transport's "message too large" gets the same shape as the broker's size checks.

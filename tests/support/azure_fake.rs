@@ -432,6 +432,11 @@ impl KeyVaultFake {
     pub fn gets(&self) -> u64 {
         self.state.counters.gets.load(Ordering::SeqCst)
     }
+    /// A reader of [`Self::wraps`] that outlives this borrow.
+    pub fn wrap_counter(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let state = Arc::clone(&self.state);
+        move || state.counters.wraps.load(Ordering::SeqCst)
+    }
     pub fn wraps(&self) -> u64 {
         self.state.counters.wraps.load(Ordering::SeqCst)
     }
@@ -469,10 +474,16 @@ impl KeyVaultFake {
     /// A reqwest client that reaches this fake under its vault name, trusts only the test CA,
     /// and resolves no other name (so a misrouted request fails instead of leaving the host).
     pub fn http_client(&self) -> reqwest::Client {
+        self.http_client_to(self.addr)
+    }
+
+    /// [`Self::http_client`], reaching the vault name at `addr` instead (a fault proxy in
+    /// front of the fake: TLS passes through it).
+    pub fn http_client_to(&self, addr: std::net::SocketAddr) -> reqwest::Client {
         reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_der(&self.ca_der).unwrap()])
             .dns_resolver(Arc::new(NoDns))
-            .resolve(&self.host, self.addr)
+            .resolve(&self.host, addr)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
@@ -481,11 +492,16 @@ impl KeyVaultFake {
 
     /// Lets a keybroker server built from configuration reach this fake (see `test_hooks`).
     pub fn install_hooks(&self) {
+        self.install_hooks_via(self.addr);
+    }
+
+    /// [`Self::install_hooks`], with the server's requests going to `addr` (a fault proxy).
+    pub fn install_hooks_via(&self, addr: std::net::SocketAddr) {
         test_hooks::install(
             &self.host,
             test_hooks::Overrides {
                 credential: self.credential(),
-                transport: Arc::new(self.http_client()),
+                transport: Arc::new(self.http_client_to(addr)),
             },
         );
     }

@@ -307,6 +307,17 @@ impl GcpKmsFake {
         self.shared.lock().calls.get(method).copied().unwrap_or(0)
     }
 
+    /// A reader of [`Self::calls`] for `method` that outlives this borrow.
+    pub fn counter(&self, method: &'static str) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.lock().calls.get(method).copied().unwrap_or(0)
+    }
+
+    /// Drops every failure [`Self::fail_next`] still has to inject.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
     pub fn call_log(&self) -> Vec<CallRecord> {
         self.shared.lock().log.clone()
     }

@@ -7,6 +7,7 @@
 pub mod azure_fake;
 pub mod conformance;
 pub mod counting;
+pub mod fault;
 pub mod gcp_fake;
 pub mod h2raw;
 pub mod hung;
