@@ -109,23 +109,6 @@ pub fn build_runtime(shape: RuntimeShape) -> std::io::Result<tokio::runtime::Run
     b.enable_all().build()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn automatic_runtime_follows_the_usable_cpus() {
-        assert_eq!(RuntimeShape::choose(0, 1), RuntimeShape::CurrentThread);
-        assert_eq!(RuntimeShape::choose(0, 2), RuntimeShape::CurrentThread);
-        assert_eq!(RuntimeShape::choose(0, 3), RuntimeShape::CurrentThread);
-        assert_eq!(RuntimeShape::choose(0, 4), RuntimeShape::MultiThread(4));
-        assert_eq!(RuntimeShape::choose(0, 64), RuntimeShape::MultiThread(64));
-        assert_eq!(RuntimeShape::choose(1, 64), RuntimeShape::CurrentThread);
-        assert_eq!(RuntimeShape::choose(2, 1), RuntimeShape::MultiThread(2));
-        assert_eq!(RuntimeShape::choose(8, 2), RuntimeShape::MultiThread(8));
-    }
-}
-
 /// Resolves on SIGTERM or SIGINT (what Kubernetes and a terminal send).
 pub async fn wait_for_signal() -> std::io::Result<()> {
     Signals::install()?.wait().await;
@@ -153,5 +136,22 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn automatic_runtime_follows_the_usable_cpus() {
+        assert_eq!(RuntimeShape::choose(0, 1), RuntimeShape::CurrentThread);
+        assert_eq!(RuntimeShape::choose(0, 2), RuntimeShape::CurrentThread);
+        assert_eq!(RuntimeShape::choose(0, 3), RuntimeShape::CurrentThread);
+        assert_eq!(RuntimeShape::choose(0, 4), RuntimeShape::MultiThread(4));
+        assert_eq!(RuntimeShape::choose(0, 64), RuntimeShape::MultiThread(64));
+        assert_eq!(RuntimeShape::choose(1, 64), RuntimeShape::CurrentThread);
+        assert_eq!(RuntimeShape::choose(2, 1), RuntimeShape::MultiThread(2));
+        assert_eq!(RuntimeShape::choose(8, 2), RuntimeShape::MultiThread(8));
     }
 }
