@@ -413,6 +413,32 @@ struct Load {
 }
 
 impl Load {
+    /// One request for key `k` with `payload` (its plaintext or ciphertext); whether it was OK.
+    async fn call(
+        &self,
+        client: &mut KeyBrokerClient<Channel>,
+        k: usize,
+        payload: bytes::Bytes,
+    ) -> bool {
+        match self.op {
+            BenchOp::Encrypt => client
+                .encrypt(self.request(proto::EncryptRequest {
+                    key: self.keys[k].clone(),
+                    plaintext: payload,
+                    context: BTreeMap::new(),
+                }))
+                .await
+                .is_ok(),
+            BenchOp::Decrypt => client
+                .decrypt(self.request(proto::DecryptRequest {
+                    ciphertext: payload,
+                    context: BTreeMap::new(),
+                }))
+                .await
+                .is_ok(),
+        }
+    }
+
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(t) = &self.token {
@@ -451,23 +477,7 @@ async fn measure(
                 let k = next % load.keys.len();
                 next = next.wrapping_add(concurrency);
                 let payload = load.payloads[k].clone();
-                let ok = match load.op {
-                    BenchOp::Encrypt => client
-                        .encrypt(load.request(proto::EncryptRequest {
-                            key: load.keys[k].clone(),
-                            plaintext: payload,
-                            context: BTreeMap::new(),
-                        }))
-                        .await
-                        .is_ok(),
-                    BenchOp::Decrypt => client
-                        .decrypt(load.request(proto::DecryptRequest {
-                            ciphertext: payload,
-                            context: BTreeMap::new(),
-                        }))
-                        .await
-                        .is_ok(),
-                };
+                let ok = load.call(&mut client, k, payload).await;
                 let t1 = Instant::now();
                 if ok {
                     completed += 1;
@@ -1018,23 +1028,7 @@ async fn fixed_count(
                 )
                 .is_ok()
             {
-                let ok = match load.op {
-                    BenchOp::Encrypt => client
-                        .encrypt(proto::EncryptRequest {
-                            key: load.keys[0].clone(),
-                            plaintext: load.payloads[0].clone(),
-                            context: BTreeMap::new(),
-                        })
-                        .await
-                        .is_ok(),
-                    BenchOp::Decrypt => client
-                        .decrypt(proto::DecryptRequest {
-                            ciphertext: load.payloads[0].clone(),
-                            context: BTreeMap::new(),
-                        })
-                        .await
-                        .is_ok(),
-                };
+                let ok = load.call(&mut client, 0, load.payloads[0].clone()).await;
                 n += 1;
                 if !ok {
                     e += 1;
