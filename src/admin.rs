@@ -20,8 +20,9 @@ use tokio::sync::watch;
 
 use crate::audit::Auditor;
 use crate::broker::Broker;
-use crate::metrics::{KeyFigures, Metrics, Snapshot};
+use crate::metrics::{KeyFigures, ListenerFigures, Metrics, Snapshot};
 use crate::operation::Operation;
+use crate::transport::ConnGate;
 
 /// Readiness as a latch: set once the server is up, cleared for good when draining starts.
 #[derive(Debug, Default)]
@@ -43,6 +44,8 @@ impl Readiness {
 pub struct AdminState {
     pub ready: Readiness,
     parts: std::sync::OnceLock<(Arc<Metrics>, Arc<Broker>, Arc<Auditor>)>,
+    /// The gRPC listeners' admission gates (their refusals and slots are in `/metrics`).
+    gates: std::sync::Mutex<Vec<Arc<ConnGate>>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -56,6 +59,20 @@ impl std::fmt::Debug for AdminState {
 impl AdminState {
     pub fn attach(&self, metrics: Arc<Metrics>, broker: Arc<Broker>, audit: Arc<Auditor>) {
         let _ = self.parts.set((metrics, broker, audit));
+    }
+
+    /// Shows a listener's admission figures in `/metrics` from now on.
+    pub fn watch_gate(&self, gate: Arc<ConnGate>) {
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.push(gate);
+        }
+    }
+
+    fn listener_figures(&self) -> Vec<ListenerFigures> {
+        match self.gates.lock() {
+            Ok(gates) => gates.iter().map(|g| g.figures()).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -138,7 +155,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => match state.parts.get() {
             Some((metrics, broker, audit)) => {
-                let mut r = text(StatusCode::OK, metrics.render(snapshot(broker, audit)));
+                let mut r = text(
+                    StatusCode::OK,
+                    metrics.render(snapshot(broker, audit, state.listener_figures())),
+                );
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -185,7 +205,7 @@ fn lifecycle_figures(e: &crate::registry::KeyEntry) -> crate::metrics::Lifecycle
 
 /// What `/metrics` shows of the rest of the process, read now: per key its backend and cache
 /// evictions, the caches' sizes, and the audit writer's state.
-fn snapshot(broker: &Broker, audit: &Auditor) -> Snapshot {
+fn snapshot(broker: &Broker, audit: &Auditor, listeners: Vec<ListenerFigures>) -> Snapshot {
     let keys = broker
         .registry()
         .iter()
@@ -207,5 +227,6 @@ fn snapshot(broker: &Broker, audit: &Auditor) -> Snapshot {
         cache_entries: broker.cache().entry_counts_now(),
         audit_dropped: audit.dropped(),
         audit_healthy: audit.healthy(),
+        listeners,
     }
 }

@@ -394,6 +394,18 @@ impl ConnGate {
         self.refused_requests.load(Ordering::Relaxed)
     }
 
+    /// What `/metrics` shows of this listener, read now.
+    pub fn figures(&self) -> crate::metrics::ListenerFigures {
+        let free = self.requests.available_permits() as u64;
+        crate::metrics::ListenerFigures {
+            listener: self.listener.clone(),
+            refused_requests: self.request_refusals(),
+            refused_connections: self.refusals(),
+            requests_in_flight: self.max_requests.saturating_sub(free),
+            max_requests_in_flight: self.max_requests,
+        }
+    }
+
     fn refused(&self, limit: &'static str) {
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         self.warn(limit, total);

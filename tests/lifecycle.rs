@@ -466,49 +466,14 @@ async fn audit_report_counts_a_known_workload_and_reports_a_broken_chain() {
 /// `promtool test rules` case (promtool: Debian `prometheus`, installed by scripts/test-setup).
 #[test]
 fn alert_rules_check_and_fire_in_promtool_tests() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
-    let rules = dir.join("keybroker-lifecycle.rules.yaml");
-    let text = std::fs::read_to_string(&rules).unwrap();
-    let alerts: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: "))
-        .collect();
-    assert_eq!(alerts.len(), 6, "{alerts:?}");
-    let test_files = [
-        "keybroker-lifecycle.test.yaml",
-        "keybroker-lifecycle-long.test.yaml",
-    ];
-    let tests: String = test_files
-        .iter()
-        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
-        .collect();
-    for a in &alerts {
-        // Each alert has a case expecting it to fire (exp_alerts right after its alertname).
-        let fires = tests.split("alertname: ").skip(1).any(|case| {
-            case.starts_with(a)
-                && case
-                    .lines()
-                    .nth(1)
-                    .is_some_and(|l| l.trim() == "exp_alerts:")
-        });
-        assert!(fires, "no promtool case where {a} fires");
-    }
-    for args in [
-        vec!["check", "rules", "keybroker-lifecycle.rules.yaml"],
-        vec!["test", "rules", test_files[0], test_files[1]],
-    ] {
-        let out = Command::new("promtool")
-            .args(&args)
-            .current_dir(&dir)
-            .output()
-            .expect("promtool is missing: run scripts/test-setup");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    crate::support::alerts::check_alert_rules(
+        "keybroker-lifecycle.rules.yaml",
+        &[
+            "keybroker-lifecycle.test.yaml",
+            "keybroker-lifecycle-long.test.yaml",
+        ],
+        6,
+    );
 }
 
 /// The key version of the first copy of a ciphertext file.

@@ -166,6 +166,30 @@ async fn a_burst_over_the_limit_is_refused_fast_and_the_server_stays_healthy() {
         "RSS grew from {rss_before} to {rss_during} / {rss_after} KiB"
     );
 
+    // Every refusal the callers saw is counted in /metrics, on this listener, and no slot is
+    // held once the burst is over.
+    let (code, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let listener = format!("listener=\"{}\"", serve.addr);
+    let sample = |name: &str, labels: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&listener) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}{{{listener},{labels}}} in /metrics:\n{metrics}"))
+    };
+    assert_eq!(
+        sample("keybroker_overload_refusals_total", "limit=\"requests\""),
+        refused as f64
+    );
+    assert_eq!(
+        sample("keybroker_overload_refusals_total", "limit=\"connections\""),
+        0.0
+    );
+    assert_eq!(sample("keybroker_max_requests_in_flight", ""), LIMIT as f64);
+    assert_eq!(sample("keybroker_requests_in_flight", ""), 0.0);
+
     // Healthy right after: ready, cached and uncached keys serve, the full limit is free again.
     let (ready, body) = http_get(&admin, "/readyz").await;
     assert_eq!(ready, 200, "{body}");
@@ -287,4 +311,15 @@ async fn half_sent(addr: String) -> Option<String> {
         .trailers()
         .and_then(|t| t.get("grpc-status"))
         .map(|s| s.to_str().unwrap_or("?").to_owned())
+}
+
+/// The overload alert rules (deploy/prometheus/keybroker-reliability.rules.yaml) pass promtool
+/// and fire in its test cases: sustained refusals alert, a burst does not.
+#[test]
+fn overload_alert_rules_check_and_fire_in_promtool_tests() {
+    crate::support::alerts::check_alert_rules(
+        "keybroker-reliability.rules.yaml",
+        &["keybroker-reliability.test.yaml"],
+        2,
+    );
 }

@@ -259,6 +259,23 @@ pub struct Snapshot {
     pub cache_entries: (u64, u64),
     pub audit_dropped: u64,
     pub audit_healthy: bool,
+    /// Every gRPC listener's admission figures (`[server.limits]`), in start order.
+    pub listeners: Vec<ListenerFigures>,
+}
+
+/// One listener's admission figures in a [`Snapshot`]: what its limits refused, and how full
+/// its request slots are now. The refusals are what `keybroker_overload_refusals_total` counts;
+/// a refused request never reaches the broker, so it is in no per-caller series.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerFigures {
+    /// The listen address as configured (`127.0.0.1:50051`, `unix:/run/keybroker/kb.sock`).
+    pub listener: String,
+    /// Requests answered RESOURCE_EXHAUSTED / `OVERLOADED` (over `max_requests_in_flight`).
+    pub refused_requests: u64,
+    /// Connections closed at accept (over `max_connections` or `max_tls_handshakes`).
+    pub refused_connections: u64,
+    pub requests_in_flight: u64,
+    pub max_requests_in_flight: u64,
 }
 
 /// One configured key's figures in a [`Snapshot`].

@@ -30,6 +30,17 @@ impl prometheus_client::collector::Collector for Scrape {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLimitLabels {
+    listener: String,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     caller: Arc<str>,
     key: Arc<str>,
@@ -152,6 +163,7 @@ impl Scrape {
         self.encode_backend_calls(&mut enc, &cells)?;
         self.encode_keys(&mut enc)?;
         self.encode_audit(&mut enc)?;
+        self.encode_listeners(&mut enc)?;
         let mut m = enc.encode_descriptor(
             "keybroker_build",
             "Build information.",
@@ -619,6 +631,55 @@ impl Scrape {
                 operation: k.op.as_str(),
             })?
             .encode_counter::<VersionLabels, _, u64>(&n, None)?;
+        }
+        Ok(())
+    }
+
+    /// Admission per listener: refusals by the limit that refused, and request slots in use.
+    fn encode_listeners(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let listeners = &self.snapshot.listeners;
+        let mut m = enc.encode_descriptor(
+            "keybroker_overload_refusals",
+            "Requests (limit=\"requests\": RESOURCE_EXHAUSTED, reason OVERLOADED) and connections \
+             (limit=\"connections\") refused by the listener's [server.limits].",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in listeners {
+            for (limit, n) in [
+                ("requests", l.refused_requests),
+                ("connections", l.refused_connections),
+            ] {
+                m.encode_family(&ListenerLimitLabels {
+                    listener: l.listener.clone(),
+                    limit,
+                })?
+                .encode_counter::<ListenerLimitLabels, _, u64>(&n, None)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_requests_in_flight",
+            "gRPC requests holding one of the listener's max_requests_in_flight slots now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in listeners {
+            m.encode_family(&ListenerLabels {
+                listener: l.listener.clone(),
+            })?
+            .encode_gauge(&l.requests_in_flight)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "keybroker_max_requests_in_flight",
+            "The listener's max_requests_in_flight: beyond it requests are refused, not queued.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in listeners {
+            m.encode_family(&ListenerLabels {
+                listener: l.listener.clone(),
+            })?
+            .encode_gauge(&l.max_requests_in_flight)?;
         }
         Ok(())
     }

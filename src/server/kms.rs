@@ -35,6 +35,7 @@ pub(super) async fn spawn(
     settings: &KmsPluginSettings,
     core: &Core,
     health: &HealthReporter,
+    admin: &crate::admin::AdminState,
     drain: watch::Receiver<bool>,
 ) -> Result<KmsServing, StartError> {
     let addr = ListenAddr::Unix(settings.socket.clone());
@@ -51,6 +52,7 @@ pub(super) async fn spawn(
     plugin.start();
     let (conn_tx, conn_rx) = mpsc::channel::<io::Result<Limited<Conn>>>(16);
     let gate = ConnGate::new(&addr, &config.server.limits);
+    admin.watch_gate(std::sync::Arc::clone(&gate));
     let accept = tokio::spawn(accept_loop(Listener::Unix(listener), gate, conn_tx));
     let (reflection_v1, reflection_v1alpha) = reflection(crate::kms_proto::FILE_DESCRIPTOR_SET)?;
     health

@@ -154,6 +154,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         .zip(&bound.addrs)
         .map(|(l, a)| {
             let gate = ConnGate::new(a, &config.server.limits);
+            admin.watch_gate(Arc::clone(&gate));
             tokio::spawn(accept_loop(l, gate, conn_tx.clone()))
         })
         .collect();
@@ -205,7 +206,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
     )?;
     let kms = match &config.kms_plugin {
         Some(settings) => {
-            Some(kms::spawn(config, settings, &core, &health, drain.subscribe()).await?)
+            Some(kms::spawn(config, settings, &core, &health, &admin, drain.subscribe()).await?)
         }
         None => None,
     };

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod alerts;
 pub mod azure_fake;
 pub mod conformance;
 pub mod counting;
