@@ -924,7 +924,7 @@ async fn azure_rotation_state_is_read_from_key_vault() {
         }),
     );
     fake.deny_rotation_policy("refused");
-    let mut config = String::from("[azure]\n");
+    let mut config = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n[azure]\n");
     for name in ["rot", "plain", "refused"] {
         config.push_str(&format!(
             "[keys.{name}]\nbackend = \"azure\"\nkey_id = \"{}\"\nrotation_state = true\n{}",
@@ -972,6 +972,30 @@ async fn azure_rotation_state_is_read_from_key_vault() {
     assert_eq!(
         (x.rotation_source.as_str(), x.rotation_period.as_str()),
         ("", "")
+    );
+    // The same in /metrics: the period and the primary's age as gauges for "rot", no period
+    // for "plain", nothing for the unknown "refused".
+    let admin = s.running.as_ref().unwrap().admin_addr.unwrap().to_string();
+    let (_, body) = crate::support::http_get(&admin, "/metrics").await;
+    let gauge = |name: &str, key: &str| -> Option<f64> {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(&format!("{{key=\"{key}\"")))
+                .and_then(|rest| rest.rsplit(' ').next())
+                .map(|v| v.parse().unwrap())
+        })
+    };
+    let period = "keybroker_key_rotation_period_seconds";
+    let age = "keybroker_key_primary_version_age_seconds";
+    assert_eq!(gauge(period, "rot"), Some(90.0 * 86_400.0), "{body}");
+    assert!(
+        gauge(age, "rot").is_some_and(|a| a >= 10.0 * 86_400.0),
+        "{body}"
+    );
+    assert_eq!(gauge(period, "plain"), None, "{body}");
+    assert_eq!(
+        (gauge(period, "refused"), gauge(age, "refused")),
+        (None, None)
     );
     // One policy GET per key at startup, none on the request path.
     serves(&mut c, "rot").await;

@@ -7,9 +7,9 @@
 //! injectable failures (429 with Retry-After, 5xx), and a key's rotation policy (GET / PUT
 //! `keys/{name}/rotationpolicy`: `lifetimeActions` with `trigger.timeAfterCreate` /
 //! `timeBeforeExpiry` and `action.type` Rotate / Notify, `attributes.expiryTime`; a key that never
-//! had one answers with a default policy of one Notify action 30 days before expiry and no `id`,
-//! our reading of Key Vault's documented "may be undefined if a policy has not been explicitly
-//! set"). The fake stores a policy but does not rotate on it. Error bodies follow Key Vault's shape:
+//! had one answers with a default policy of one Notify action 30 days before expiry and no `id`
+//! or times, as the documented `Get-AzKeyVaultKeyRotationPolicy` example shows). The fake stores
+//! a policy but does not rotate on it. Error bodies follow Key Vault's shape:
 //! `{"error": {"code", "message", "innererror": {"code"}}}`.
 //!
 //! The certificate is made by rcgen at start (a CA and a leaf for the vault's DNS name and
