@@ -924,7 +924,8 @@ async fn azure_rotation_state_is_read_from_key_vault() {
         }),
     );
     fake.deny_rotation_policy("refused");
-    let mut config = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n[azure]\n");
+    // (TestServer gives it an ephemeral gRPC and admin listener.)
+    let mut config = String::from("[azure]\n");
     for name in ["rot", "plain", "refused"] {
         config.push_str(&format!(
             "[keys.{name}]\nbackend = \"azure\"\nkey_id = \"{}\"\nrotation_state = true\n{}",
