@@ -150,6 +150,65 @@ pub fn format_duration(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// The longest ISO 8601 duration [`parse_iso8601_duration`] looks at, and the largest it
+/// returns (1000 years): a provider's answer is bounded before it becomes a schedule.
+const ISO8601_MAX_LEN: usize = 64;
+const ISO8601_MAX_SECS: u64 = 1000 * 365 * 86_400;
+
+/// Parses an ISO 8601 duration as Key Vault writes them (`P90D`, `P1Y10D`, `PT48H`, `P3M`,
+/// `P2W`, `P1DT12H30M5S`): whole numbers only, each unit at most once and in order. A year is
+/// counted as 365 days and a month as 30 (the calendar is not known here; the result is
+/// approximate by up to a few days, which docs/lifecycle.md says). `None` for anything else
+/// (empty, negative, fractional, over [`ISO8601_MAX_LEN`] characters or 1000 years): the
+/// caller treats that as "period unknown", never as an error.
+pub fn parse_iso8601_duration(s: &str) -> Option<Duration> {
+    if s.len() > ISO8601_MAX_LEN || !s.is_ascii() {
+        return None;
+    }
+    let rest = s.strip_prefix(['P', 'p'])?;
+    let (date, time) = match rest.find(['T', 't']) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let mut total: u64 = 0;
+    let mut any = false;
+    let mut add = |part: &str, units: &[(char, u64)]| -> Option<()> {
+        let mut next_unit = 0;
+        let mut num = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() {
+                num.push(c);
+                continue;
+            }
+            let c = c.to_ascii_uppercase();
+            let at = units[next_unit..].iter().position(|(u, _)| *u == c)? + next_unit;
+            let n: u64 = num.parse().ok()?;
+            total = total.checked_add(n.checked_mul(units[at].1)?)?;
+            num.clear();
+            next_unit = at + 1;
+            any = true;
+        }
+        num.is_empty().then_some(())
+    };
+    add(
+        date,
+        &[
+            ('Y', 365 * 86_400),
+            ('M', 30 * 86_400),
+            ('W', 7 * 86_400),
+            ('D', 86_400),
+        ],
+    )?;
+    if let Some(time) = time {
+        // `PT` alone, or a `T` with nothing after it, is not a duration.
+        if time.is_empty() {
+            return None;
+        }
+        add(time, &[('H', 3600), ('M', 60), ('S', 1)])?;
+    }
+    (any && total <= ISO8601_MAX_SECS).then(|| Duration::from_secs(total))
+}
+
 /// Parses sizes like `4096`, `64KiB`, `4MiB`, `1GiB` (binary units; plain numbers are bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -368,6 +427,62 @@ impl std::fmt::Debug for Capped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso8601_durations() {
+        let day = 86_400;
+        for (s, secs) in [
+            ("P90D", 90 * day),
+            ("p90d", 90 * day),
+            ("P1Y10D", 375 * day),
+            ("P3M", 90 * day),
+            ("P2W", 14 * day),
+            ("PT48H", 48 * 3600),
+            ("P1DT12H30M5S", day + 12 * 3600 + 30 * 60 + 5),
+            ("PT0S", 0),
+            ("P0D", 0),
+            ("PT1M", 60),
+            ("P1M", 30 * day),
+            ("P1000Y", 1000 * 365 * day),
+        ] {
+            assert_eq!(
+                parse_iso8601_duration(s),
+                Some(Duration::from_secs(secs)),
+                "{s}"
+            );
+        }
+        let long = format!("P{}D", "9".repeat(70));
+        for s in [
+            "",
+            "P",
+            "PT",
+            "P1DT",
+            "T1H",
+            "90D",
+            "-P90D",
+            "P-1D",
+            "P1.5D",
+            "P1,5D",
+            "P90",
+            "PD",
+            "P1D1D",
+            "P1D1Y",
+            "PT1H1H",
+            "P1H",
+            "PT1D",
+            "P1X",
+            "P 1D",
+            "P1D ",
+            "P١D",
+            "P1001Y",
+            "P18446744073709551615D",
+            "P99999999999999999999999D",
+            "PT18446744073709551615H",
+            long.as_str(),
+        ] {
+            assert_eq!(parse_iso8601_duration(s), None, "{s:?}");
+        }
+    }
 
     #[test]
     fn rfc3339_parses_what_it_writes() {

@@ -792,6 +792,11 @@ async fn fake_agrees_with_microsofts_python_client() {
         "verify-remote",
         "verify-remote-bad",
         "sign-bad-digest",
+        "policy-default",
+        "policy-put",
+        "policy-get",
+        "policy-short-expiry",
+        "key-created",
         "scopes",
     ] {
         assert!(

@@ -764,6 +764,7 @@ async fn fake_agrees_with_googles_python_client() {
         "rotate",
         "disabled-version",
         "get-crypto-key",
+        "rotation-schedule",
     ] {
         assert!(
             stdout.lines().any(|l| l == format!("ok {step}")),

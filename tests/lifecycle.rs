@@ -702,3 +702,269 @@ async fn canary_proves_the_round_trip_and_reports_failure() {
     .await;
     s.stop().await;
 }
+
+/// A server on the Cloud KMS fake with `keys_toml` (keys open to anonymous callers).
+async fn gcp_server(fake: &crate::support::gcp_fake::GcpKmsFake, keys_toml: &str) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gcp]\nendpoint = \"{}\"\nattempt_timeout = \"5s\"\n{keys_toml}",
+        fake.endpoint()
+    );
+    let mut config = keybroker::config::Config::parse(&text, "lifecycle-gcp.toml", dir.path())
+        .unwrap_or_else(|e| panic!("{e}"));
+    config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
+    config.gcp.credentials =
+        keybroker::backend::gcp::GcpCredentials::Custom(crate::support::gcp_fake::credentials());
+    config.admin_listen = None;
+    for k in config.keys.values_mut() {
+        k.policy = keybroker::policy::Policy::allow_anonymous_everything();
+    }
+    TestServer::start_config(dir, config, Default::default()).await
+}
+
+/// ListKeys, until `done` holds for what it lists (bounded).
+async fn list_until(
+    c: &mut Client,
+    what: &str,
+    done: impl Fn(&[keybroker::proto::KeyInfo]) -> bool,
+) -> Vec<keybroker::proto::KeyInfo> {
+    let mut keys = Vec::new();
+    eventually(what, 20, async || {
+        keys = c
+            .list_keys(ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        done(&keys)
+    })
+    .await;
+    keys
+}
+
+/// Encrypt and Decrypt through key `key` still work (the key serves whatever its lifecycle).
+async fn serves(c: &mut Client, key: &str) {
+    let ct = c
+        .encrypt(EncryptRequest {
+            key: key.into(),
+            plaintext: b"still serving".to_vec().into(),
+            context: BTreeMap::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{key}: {e:?}"))
+        .into_inner()
+        .ciphertext;
+    let (pt, _) = decrypt(c, &ct).await.unwrap();
+    assert_eq!(pt, b"still serving");
+}
+
+/// Cloud KMS rotation state from GetCryptoKey at startup: the fake's CryptoKey carries
+/// `rotation_period` (90 days) and `next_rotation_time`, and its primary version a
+/// `create_time` 60 days back; ListKeys shows them. A key without a schedule shows none (but
+/// its primary's age).
+#[tokio::test]
+async fn gcp_rotation_state_is_read_from_cloud_kms() {
+    let fake = crate::support::gcp_fake::GcpKmsFake::start().await;
+    let rotating = fake.create_test_key("rotating");
+    let manual = fake.create_test_key("manual");
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let next = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(
+            (now + 30 * day)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        );
+    fake.set_rotation(&rotating, Some(90 * day), Some(next));
+    let primary = fake.primary(&rotating).unwrap();
+    fake.set_created(&primary, now - 60 * day);
+    let s = gcp_server(
+        &fake,
+        &format!(
+            "[keys.r]\nbackend = \"gcp\"\nkey_id = \"{rotating}\"\nrotation_state = true\n\
+             [keys.m]\nbackend = \"gcp\"\nkey_id = \"{manual}\"\nrotation_state = true\n"
+        ),
+    )
+    .await;
+    let mut c = s.client().await;
+    let keys = list_until(&mut c, "ListKeys shows the Cloud KMS rotation state", |k| {
+        k.iter().all(|k| k.rotation_source == "gcp")
+    })
+    .await;
+    let r = keys.iter().find(|k| k.name == "r").unwrap();
+    assert_eq!(r.rotation_period, "90d");
+    assert_eq!(
+        keybroker::util::parse_rfc3339(&r.next_rotation_time),
+        Some(next),
+        "{}",
+        r.next_rotation_time
+    );
+    assert_eq!(r.primary_version, primary);
+    let age = r.primary_age_seconds;
+    assert!((60 * 86_400..60 * 86_400 + 3600).contains(&age), "{age}");
+    let m = keys.iter().find(|k| k.name == "m").unwrap();
+    assert_eq!(
+        (m.rotation_period.as_str(), m.next_rotation_time.as_str()),
+        ("", "")
+    );
+    assert!(m.primary_age_seconds < 3600, "{}", m.primary_age_seconds);
+    assert_eq!(m.primary_version, format!("{manual}/cryptoKeyVersions/1"));
+    // One GetCryptoKey per key at startup, none on the request path.
+    assert_eq!(fake.calls("GetCryptoKey"), 2);
+    serves(&mut c, "r").await;
+    assert_eq!(fake.calls("GetCryptoKey"), 2);
+    s.stop().await;
+}
+
+/// Without `cloudkms.cryptoKeys.get` (PERMISSION_DENIED from GetCryptoKey) the lifecycle stays
+/// unknown (no rotation source) and the key still encrypts and decrypts.
+#[tokio::test]
+async fn gcp_refused_rotation_state_leaves_the_key_serving() {
+    let fake = crate::support::gcp_fake::GcpKmsFake::start().await;
+    let key = fake.create_test_key("refused");
+    fake.set_rotation(
+        &key,
+        Some(Duration::from_secs(90 * 86_400)),
+        Some(SystemTime::now()),
+    );
+    fake.fail_next(
+        "GetCryptoKey",
+        tonic::Code::PermissionDenied,
+        "Permission 'cloudkms.cryptoKeys.get' denied on resource (or it may not exist).",
+        100,
+    );
+    let s = gcp_server(
+        &fake,
+        &format!("[keys.x]\nbackend = \"gcp\"\nkey_id = \"{key}\"\nrotation_state = true\n"),
+    )
+    .await;
+    eventually("the GetCryptoKey call", 20, async || {
+        fake.calls("GetCryptoKey") >= 1
+    })
+    .await;
+    let mut c = s.client().await;
+    serves(&mut c, "x").await;
+    let keys = c
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let x = keys.iter().find(|k| k.name == "x").unwrap();
+    assert_eq!(
+        (x.rotation_source.as_str(), x.rotation_period.as_str()),
+        ("", "")
+    );
+    s.stop().await;
+}
+
+/// Key Vault rotation state from GET key and GET rotationpolicy at startup: a Rotate action
+/// 90 days after creation on a version created 10 days ago gives period 90d, next rotation at
+/// created + 90d and an age of 10 days. A key that never had a policy (Key Vault's default:
+/// Notify only) shows no schedule; one whose policy the identity may not read (403) stays
+/// unknown and still serves.
+#[tokio::test]
+async fn azure_rotation_state_is_read_from_key_vault() {
+    use crate::support::azure_fake::KeyVaultFake;
+    let fake = KeyVaultFake::start().await;
+    let rot = fake.create_rsa_key("rot");
+    fake.create_rsa_key("plain");
+    fake.create_rsa_key("refused");
+    fake.install_hooks();
+    let created = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 10 * 86_400;
+    fake.set_created("rot", created as i64);
+    fake.set_rotation_policy(
+        "rot",
+        serde_json::json!({
+            "lifetimeActions": [
+                {"trigger": {"timeAfterCreate": "P90D"}, "action": {"type": "Rotate"}},
+                {"trigger": {"timeBeforeExpiry": "P30D"}, "action": {"type": "Notify"}}
+            ],
+            "attributes": {"expiryTime": "P2Y", "created": 1_700_000_000, "updated": 1_700_000_000}
+        }),
+    );
+    fake.deny_rotation_policy("refused");
+    // (TestServer gives it an ephemeral gRPC and admin listener.)
+    let mut config = String::from("[azure]\n");
+    for name in ["rot", "plain", "refused"] {
+        config.push_str(&format!(
+            "[keys.{name}]\nbackend = \"azure\"\nkey_id = \"{}\"\nrotation_state = true\n{}",
+            fake.key_url(name),
+            crate::support::allow_anonymous(name)
+        ));
+    }
+    let s = TestServer::start(&config).await;
+    let mut c = s.client().await;
+    let keys = list_until(&mut c, "ListKeys shows the Key Vault rotation state", |k| {
+        k.iter()
+            .filter(|k| k.name != "refused")
+            .all(|k| k.rotation_source == "azure")
+    })
+    .await;
+    let r = keys.iter().find(|k| k.name == "rot").unwrap();
+    assert_eq!(r.rotation_period, "90d");
+    assert_eq!(
+        keybroker::util::parse_rfc3339(&r.next_rotation_time),
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs(created + 90 * 86_400)),
+        "{}",
+        r.next_rotation_time
+    );
+    assert_eq!(r.primary_version, format!("{}/{rot}", fake.key_url("rot")));
+    let age = r.primary_age_seconds;
+    assert!((10 * 86_400..10 * 86_400 + 3600).contains(&age), "{age}");
+    let p = keys.iter().find(|k| k.name == "plain").unwrap();
+    assert_eq!(
+        (p.rotation_period.as_str(), p.next_rotation_time.as_str()),
+        ("", "")
+    );
+    assert!(p.primary_age_seconds < 3600, "{}", p.primary_age_seconds);
+    eventually("the refused key's policy GET", 20, async || {
+        fake.policy_gets() >= 3
+    })
+    .await;
+    serves(&mut c, "refused").await;
+    let keys = c
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let x = keys.iter().find(|k| k.name == "refused").unwrap();
+    assert_eq!(
+        (x.rotation_source.as_str(), x.rotation_period.as_str()),
+        ("", "")
+    );
+    // The same in /metrics: the period and the primary's age as gauges for "rot", no period
+    // for "plain", nothing for the unknown "refused".
+    let admin = s.running.as_ref().unwrap().admin_addr.unwrap().to_string();
+    let (_, body) = crate::support::http_get(&admin, "/metrics").await;
+    let gauge = |name: &str, key: &str| -> Option<f64> {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(&format!("{{key=\"{key}\"")))
+                .and_then(|rest| rest.rsplit(' ').next())
+                .map(|v| v.parse().unwrap())
+        })
+    };
+    let period = "keybroker_key_rotation_period_seconds";
+    let age = "keybroker_key_primary_version_age_seconds";
+    assert_eq!(gauge(period, "rot"), Some(90.0 * 86_400.0), "{body}");
+    assert!(
+        gauge(age, "rot").is_some_and(|a| a >= 10.0 * 86_400.0),
+        "{body}"
+    );
+    assert_eq!(gauge(period, "plain"), None, "{body}");
+    assert_eq!(
+        (gauge(period, "refused"), gauge(age, "refused")),
+        (None, None)
+    );
+    // One policy GET per key at startup, none on the request path.
+    serves(&mut c, "rot").await;
+    assert_eq!(fake.policy_gets(), 3);
+    s.stop().await;
+}

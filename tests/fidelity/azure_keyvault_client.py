@@ -3,6 +3,9 @@ Python client, azure-keyvault-keys. Run by tests/azure.rs, which starts the fake
 
   argv: <ca.pem> <token> <rsa kid> <disabled rsa kid> <oct-HSM kid> <rsa kid without get>
 
+The rotation-policy checks use KeyClient on the vault of <rsa kid> and <disabled rsa kid> (the
+latter never gets a policy, so it shows the default one).
+
 Each check prints one line "ok <name> ..." or "FAIL <name> ..."; the exit status is the number
 of failures. The client gets a token the fake minted through a minimal credential, and (because
 the fake listens on 127.0.0.1) skips the challenge-resource check, as the fake's docs say.
@@ -15,6 +18,12 @@ import time
 
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import HttpResponseError
+from azure.keyvault.keys import (
+    KeyClient,
+    KeyRotationLifetimeAction,
+    KeyRotationPolicy,
+    KeyRotationPolicyAction,
+)
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm, SignatureAlgorithm
 
 
@@ -110,6 +119,42 @@ def main():
         check("sign-bad-digest", False, "signed a 20-byte digest with PS256")
     except HttpResponseError as e:
         check("sign-bad-digest", e.status_code == 400, f"status={e.status_code}")
+
+    # Rotation policy (GET/PUT keys/{name}/rotationpolicy), what keybroker reads for
+    # `rotation_state = true`: the official client's request and its parse of the answer.
+    vault_url, _, rest = rsa_kid.partition("/keys/")
+    rsa_name = rest.split("/")[0]
+    off_name = disabled_kid.partition("/keys/")[2].split("/")[0]
+    keys = KeyClient(vault_url, cred, verify_challenge_resource=False, connection_verify=ca)
+    default = keys.get_key_rotation_policy(off_name)
+    acts = [(a.action, a.time_after_create, a.time_before_expiry) for a in default.lifetime_actions]
+    check("policy-default", len(acts) == 1 and acts[0][0] == KeyRotationPolicyAction.notify
+          and acts[0][1:] == (None, "P30D") and default.id is None and default.created_on is None, f"{acts} id={default.id}")
+    put = keys.update_key_rotation_policy(
+        rsa_name,
+        KeyRotationPolicy(),
+        lifetime_actions=[
+            KeyRotationLifetimeAction(KeyRotationPolicyAction.rotate, time_after_create="P90D"),
+            KeyRotationLifetimeAction(KeyRotationPolicyAction.notify, time_before_expiry="P30D"),
+        ],
+        expires_in="P2Y",
+    )
+    check("policy-put", put.id == f"{vault_url}/keys/{rsa_name}/rotationpolicy", f"id={put.id}")
+    got = keys.get_key_rotation_policy(rsa_name)
+    rotate = [a for a in got.lifetime_actions if a.action == KeyRotationPolicyAction.rotate]
+    check("policy-get", len(rotate) == 1 and rotate[0].time_after_create == "P90D"
+          and rotate[0].time_before_expiry is None and got.expires_in == "P2Y"
+          and got.created_on is not None and got.updated_on is not None,
+          f"{[(a.action, a.time_after_create, a.time_before_expiry) for a in got.lifetime_actions]} "
+          f"expires_in={got.expires_in} created_on={got.created_on}")
+    try:
+        keys.update_key_rotation_policy(rsa_name, KeyRotationPolicy(), expires_in="P7D")
+        check("policy-short-expiry", False, "accepted expiryTime P7D")
+    except HttpResponseError as e:
+        check("policy-short-expiry", e.status_code == 400, f"status={e.status_code}")
+    key = keys.get_key(rsa_name)
+    age = time.time() - key.properties.created_on.timestamp()
+    check("key-created", 0 <= age < 3600 and key.id == rsa_kid, f"created_on={key.properties.created_on}")
 
     check("scopes", set(cred.scopes) == {"https://vault.azure.net/.default"}, str(cred.scopes))
     return failures

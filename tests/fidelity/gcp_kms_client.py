@@ -6,6 +6,7 @@ Prints "ok <step>" per step and "all ok" at the end; any mismatch raises (non-ze
 Run by tests/gcp.rs (fidelity test), which checks the exit status and the steps.
 """
 
+import datetime
 import sys
 
 import google_crc32c
@@ -210,5 +211,52 @@ expect(
     "not found",
 )
 step("get-crypto-key")
+
+# A rotation schedule: CreateCryptoKey takes rotation_period (a Duration) and next_rotation_time
+# (a Timestamp); GetCryptoKey returns them with the primary version and its create_time, which
+# keybroker reads for `rotation_state = true`. A period under 24h is refused.
+next_at = datetime.datetime(2031, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+scheduled = client.create_crypto_key(
+    request={
+        "parent": ring.name,
+        "crypto_key_id": "scheduled",
+        "crypto_key": {
+            "purpose": kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT,
+            "rotation_period": {"seconds": 90 * 86400},
+            "next_rotation_time": {"seconds": int(next_at.timestamp())},
+        },
+    },
+    metadata=MD,
+    timeout=TIMEOUT,
+)
+got = client.get_crypto_key(request={"name": scheduled.name}, metadata=MD, timeout=TIMEOUT)
+assert got.rotation_period == datetime.timedelta(days=90), got.rotation_period
+assert got.next_rotation_time == next_at, got.next_rotation_time
+assert got.primary.name == f"{scheduled.name}/cryptoKeyVersions/1", got.primary.name
+age = datetime.datetime.now(datetime.timezone.utc) - got.primary.create_time
+assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1), got.primary.create_time
+assert "rotation_period" in kms.CryptoKey.pb(got).DESCRIPTOR.fields_by_name
+assert kms.CryptoKey.pb(got).WhichOneof("rotation_schedule") == "rotation_period"
+plain = client.get_crypto_key(request={"name": key.name}, metadata=MD, timeout=TIMEOUT)
+assert kms.CryptoKey.pb(plain).WhichOneof("rotation_schedule") is None
+assert not kms.CryptoKey.pb(plain).HasField("next_rotation_time")
+expect(
+    exceptions.InvalidArgument,
+    lambda: client.create_crypto_key(
+        request={
+            "parent": ring.name,
+            "crypto_key_id": "too-often",
+            "crypto_key": {
+                "purpose": kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT,
+                "rotation_period": {"seconds": 3600},
+                "next_rotation_time": {"seconds": int(next_at.timestamp())},
+            },
+        },
+        metadata=MD,
+        timeout=TIMEOUT,
+    ),
+    "rotation_period must be at least 24 hours",
+)
+step("rotation-schedule")
 
 print("all ok", flush=True)

@@ -4,7 +4,12 @@
 //! `verify` with real RSA signatures over a caller-supplied digest (PS256/384/512 and
 //! RS256/384/512: PSS with a salt as long as the hash, as RFC 7518 and Key Vault use), key versions
 //! with a current one (rotation), the `enabled` / `nbf` / `exp` attributes, `key_ops`, and
-//! injectable failures (429 with Retry-After, 5xx). Error bodies follow Key Vault's shape:
+//! injectable failures (429 with Retry-After, 5xx), and a key's rotation policy (GET / PUT
+//! `keys/{name}/rotationpolicy`: `lifetimeActions` with `trigger.timeAfterCreate` /
+//! `timeBeforeExpiry` and `action.type` Rotate / Notify, `attributes.expiryTime`; a key that never
+//! had one answers with a default policy of one Notify action 30 days before expiry and no `id`
+//! or times, as the documented `Get-AzKeyVaultKeyRotationPolicy` example shows). The fake stores
+//! a policy but does not rotate on it. Error bodies follow Key Vault's shape:
 //! `{"error": {"code", "message", "innererror": {"code"}}}`.
 //!
 //! The certificate is made by rcgen at start (a CA and a leaf for the vault's DNS name and
@@ -57,6 +62,8 @@ struct Version {
     nbf: Option<i64>,
     exp: Option<i64>,
     key_ops: Vec<String>,
+    /// The `created` attribute (Unix seconds).
+    created: i64,
 }
 
 enum Material {
@@ -81,6 +88,10 @@ struct FakeKey {
     denied: bool,
     /// Only GET is refused (an identity with wrapKey/unwrapKey but not keys/get).
     get_denied: bool,
+    /// The stored rotation policy (`None`: never set; GET answers the default).
+    policy: Option<Value>,
+    /// GET / PUT rotationpolicy is refused (403), nothing else.
+    policy_denied: bool,
 }
 
 #[derive(Default)]
@@ -94,6 +105,7 @@ struct Counters {
     refused_tokens: AtomicU64,
     injected: AtomicU64,
     tokens_issued: AtomicU64,
+    policy_gets: AtomicU64,
 }
 
 struct Injection {
@@ -275,6 +287,7 @@ impl KeyVaultFake {
             enabled: true,
             nbf: None,
             exp: None,
+            created: now(),
             key_ops: [
                 "encrypt",
                 "decrypt",
@@ -320,6 +333,8 @@ impl KeyVaultFake {
                 current: 0,
                 denied: false,
                 get_denied: false,
+                policy: None,
+                policy_denied: false,
             },
         );
         id
@@ -375,6 +390,30 @@ impl KeyVaultFake {
         self.edit_current(name, |v| {
             v.key_ops = ops.iter().map(|s| s.to_string()).collect()
         });
+    }
+
+    /// Sets the current version's `created` attribute (Unix seconds), to give it an age.
+    pub fn set_created(&self, name: &str, created: i64) {
+        self.edit_current(name, |v| v.created = created);
+    }
+
+    /// Stores a rotation policy as PUT rotationpolicy would (`lifetimeActions`, `attributes`).
+    pub fn set_rotation_policy(&self, name: &str, policy: Value) {
+        let mut keys = self.state.keys.lock().unwrap();
+        let key = keys.get_mut(name).expect("no such key");
+        key.policy = Some(policy);
+    }
+
+    /// Refuses GET / PUT rotationpolicy for this key (403, as without
+    /// `keys/rotationpolicy/read`), keeping every other operation allowed.
+    pub fn deny_rotation_policy(&self, name: &str) {
+        let mut keys = self.state.keys.lock().unwrap();
+        keys.get_mut(name).expect("no such key").policy_denied = true;
+    }
+
+    /// GET rotationpolicy requests received (answered or not).
+    pub fn policy_gets(&self) -> u64 {
+        self.state.counters.policy_gets.load(Ordering::SeqCst)
     }
 
     /// Refuses the caller's identity for this key (403 Forbidden, as without an RBAC role).
@@ -691,6 +730,16 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         _ => return kv_error(404, "NotFound", "No route for this request.", None),
     };
     let kid_base = format!("https://{host}/keys/{name}");
+    if op.is_none() && version == "rotationpolicy" {
+        return match method.as_str() {
+            "GET" => {
+                state.counters.policy_gets.fetch_add(1, Ordering::SeqCst);
+                get_policy(state, &kid_base, name)
+            }
+            "PUT" => put_policy(state, &kid_base, name, &body),
+            _ => kv_error(405, "MethodNotAllowed", "Method not allowed.", None),
+        };
+    }
     match (method.as_str(), op) {
         ("GET", None) => {
             state.counters.gets.fetch_add(1, Ordering::SeqCst);
@@ -812,8 +861,8 @@ fn get_key(state: &State, kid_base: &str, name: &str, version: &str) -> Response
     }
     let mut attributes = json!({
         "enabled": v.enabled,
-        "created": 1_700_000_000,
-        "updated": 1_700_000_000,
+        "created": v.created,
+        "updated": v.created,
         "recoveryLevel": "Recoverable+Purgeable",
         "recoverableDays": 90,
     });
@@ -824,6 +873,72 @@ fn get_key(state: &State, kid_base: &str, name: &str, version: &str) -> Response
         attributes["exp"] = json!(exp);
     }
     json_response(200, &json!({ "key": jwk, "attributes": attributes }))
+}
+
+/// GET rotationpolicy: the stored policy with its id, or the default for a key without one.
+fn get_policy(state: &State, kid_base: &str, name: &str) -> Response<Full<Bytes>> {
+    let keys = state.keys.lock().unwrap();
+    let Some(key) = keys.get(name) else {
+        return not_found(name, "");
+    };
+    if key.denied || key.policy_denied {
+        return forbidden_identity("rotationpolicy/read");
+    }
+    let policy = match &key.policy {
+        Some(p) => {
+            let mut p = p.clone();
+            p["id"] = json!(format!("{kid_base}/rotationpolicy"));
+            p
+        }
+        None => json!({
+            "lifetimeActions": [
+                {"trigger": {"timeBeforeExpiry": "P30D"}, "action": {"type": "Notify"}}
+            ],
+            "attributes": {},
+        }),
+    };
+    json_response(200, &policy)
+}
+
+/// PUT rotationpolicy: stores `lifetimeActions` and `attributes.expiryTime` (at least 28 days,
+/// as Key Vault requires) and answers the stored policy.
+fn put_policy(state: &State, kid_base: &str, name: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    let bad = |m: &str| kv_error(400, "BadParameter", m, None);
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return bad("The request body is not valid JSON.");
+    };
+    let actions = match req.get("lifetimeActions") {
+        Some(Value::Array(a)) => a.clone(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return bad("lifetimeActions must be an array."),
+    };
+    let expiry = req
+        .get("attributes")
+        .and_then(|a| a.get("expiryTime"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if let Some(e) = &expiry
+        && keybroker::util::parse_iso8601_duration(e)
+            .is_none_or(|d| d < Duration::from_secs(28 * 86_400))
+    {
+        return bad("The expiryTime of the rotation policy must be at least 28 days (P28D).");
+    }
+    let mut keys = state.keys.lock().unwrap();
+    let Some(key) = keys.get_mut(name) else {
+        return not_found(name, "");
+    };
+    if key.denied || key.policy_denied {
+        return forbidden_identity("rotationpolicy/write");
+    }
+    let t = now();
+    let mut attributes = json!({ "created": t, "updated": t });
+    if let Some(e) = expiry {
+        attributes["expiryTime"] = json!(e);
+    }
+    key.policy = Some(json!({ "lifetimeActions": actions, "attributes": attributes }));
+    let mut answer = key.policy.clone().unwrap_or_default();
+    answer["id"] = json!(format!("{kid_base}/rotationpolicy"));
+    json_response(200, &answer)
 }
 
 /// The key version an operation may use, or Key Vault's refusal: an unknown key or version

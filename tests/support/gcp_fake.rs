@@ -12,6 +12,10 @@
 //!   "<version> is not enabled, current state is: <STATE>." (with a PreconditionFailure detail
 //!   of type KEY_DISABLED for a disabled one). Rotation is CreateCryptoKeyVersion +
 //!   UpdateCryptoKeyPrimaryVersion.
+//! - Rotation schedule: a CryptoKey may carry `rotation_period` (a Duration, 24h to 876,000h)
+//!   and `next_rotation_time` (a Timestamp; required with a period), set by CreateCryptoKey or
+//!   [`GcpKmsFake::set_rotation`], and GetCryptoKey returns them with the primary version and
+//!   its `create_time`, as Cloud KMS does. The fake does not rotate on schedule itself.
 //! - A call without `authorization: Bearer ...` gets UNAUTHENTICATED with Google's wording.
 //! - Error wording for bad ciphertexts follows what Cloud KMS is publicly reported to say
 //!   ("Decryption failed: the ciphertext is invalid." / "Decryption failed: verify that 'name'
@@ -26,11 +30,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use gcloud_sdk::google::cloud::kms::v1 as kms;
-use gcloud_sdk::google::cloud::kms::v1::crypto_key::CryptoKeyPurpose;
+use gcloud_sdk::google::cloud::kms::v1::crypto_key::{CryptoKeyPurpose, RotationSchedule};
 use gcloud_sdk::google::cloud::kms::v1::crypto_key_version::{
     CryptoKeyVersionAlgorithm, CryptoKeyVersionState as State,
 };
@@ -38,6 +42,7 @@ use gcloud_sdk::google_cloud_auth::credentials::{
     CacheableResource, Credentials, CredentialsProvider, EntityTag,
 };
 use gcloud_sdk::google_cloud_auth::errors::CredentialsError;
+use gcloud_sdk::prost_types::{Duration as PbDuration, Timestamp};
 use gcloud_sdk::proto_ext::kms::{DecryptResponse, EncryptRequest};
 use gcloud_sdk::{HeaderMap, SecretValue};
 use keybroker::backend::gcp::crc32c;
@@ -142,12 +147,16 @@ struct Version {
     state: State,
     /// None once destroyed.
     material: Option<[u8; 32]>,
+    create_time: Timestamp,
 }
 
 struct Key {
     tag: [u8; 8],
     versions: BTreeMap<u32, Version>,
     primary: Option<u32>,
+    create_time: Timestamp,
+    rotation_period: Option<PbDuration>,
+    next_rotation_time: Option<Timestamp>,
 }
 
 struct Fault {
@@ -269,6 +278,30 @@ impl GcpKmsFake {
         v
     }
 
+    /// Sets the key's rotation schedule (`None`: no automatic rotation), as
+    /// `gcloud kms keys update --rotation-period --next-rotation-time` does.
+    pub fn set_rotation(&self, key: &str, period: Option<Duration>, next: Option<SystemTime>) {
+        let mut g = self.shared.lock();
+        let k = g.keys.get_mut(key).expect("no such key");
+        k.rotation_period = period.map(|p| PbDuration {
+            seconds: p.as_secs() as i64,
+            nanos: 0,
+        });
+        k.next_rotation_time = next.map(timestamp);
+    }
+
+    /// Back-dates (or forward-dates) a version's `create_time`.
+    pub fn set_created(&self, version: &str, at: SystemTime) {
+        let (key, id) = parse_version_name(version).expect("not a version name");
+        let mut g = self.shared.lock();
+        let v = g
+            .keys
+            .get_mut(&key)
+            .and_then(|k| k.versions.get_mut(&id))
+            .expect("no such version");
+        v.create_time = timestamp(at);
+    }
+
     pub fn primary(&self, key: &str) -> Option<String> {
         let g = self.shared.lock();
         g.keys[key].primary.map(|id| version_name(key, id))
@@ -366,11 +399,22 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
 fn new_key(with_version: bool) -> Key {
     let mut k = Key {
         tag: random(),
         versions: BTreeMap::new(),
         primary: None,
+        create_time: timestamp(SystemTime::now()),
+        rotation_period: None,
+        next_rotation_time: None,
     };
     if with_version {
         let id = add_version(&mut k);
@@ -386,6 +430,7 @@ fn add_version(k: &mut Key) -> u32 {
         Version {
             state: State::Enabled,
             material: Some(random()),
+            create_time: timestamp(SystemTime::now()),
         },
     );
     id
@@ -466,6 +511,7 @@ fn version_proto(key: &str, id: u32, v: &Version) -> kms::CryptoKeyVersion {
         state: v.state as i32,
         protection_level: kms::ProtectionLevel::Software as i32,
         algorithm: CryptoKeyVersionAlgorithm::GoogleSymmetricEncryption as i32,
+        create_time: Some(v.create_time),
         ..Default::default()
     }
 }
@@ -481,8 +527,29 @@ fn key_proto(name: &str, k: &Key) -> kms::CryptoKey {
             protection_level: kms::ProtectionLevel::Software as i32,
             algorithm: CryptoKeyVersionAlgorithm::GoogleSymmetricEncryption as i32,
         }),
+        create_time: Some(k.create_time),
+        next_rotation_time: k.next_rotation_time,
+        rotation_schedule: k.rotation_period.map(RotationSchedule::RotationPeriod),
         ..Default::default()
     }
+}
+
+/// Cloud KMS's rules for a schedule on CreateCryptoKey: a period of 24h to 876,000h, and a
+/// next rotation time whenever there is a period.
+fn check_schedule(k: &kms::CryptoKey) -> Result<(), Status> {
+    if let Some(RotationSchedule::RotationPeriod(p)) = &k.rotation_schedule {
+        if p.seconds < 86_400 || p.seconds > 876_000 * 3600 || p.nanos != 0 {
+            return Err(Status::invalid_argument(
+                "rotation_period must be at least 24 hours and at most 876,000 hours.",
+            ));
+        }
+        if k.next_rotation_time.is_none() {
+            return Err(Status::invalid_argument(
+                "next_rotation_time must be set if rotation_period is set.",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn not_found(name: &str) -> Status {
@@ -776,6 +843,9 @@ impl KeyManagementService for FakeService {
             return Err(Status::invalid_argument("Invalid crypto_key_id."));
         }
         let purpose = r.crypto_key.as_ref().map_or(0, |k| k.purpose);
+        if let Some(k) = &r.crypto_key {
+            check_schedule(k)?;
+        }
         if purpose != CryptoKeyPurpose::EncryptDecrypt as i32 {
             return Err(Status::invalid_argument(
                 "This fake supports only purpose ENCRYPT_DECRYPT.",
@@ -791,7 +861,13 @@ impl KeyManagementService for FakeService {
                 "CryptoKey {name} already exists."
             )));
         }
-        let k = new_key(!r.skip_initial_version_creation);
+        let mut k = new_key(!r.skip_initial_version_creation);
+        if let Some(wanted) = &r.crypto_key {
+            k.rotation_period = wanted
+                .rotation_schedule
+                .map(|RotationSchedule::RotationPeriod(p)| p);
+            k.next_rotation_time = wanted.next_rotation_time;
+        }
         let proto = key_proto(&name, &k);
         g.keys.insert(name, k);
         Ok(Response::new(proto))

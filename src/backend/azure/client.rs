@@ -167,6 +167,29 @@ impl Caller {
         Ok(facts)
     }
 
+    /// GET the key's rotation policy, parsed by [`super::rotation::parse`] (needs
+    /// `keys/rotationpolicy/read`). An unreadable body is an error for the caller to log.
+    pub(super) async fn rotation_policy(
+        &self,
+    ) -> Result<super::rotation::RotationPolicy, BackendError> {
+        let body = self
+            .retrying(Op::GetRotationPolicy, || async {
+                Ok(self
+                    .vault
+                    .client
+                    .get_key_rotation_policy(&self.key.name, None)
+                    .await?
+                    .into_body())
+            })
+            .await?;
+        super::rotation::parse(body.as_ref()).map_err(|e| {
+            Self::err(
+                BackendErrorKind::Internal,
+                format!("unexpected Key Vault answer to getRotationPolicy: {e}"),
+            )
+        })
+    }
+
     /// Runs one Key Vault operation under the call policy: throttling waits for Retry-After
     /// when it fits in the deadline; 5xx and connection failures back off; every other answer
     /// is final.

@@ -17,6 +17,8 @@ pub(super) enum Op {
     Wrap,
     Unwrap,
     Sign,
+    /// GET `keys/{name}/rotationpolicy` (`rotation_state = true`, off the request path).
+    GetRotationPolicy,
 }
 
 impl Op {
@@ -26,6 +28,7 @@ impl Op {
             Op::Wrap => "wrapKey",
             Op::Unwrap => "unwrapKey",
             Op::Sign => "sign",
+            Op::GetRotationPolicy => "getRotationPolicy",
         }
     }
 }
@@ -117,7 +120,15 @@ pub(super) fn classify(op: Op, key: &KeyUrl, e: &azure_core::Error) -> BackendEr
                         || message.contains("expired")
                         || message.contains("not yet valid")
                         || message.contains("not permitted");
-                    if key_state {
+                    if op == Op::GetRotationPolicy {
+                        err(
+                            K::PermissionDenied,
+                            format!(
+                                "keybroker's identity may not read the rotation policy of {} (needs Microsoft.KeyVault/vaults/keys/rotationpolicy/read, or the Get Rotation Policy access-policy permission)",
+                                key.unversioned()
+                            ),
+                        )
+                    } else if key_state {
                         err(
                             K::Disabled,
                             format!(

@@ -40,7 +40,7 @@ use zeroize::Zeroize;
 
 use super::{
     BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
-    KeyHint, Wrapped,
+    KeyHint, Lifecycle, Wrapped,
 };
 use crate::envelope::{FormatError, WrappedCopy};
 use crate::secret::SecretKey;
@@ -48,6 +48,7 @@ use crate::secret::SecretKey;
 mod client;
 mod error;
 mod key_url;
+mod rotation;
 mod settings;
 mod wrap;
 
@@ -78,6 +79,8 @@ struct KeyState {
     generation: AtomicU64,
     /// Set only by the refresh task, from the `enabled` attribute.
     disabled: AtomicBool,
+    /// The key's rotation policy as Key Vault last reported it (`refresh_lifecycle`).
+    lifecycle: Mutex<Option<Lifecycle>>,
 }
 
 impl KeyState {
@@ -561,6 +564,38 @@ impl KeyBackend for AzureBackend {
             primary_version: Some(facts.kid),
             enabled: facts.usable,
         })
+    }
+
+    fn lifecycle(&self) -> Option<Lifecycle> {
+        self.state
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// GET key (the current version's kid and `created`: the primary's age) and GET
+    /// `rotationpolicy` (period and next rotation; [`rotation::lifecycle_of`]). Two calls. The
+    /// current version, also for a key configured with a pinned version: the policy rotates the
+    /// key, not the pin.
+    async fn refresh_lifecycle(&self) -> Result<(), BackendError> {
+        let current = self.call.get(None).await?;
+        if self.call.key.version.is_none() {
+            self.state.observe_current(current.clone());
+        }
+        let policy = self.call.rotation_policy().await?;
+        let l = rotation::lifecycle_of(&policy, &current).map_err(|e| {
+            Self::err(
+                BackendErrorKind::Internal,
+                format!("unexpected Key Vault rotation policy: {e}"),
+            )
+        })?;
+        *self
+            .state
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(l);
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {

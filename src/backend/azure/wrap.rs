@@ -56,6 +56,9 @@ pub(super) struct KeyFacts {
     /// An RSA key's public modulus and exponent (big-endian, no leading zeros), which check the
     /// signatures on its wraps.
     pub(super) rsa: Option<RsaPublic>,
+    /// The version's `created` and `exp` attributes (its age; the rotation policy's anchors).
+    pub(super) created: Option<std::time::SystemTime>,
+    pub(super) expires: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +135,16 @@ pub(super) fn facts_of(key: &Key, expect: &KeyUrl) -> Result<KeyFacts, &'static 
         usable: why_unusable.is_none(),
         why_unusable,
         rsa,
+        created: attrs.and_then(|a| a.created).and_then(system_time),
+        expires: attrs.and_then(|a| a.expires).and_then(system_time),
     })
+}
+
+/// A Key Vault time as a `SystemTime`, `None` before 1970.
+fn system_time(t: azure_core::time::OffsetDateTime) -> Option<std::time::SystemTime> {
+    u64::try_from(t.unix_timestamp())
+        .ok()
+        .and_then(|s| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)))
 }
 
 /// What Key Vault signs for an RSA wrap (as SHA-256 of it, with PS256): the label, the recorded

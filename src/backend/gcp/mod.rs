@@ -11,10 +11,11 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gcloud_sdk::google::cloud::kms::v1::crypto_key::CryptoKeyPurpose;
+use gcloud_sdk::google::cloud::kms::v1::CryptoKey;
+use gcloud_sdk::google::cloud::kms::v1::crypto_key::{CryptoKeyPurpose, RotationSchedule};
 use gcloud_sdk::google::cloud::kms::v1::crypto_key_version::CryptoKeyVersionState;
 use gcloud_sdk::google::cloud::kms::v1::key_management_service_client::KeyManagementServiceClient;
 use gcloud_sdk::google::cloud::kms::v1::{DecryptRequest, GetCryptoKeyRequest};
@@ -26,7 +27,7 @@ use tonic::transport::{ClientTlsConfig, Endpoint};
 use super::call::{CallError, CallPolicy};
 use super::{
     BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend, KeyDescription,
-    Wrapped,
+    Lifecycle, Wrapped,
 };
 use crate::envelope::{FormatError, MAX_WRAPPED_LEN, WrappedCopy};
 use crate::secret::SecretKey;
@@ -181,6 +182,8 @@ pub struct GcpBackend {
     key: String,
     /// `<key>/cryptoKeyVersions/`: every version this backend may record or decrypt under.
     version_prefix: String,
+    /// The CryptoKey's rotation state as Cloud KMS last reported it (`refresh_lifecycle`).
+    lifecycle: Mutex<Option<Lifecycle>>,
 }
 
 impl GcpBackend {
@@ -192,7 +195,29 @@ impl GcpBackend {
             client,
             version_prefix: format!("{key}/cryptoKeyVersions/"),
             key,
+            lifecycle: Mutex::new(None),
         })
+    }
+
+    /// GetCryptoKey on the configured key (needs `cloudkms.cryptoKeys.get`).
+    async fn get_crypto_key(&self) -> Result<CryptoKey, BackendError> {
+        self.call(Op::GetCryptoKey, |limit| {
+            let mut kms = self.client.kms.clone();
+            let req = self.request(
+                GetCryptoKeyRequest {
+                    name: self.key.clone(),
+                },
+                limit,
+            );
+            async move {
+                Ok(kms
+                    .get_crypto_key(req)
+                    .await
+                    .map_err(Failure::Status)?
+                    .into_inner())
+            }
+        })
+        .await
     }
 
     fn err(kind: BackendErrorKind, msg: impl Into<std::borrow::Cow<'static, str>>) -> BackendError {
@@ -406,24 +431,7 @@ impl KeyBackend for GcpBackend {
     }
 
     async fn describe(&self) -> Result<KeyDescription, BackendError> {
-        let key = self
-            .call(Op::GetCryptoKey, |limit| {
-                let mut kms = self.client.kms.clone();
-                let req = self.request(
-                    GetCryptoKeyRequest {
-                        name: self.key.clone(),
-                    },
-                    limit,
-                );
-                async move {
-                    Ok(kms
-                        .get_crypto_key(req)
-                        .await
-                        .map_err(Failure::Status)?
-                        .into_inner())
-                }
-            })
-            .await?;
+        let key = self.get_crypto_key().await?;
         let primary = key.primary.as_ref();
         let enabled = key.purpose == CryptoKeyPurpose::EncryptDecrypt as i32
             && primary.is_some_and(|v| v.state == CryptoKeyVersionState::Enabled as i32);
@@ -438,8 +446,60 @@ impl KeyBackend for GcpBackend {
         })
     }
 
+    fn lifecycle(&self) -> Option<Lifecycle> {
+        match self.lifecycle.lock() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// GetCryptoKey: `rotation_period`, `next_rotation_time`, and the primary version's name
+    /// and `create_time` (its age). One call; a key without a schedule shows none.
+    async fn refresh_lifecycle(&self) -> Result<(), BackendError> {
+        let key = self.get_crypto_key().await?;
+        let l = lifecycle_of(&key);
+        match self.lifecycle.lock() {
+            Ok(mut g) => *g = Some(l),
+            Err(p) => *p.into_inner() = Some(l),
+        }
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// A protobuf Timestamp as a time, `None` if before 1970 or out of range.
+fn system_time(t: &gcloud_sdk::prost_types::Timestamp) -> Option<SystemTime> {
+    let secs = u64::try_from(t.seconds).ok()?;
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// What a CryptoKey says about its rotation. A zero or negative `rotation_period` (Cloud KMS
+/// never sends one) counts as none; `next_rotation_time` is shown even without a period (a
+/// one-off scheduled rotation).
+fn lifecycle_of(key: &CryptoKey) -> Lifecycle {
+    let rotation_period = match &key.rotation_schedule {
+        Some(RotationSchedule::RotationPeriod(d)) => u64::try_from(d.seconds)
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
+        None => None,
+    };
+    Lifecycle {
+        source: "gcp",
+        primary_version: key.primary.as_ref().map(|v| v.name.clone()),
+        primary_created: key
+            .primary
+            .as_ref()
+            .and_then(|v| v.create_time.as_ref())
+            .and_then(system_time),
+        rotation_period,
+        next_rotation: key.next_rotation_time.as_ref().and_then(system_time),
+        min_decrypt_version: None,
+        delete_after: None,
     }
 }
 
@@ -459,6 +519,58 @@ mod tests {
             hex,
             "000200106b657962726f6b65723a63616c6c65720009616e6f6e796d6f7573\
              000d6b657962726f6b65723a6b6579000d70726f642d6170702d64617461"
+        );
+    }
+
+    #[test]
+    fn lifecycle_of_odd_crypto_keys() {
+        use gcloud_sdk::prost_types::{Duration as PbDuration, Timestamp};
+        let empty = lifecycle_of(&CryptoKey::default());
+        assert_eq!(
+            (empty.source, empty.rotation_period, empty.next_rotation),
+            ("gcp", None, None)
+        );
+        let key = CryptoKey {
+            rotation_schedule: Some(RotationSchedule::RotationPeriod(PbDuration {
+                seconds: -5,
+                nanos: 0,
+            })),
+            next_rotation_time: Some(Timestamp {
+                seconds: -1,
+                nanos: 0,
+            }),
+            primary: Some(gcloud_sdk::google::cloud::kms::v1::CryptoKeyVersion {
+                name: "v".into(),
+                create_time: Some(Timestamp {
+                    seconds: i64::MAX,
+                    nanos: -1,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let l = lifecycle_of(&key);
+        assert_eq!(
+            (l.rotation_period, l.next_rotation, l.primary_created),
+            (None, None, None)
+        );
+        assert_eq!(l.primary_version.as_deref(), Some("v"));
+        let key = CryptoKey {
+            rotation_schedule: Some(RotationSchedule::RotationPeriod(PbDuration {
+                seconds: 90 * 86_400,
+                nanos: 0,
+            })),
+            next_rotation_time: Some(Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5,
+            }),
+            ..Default::default()
+        };
+        let l = lifecycle_of(&key);
+        assert_eq!(l.rotation_period, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(
+            l.next_rotation,
+            Some(UNIX_EPOCH + Duration::new(1_800_000_000, 5))
         );
     }
 
