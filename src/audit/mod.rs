@@ -49,7 +49,7 @@ pub use verify::{
     verify, verify_bytes, verify_with,
 };
 use writer::Writer;
-pub use writer::{LifecycleLog, rotated};
+pub use writer::{LifecycleLog, lock_path, rotated};
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -204,6 +204,9 @@ pub struct Record {
 }
 
 /// What goes through the writer's queue: a request's record, or a lifecycle change's.
+// Not boxed: a request record is the hot path (one per key use) and must not allocate; the
+// smaller lifecycle variant is rare.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Entry {
     Request(Record),

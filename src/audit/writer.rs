@@ -5,7 +5,7 @@
 //! A file log may have more than one writer: several servers sharing one audit file, and
 //! `keybroker keys …` recording a lifecycle change into the log a running server writes
 //! ([`LifecycleLog`]). Each batch is therefore chained and appended under an exclusive lock on
-//! `<log>.lock`, after checking that the file is still the one (and the length) this writer last
+//! `.<log>.lock`, after checking that the file is still the one (and the length) this writer last
 //! left; if another writer appended or rotated meanwhile, the chain is picked up again from the
 //! file's last line first. Without that, two writers would each link to their own last record
 //! and the chain would break at the first interleaving.
@@ -43,7 +43,7 @@ pub(super) struct Writer {
     chain: Chain,
     key: Option<Arc<AuditKey>>,
     checkpoint: Option<Checkpointer>,
-    /// `<log>.lock`, held while a batch is chained and appended (regular-file logs only: a pipe
+    /// `.<log>.lock`, held while a batch is chained and appended (regular-file logs only: a pipe
     /// or a device has one writer and no chain to pick up).
     lock: Option<File>,
     /// Whether the log is a regular file other writers may append to (then `lock` is set).
@@ -276,7 +276,7 @@ impl Writer {
         out.push(b'\n');
     }
 
-    /// Holds `<log>.lock` (if this log has one) while `f` runs. A lock that cannot be taken is
+    /// Holds `.<log>.lock` (if this log has one) while `f` runs. A lock that cannot be taken is
     /// logged and `f` runs anyway: the chain check at verify time still catches a collision.
     fn locked<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let lock = self.lock.take();
@@ -465,17 +465,24 @@ fn request_fields(r: &Record, out: &mut Vec<u8>) {
     }
 }
 
-/// Opens (creating) `<log>.lock`, the lock every writer of one log file takes to append.
+/// `.audit.jsonl.lock` beside `audit.jsonl`: hidden, so that `audit.jsonl.*` (how the rotated
+/// files are named, and globbed for `audit verify` and `audit report`) never matches it.
+pub fn lock_path(log: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(log.file_name().unwrap_or_default());
+    name.push(".lock");
+    log.with_file_name(name)
+}
+
+/// Opens (creating) the log's lock file, which every writer of one log file holds to append.
 fn open_lock(log: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut s = log.as_os_str().to_owned();
-    s.push(".lock");
     OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(PathBuf::from(s))
+        .open(lock_path(log))
 }
 
 /// A lifecycle change's way into a log that a running server may be writing at the same time
