@@ -1,4 +1,5 @@
 //! The audit log: one JSON Lines record per key use (cache hits, denials and failures included),
+//! and one per lifecycle change of a local key (`lifecycle`: rotations, deletions, retirement),
 //! hash-chained so that an edited, deleted, reordered or inserted record is detectable
 //! (`keybroker audit verify`). docs/audit.md describes the record and the chain.
 //!
