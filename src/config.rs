@@ -678,9 +678,8 @@ impl Config {
         previous: Option<&Registry>,
         audit: &std::sync::Arc<crate::audit::Auditor>,
     ) -> Result<Registry, ConfigError> {
-        let factory = self
-            .backend_factory()
-            .with_audit(std::sync::Arc::clone(audit));
+        let sink: std::sync::Arc<dyn crate::backend::local::LifecycleSink> = audit.clone();
+        let factory = self.backend_factory().with_audit(sink);
         Registry::build(&self.keys, factory, stats, layer, previous)
             .await
             .map_err(|problems| ConfigError {

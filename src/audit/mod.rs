@@ -42,8 +42,8 @@ mod report;
 mod verify;
 mod writer;
 
+pub use crate::facts::{Actor, LifecycleEvent, LifecycleRecord};
 pub use key::{AuditKey, MAX_KEY_LEN, MIN_KEY_LEN, new_key_file};
-pub use lifecycle::{Actor, LifecycleEvent, LifecycleRecord};
 pub use report::{LifecycleRow, UsageReport, UsageRow, usage_report};
 pub use verify::{
     BrokenLink, CHECKPOINT_FORMAT, Checkpoint, VerifyOptions, VerifyReport, read_checkpoint,

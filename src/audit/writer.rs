@@ -262,7 +262,7 @@ impl Writer {
             Entry::Lifecycle(l) => {
                 crate::util::write_rfc3339(l.time, out);
                 out.push(b'"');
-                l.write_fields(out);
+                super::lifecycle::write_fields(l, out);
             }
         }
         match &self.key {
@@ -676,5 +676,63 @@ fn write_copies(out: &mut Vec<u8>, f: &crate::facts::Facts) {
             );
         }
         out.push(b']');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Actor, LifecycleEvent, verify};
+
+    fn record(n: u32) -> LifecycleRecord {
+        let mut r = LifecycleRecord::new(
+            LifecycleEvent::Rotated,
+            "k",
+            Path::new("/keys/ring"),
+            "command",
+            Actor::cli(),
+        );
+        r.new_primary_version = Some(n);
+        r
+    }
+
+    /// Two writers on one file, taking turns, each rotating the file when it fills: every record
+    /// lands once and the files form one chain (each continued the other's, across rotations).
+    #[test]
+    fn two_writers_continue_each_others_chain_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let config = AuditConfig {
+            sink: AuditSink::File(path.clone()),
+            max_file_bytes: 4096,
+            max_files: 100,
+            ..AuditConfig::default()
+        };
+        let mut a = LifecycleLog::open(&config).unwrap().unwrap();
+        let mut b = LifecycleLog::open(&config).unwrap().unwrap();
+        for n in 0..60 {
+            let w = if n % 3 == 0 { &mut a } else { &mut b };
+            w.append(vec![record(n)]).unwrap();
+        }
+        let mut files: Vec<PathBuf> = (1..=100)
+            .rev()
+            .map(|n| rotated(&path, n))
+            .filter(|p| p.exists())
+            .collect();
+        assert!(files.len() >= 3, "{files:?}");
+        files.push(path.clone());
+        let report = verify(&files).unwrap_or_else(|b| panic!("{b:?}"));
+        assert_eq!(
+            (report.records, report.first_seq, report.last_seq),
+            (60, Some(1), Some(60))
+        );
+        assert!(lock_path(&path).exists());
+        assert!(
+            !lock_path(&path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("audit.jsonl.")
+        );
     }
 }

@@ -31,8 +31,8 @@ use super::{
     BackendConfig, BackendContext, BackendError, BackendErrorKind, BackendKind, KeyBackend,
     KeyDescription, KeyHint, Lifecycle, Wrapped,
 };
-use crate::audit::{Actor, Auditor, LifecycleEvent, LifecycleRecord};
 use crate::envelope::{FormatError, WrappedCopy};
+use crate::facts::{Actor, LifecycleEvent, LifecycleRecord};
 use crate::keyring::{Keyring, KeyringError};
 use crate::secret::{SecretKey, random_fill};
 use crate::settings::{Problems, Section, resolve};
@@ -101,13 +101,23 @@ pub fn key_config(
     })
 }
 
+/// Room for one lifecycle record, reserved before the change it records is made.
+pub type LifecycleSlot = Box<dyn FnOnce(LifecycleRecord) + Send>;
+
+/// Where a keyring's scheduler records the rotations and purges it makes: a server's audit log
+/// (which sits above the backends, so it is handed down as this).
+pub trait LifecycleSink: Send + Sync {
+    /// Room for `n` records, reserved before the changes are made; an error defers them.
+    fn reserve(&self, n: usize) -> Result<Vec<LifecycleSlot>, String>;
+}
+
 /// The keyrings open in one registry: one handle (and one watcher) per file, shared by every
 /// key that uses it.
 pub struct LocalRings {
     rings: HashMap<PathBuf, Arc<LocalKeyring>>,
     poll_interval: Duration,
     /// Where the keyrings' schedulers record what they do (a server's audit log).
-    audit: Option<Arc<Auditor>>,
+    audit: Option<Arc<dyn LifecycleSink>>,
 }
 
 impl LocalRings {
@@ -119,7 +129,7 @@ impl LocalRings {
         }
     }
 
-    pub fn set_audit(&mut self, audit: Arc<Auditor>) {
+    pub fn set_audit(&mut self, audit: Arc<dyn LifecycleSink>) {
         self.audit = Some(audit);
     }
 
@@ -167,7 +177,7 @@ pub struct LocalKeyring {
     ring: ArcSwap<Keyring>,
     stamp: Mutex<Option<FileStamp>>,
     /// The audit log the scheduler's rotations and purges are recorded in (a server's).
-    audit: std::sync::OnceLock<Arc<Auditor>>,
+    audit: std::sync::OnceLock<Arc<dyn LifecycleSink>>,
 }
 
 impl LocalKeyring {
@@ -287,19 +297,17 @@ impl LocalKeyring {
             .values()
             .filter(|k| k.rotation_due(now) || k.delete_after.is_some_and(|a| a <= now))
             .count();
-        let mut slots = Vec::with_capacity(due);
-        if let Some(audit) = self.audit.get() {
-            for _ in 0..due {
-                match audit.reserve_blocking() {
-                    Ok(s) => slots.push(s),
-                    Err(e) => {
-                        tracing::error!(keyring = %self.path.display(), error = %e,
-                            "scheduled rotation or purge is due but the audit log cannot record it; deferred");
-                        return;
-                    }
+        let mut slots = match self.audit.get() {
+            Some(audit) => match audit.reserve(due) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(keyring = %self.path.display(), error = %e,
+                        "scheduled rotation or purge is due but the audit log cannot record it; deferred");
+                    return;
                 }
-            }
-        }
+            },
+            None => Vec::new(),
+        };
         let done = crate::keyring::edit_if(&self.path, false, |r| {
             let before: HashMap<String, u32> =
                 r.keys.iter().map(|(n, k)| (n.clone(), k.primary)).collect();
@@ -313,11 +321,11 @@ impl LocalKeyring {
                     let slot = match (slots.pop(), self.audit.get()) {
                         (Some(s), _) => Some(s),
                         // More became due between the check and the lock: best effort.
-                        (None, Some(a)) => a.reserve_blocking().ok(),
+                        (None, Some(a)) => a.reserve(1).ok().and_then(|mut v| v.pop()),
                         (None, None) => None,
                     };
-                    if let Some(s) = slot {
-                        s.send_lifecycle(rec);
+                    if let Some(slot) = slot {
+                        slot(rec);
                     }
                 };
                 for (key, version) in rotated {

@@ -397,7 +397,7 @@ impl Factory {
 
     /// Local keyrings opened by this factory record their scheduled rotations and purges in
     /// `audit`.
-    pub fn with_audit(mut self, audit: std::sync::Arc<crate::audit::Auditor>) -> Self {
+    pub fn with_audit(mut self, audit: std::sync::Arc<dyn local::LifecycleSink>) -> Self {
         self.local.set_audit(audit);
         self
     }
