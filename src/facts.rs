@@ -286,7 +286,7 @@ pub struct LifecycleRecord {
     pub deletion_time: Option<SystemTime>,
     pub old_min_decrypt_version: Option<u32>,
     pub new_min_decrypt_version: Option<u32>,
-    /// `keys schedule-deletion --force` overrode the deletion guard.
+    /// `keys schedule-deletion --force` was given (the deletion guard may have been overridden).
     pub forced: bool,
     pub actor: Actor,
 }
@@ -304,7 +304,11 @@ impl LifecycleRecord {
             time: SystemTime::now(),
             event,
             key: key.to_owned(),
-            keyring: keyring.display().to_string(),
+            // Absolute where it can be: an auditor reads this far from the command's directory.
+            keyring: std::fs::canonicalize(keyring)
+                .unwrap_or_else(|_| keyring.to_owned())
+                .display()
+                .to_string(),
             trigger,
             old_primary_version: None,
             new_primary_version: None,

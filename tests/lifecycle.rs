@@ -979,7 +979,9 @@ async fn cli_lifecycle_commands_are_audited() {
         "`rotate --if-due` with nothing due records nothing"
     );
     let uid = u64::from(rustix::process::getuid().as_raw());
+    let ring_abs = std::fs::canonicalize(&ring).unwrap().display().to_string();
     for r in &records {
+        assert_eq!(r["keyring"].as_str(), Some(ring_abs.as_str()), "{r}");
         assert_eq!(r["actor"]["kind"], "cli", "{r}");
         assert_eq!(r["actor"]["uid"].as_u64(), Some(uid), "{r}");
         assert_eq!(r["trigger"], "command");
