@@ -190,7 +190,7 @@ fn lifecycle_figures(e: &crate::registry::KeyEntry) -> crate::metrics::Lifecycle
             .and_then(|l| l.rotation_period)
             .map(|d| d.as_secs_f64()),
         pending_deletion: e.wraps.iter().any(|b| b.hint().pending_deletion),
-        min_decrypt_version: e.backend.hint().min_decrypt_version,
+        min_decrypt_version: e.min_decrypt_version(),
         canary: e
             .canary_interval
             .filter(|_| e.canary.runs.load(Ordering::Relaxed) > 0)

@@ -559,7 +559,17 @@ impl Broker {
                 .into_iter()
                 .map(|op| (op, e.stats.op(op).snapshot()))
                 .collect(),
-                lifecycle: e.backend.lifecycle(),
+                lifecycle: {
+                    let mut l = e.backend.lifecycle();
+                    if e.configured_min_decrypt_version > 0 {
+                        l.get_or_insert_with(|| Lifecycle {
+                            source: e.backend.kind().as_str(),
+                            ..Lifecycle::default()
+                        })
+                        .min_decrypt_version = Some(e.configured_min_decrypt_version.to_string());
+                    }
+                    l
+                },
                 pending_deletion: e.wraps.iter().any(|b| b.hint().pending_deletion),
             })
             .collect()
@@ -681,7 +691,10 @@ impl Broker {
             let backend = &entry.wraps[w];
             // Retired versions are refused before the cache is consulted; ReEncrypt still reads
             // them (the plaintext stays here), which is how `keybroker rewrap` moves data on.
-            let min = backend.hint().min_decrypt_version;
+            let min = backend
+                .hint()
+                .min_decrypt_version
+                .max(entry.configured_min_decrypt_version);
             // A backend's own copies are those naming its key; when its configured id is not
             // the durable one a copy records (an alias), every copy of its kind is a candidate
             // (a copy of another key fails to unwrap, as the backend contract says).
@@ -697,7 +710,7 @@ impl Broker {
                 // entry and a paid backend call: refused before the cache is consulted.
                 match backend.check_canonical(copy) {
                     Ok(()) => {
-                        let version = copy.key_version.parse::<u64>().ok();
+                        let version = orderable_version(backend.kind(), copy.key_version);
                         match version {
                             Some(v) if v < min && op != Operation::ReEncrypt => {
                                 facts.key_version = Some(copy.key_version.to_owned());
@@ -854,4 +867,19 @@ fn check_context(context: &BTreeMap<String, String>, field: &str) -> Result<(), 
 fn seal_error(e: envelope::SealError) -> Error {
     tracing::error!(error = %e, "sealing an envelope failed");
     Error::Internal("sealing the ciphertext failed")
+}
+
+/// The number of the key version a copy records, where versions are numbers that order:
+/// the keyring's version, or the `N` of Cloud KMS's `…/cryptoKeyVersions/N` (canonical already:
+/// `check_canonical` ran). `None` for AWS (the copy records the key ARN only) and Azure (a
+/// Key Vault version is an opaque id), which is why their keys cannot carry
+/// `min_decrypt_version` (refused at load).
+fn orderable_version(kind: BackendKind, recorded: &str) -> Option<u64> {
+    match kind {
+        BackendKind::Local => recorded.parse().ok(),
+        BackendKind::Gcp => recorded
+            .rsplit_once("/cryptoKeyVersions/")
+            .and_then(|(_, n)| n.parse().ok()),
+        BackendKind::Aws | BackendKind::Azure => None,
+    }
 }

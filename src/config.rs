@@ -313,6 +313,7 @@ impl Config {
                 policy: Policy::allow_anonymous_everything(),
                 canary_interval: None,
                 rotation_state: false,
+                min_decrypt_version: None,
             },
         );
         Self {
@@ -666,6 +667,25 @@ impl Config {
     /// A backend factory over this configuration's section-level settings.
     pub fn backend_factory(&self) -> Factory {
         Factory::new(&self.local, &self.gcp)
+    }
+
+    /// [`Config::build_registry`] for a server: its local keyrings' schedulers record the
+    /// rotations and purges they make in `audit` (docs/lifecycle.md).
+    pub async fn build_registry_audited(
+        &self,
+        stats: &StatsBook,
+        layer: Option<&BackendLayer>,
+        previous: Option<&Registry>,
+        audit: &std::sync::Arc<crate::audit::Auditor>,
+    ) -> Result<Registry, ConfigError> {
+        let sink: std::sync::Arc<dyn crate::backend::local::LifecycleSink> = audit.clone();
+        let factory = self.backend_factory().with_audit(sink);
+        Registry::build(&self.keys, factory, stats, layer, previous)
+            .await
+            .map_err(|problems| ConfigError {
+                source_name: self.source_name.clone(),
+                problems,
+            })
     }
 
     /// Builds the registry of this configuration's keys (see [`Registry::build`]); problems

@@ -4,11 +4,14 @@
 //!
 //! Every part names itself: a label function per value, never a position in some other
 //! module's array. Nothing here holds key material, plaintext or tokens.
+//!
+//! Also what a lifecycle change did ([`LifecycleRecord`]: a rotation, a deletion, a
+//! retirement), made by the keyring scheduler or a `keys` command and written by the audit log.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::backend_kind::{BackendErrorKind, BackendKind};
 
@@ -202,6 +205,118 @@ impl RequestIds {
         RequestId::Generated {
             prefix: self.prefix,
             n: self.next.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+/// What happened to the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleEvent {
+    /// A new primary version was added.
+    Rotated,
+    DeletionScheduled,
+    DeletionCancelled,
+    /// The key's material was destroyed (its deletion window had ended).
+    Purged,
+    /// `min_decrypt_version` changed (versions retired, or restored).
+    MinDecryptVersionSet,
+}
+
+impl LifecycleEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rotated => "rotated",
+            Self::DeletionScheduled => "deletion_scheduled",
+            Self::DeletionCancelled => "deletion_cancelled",
+            Self::Purged => "purged",
+            Self::MinDecryptVersionSet => "min_decrypt_version_set",
+        }
+    }
+}
+
+/// Who made the change. `user` comes from the environment (`$USER`) and is a hint only; `uid`
+/// is the process's real uid, which the operating system vouches for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// `"scheduler"` (a running server's rotation schedule) or `"cli"` (`keybroker keys …`).
+    pub kind: &'static str,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub pid: u32,
+}
+
+impl Actor {
+    fn current(kind: &'static str) -> Self {
+        Self {
+            kind,
+            uid: rustix::process::getuid().as_raw(),
+            user: std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .ok()
+                .filter(|u| !u.is_empty() && u.len() <= 64),
+            pid: std::process::id(),
+        }
+    }
+
+    /// A running server's scheduler.
+    pub fn scheduler() -> Self {
+        Self::current("scheduler")
+    }
+
+    /// A `keybroker keys …` command.
+    pub fn cli() -> Self {
+        Self::current("cli")
+    }
+}
+
+/// One lifecycle change of one keyring key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleRecord {
+    pub time: SystemTime,
+    pub event: LifecycleEvent,
+    /// The key's name in its keyring (what `keys …` commands name).
+    pub key: String,
+    /// The keyring file.
+    pub keyring: String,
+    /// What asked for it: `"schedule"` (rotation period passed, deletion window ended),
+    /// `"if_due"` (`keys rotate --if-due`), `"command"` (an explicit `keys …` command).
+    pub trigger: &'static str,
+    pub old_primary_version: Option<u32>,
+    pub new_primary_version: Option<u32>,
+    pub deletion_time: Option<SystemTime>,
+    pub old_min_decrypt_version: Option<u32>,
+    pub new_min_decrypt_version: Option<u32>,
+    /// `keys schedule-deletion --force` was given (the deletion guard may have been overridden).
+    pub forced: bool,
+    pub actor: Actor,
+}
+
+impl LifecycleRecord {
+    /// A record of `event` on `key` now, by `actor`, with nothing else set.
+    pub fn new(
+        event: LifecycleEvent,
+        key: &str,
+        keyring: &std::path::Path,
+        trigger: &'static str,
+        actor: Actor,
+    ) -> Self {
+        Self {
+            time: SystemTime::now(),
+            event,
+            key: key.to_owned(),
+            // Absolute where it can be: an auditor reads this far from the command's directory.
+            keyring: std::fs::canonicalize(keyring)
+                .unwrap_or_else(|_| keyring.to_owned())
+                .display()
+                .to_string(),
+            trigger,
+            old_primary_version: None,
+            new_primary_version: None,
+            deletion_time: None,
+            old_min_decrypt_version: None,
+            new_min_decrypt_version: None,
+            forced: false,
+            actor,
         }
     }
 }

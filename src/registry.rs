@@ -42,6 +42,10 @@ pub struct KeyConfig {
     /// Read the provider's own rotation state at startup and reload (`rotation_state = true`;
     /// off by default: it costs provider calls and IAM permissions).
     pub rotation_state: bool,
+    /// Cloud KMS versions below this are retired (`min_decrypt_version = N`, GCP keys only:
+    /// their ciphertexts name a numbered CryptoKeyVersion; a local key keeps its own in the
+    /// keyring, and AWS and Azure record no version keybroker could order).
+    pub min_decrypt_version: Option<u64>,
 }
 
 /// The canary's record for one key, read by `/metrics`.
@@ -91,6 +95,10 @@ impl KeyConfig {
         if canary_interval.is_some_and(|d| d < std::time::Duration::from_secs(1)) {
             p.push(s.at("canary_interval"), "must be at least 1s");
         }
+        let min_decrypt_version = s.u64("min_decrypt_version", p);
+        if let (Some(min), Some(wraps)) = (min_decrypt_version, &wraps) {
+            check_min_decrypt_version(min, wraps, &s.at("min_decrypt_version"), p);
+        }
         let mut wraps = wraps?.into_iter();
         let backend = wraps.next()?;
         Some(Self {
@@ -104,6 +112,7 @@ impl KeyConfig {
             policy,
             canary_interval,
             rotation_state,
+            min_decrypt_version,
         })
     }
 
@@ -161,6 +170,47 @@ impl KeyConfig {
     }
 }
 
+/// `min_decrypt_version` in `[keys.NAME]` needs every wrapping backend to record a version
+/// keybroker can order: Cloud KMS does (`…/cryptoKeyVersions/N`). A retirement that one of a
+/// key's copies could bypass is no retirement, so a key with any other backend is refused.
+fn check_min_decrypt_version(min: u64, wraps: &[BackendConfig], at: &str, p: &mut Problems) {
+    use crate::backend_kind::BackendKind;
+    if min == 0 {
+        p.push(at, "must be at least 1 (leave it out to retire no version)");
+    }
+    let mut seen = Vec::new();
+    for w in wraps {
+        let kind = w.kind();
+        if seen.contains(&kind) {
+            continue;
+        }
+        seen.push(kind);
+        let why = match kind {
+            BackendKind::Gcp => continue,
+            BackendKind::Local => {
+                "a local key's min_decrypt_version is kept in its keyring: set it with \
+                 `keybroker keys set-min-decrypt-version NAME VERSION`"
+            }
+            BackendKind::Aws => {
+                "AWS KMS ciphertexts do not say which key material version wrapped them (keybroker \
+                 records only the key ARN), so older versions cannot be told apart; retire key \
+                 material in KMS instead"
+            }
+            BackendKind::Azure => {
+                "Key Vault key versions are opaque ids with no order, so \"below N\" means nothing; \
+                 disable the old version in Key Vault instead"
+            }
+        };
+        p.push(
+            at,
+            format!(
+                "is not supported on a key wrapped by {}: {why}",
+                kind.as_str()
+            ),
+        );
+    }
+}
+
 /// One configured key.
 pub struct KeyEntry {
     pub name: Arc<str>,
@@ -188,6 +238,9 @@ pub struct KeyEntry {
     pub canary_interval: Option<std::time::Duration>,
     pub canary: Arc<CanaryRecord>,
     pub rotation_state: bool,
+    /// The configured `min_decrypt_version` (GCP keys; 0: none). The effective bound also
+    /// counts the backend's own ([`KeyEntry::min_decrypt_version`]).
+    pub configured_min_decrypt_version: u64,
 }
 
 /// Process-wide, so that no two registries ever hand out the same epoch.
@@ -198,6 +251,15 @@ fn new_cache_epoch() -> u64 {
 }
 
 impl KeyEntry {
+    /// Versions below this are refused for decryption: the keyring's own bound (local keys) or
+    /// the configured one (Cloud KMS keys). 0: none.
+    pub fn min_decrypt_version(&self) -> u64 {
+        self.backend
+            .hint()
+            .min_decrypt_version
+            .max(self.configured_min_decrypt_version)
+    }
+
     /// What the data-key caches need of this key.
     pub fn cached(&self) -> CachedKey<'_> {
         // Any wrapping backend's rotation or state change retires the cached data keys (their
@@ -396,6 +458,7 @@ impl Registry {
                     canary_interval: kc.canary_interval,
                     canary: Arc::default(),
                     rotation_state: kc.rotation_state,
+                    configured_min_decrypt_version: kc.min_decrypt_version.unwrap_or(0),
                 }),
             );
         }

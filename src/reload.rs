@@ -25,6 +25,8 @@ pub struct Reloader {
     pub(crate) identifier: Arc<ArcSwap<Identifier>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) stats: Arc<StatsBook>,
+    /// Where keyrings opened by a reload record their scheduled rotations and purges.
+    pub(crate) audit: Arc<crate::audit::Auditor>,
     pub(crate) layer: Option<BackendLayer>,
     /// One reload at a time.
     pub(crate) lock: tokio::sync::Mutex<()>,
@@ -69,10 +71,11 @@ impl Reloader {
             Err(p) => p.into_inner().clone(),
         };
         let registry = new
-            .build_registry(
+            .build_registry_audited(
                 &self.stats,
                 self.layer.as_ref(),
                 Some(&self.broker.registry()),
+                &self.audit,
             )
             .await?;
         let identifier = Identifier::new(new.identity.clone())

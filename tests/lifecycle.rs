@@ -135,29 +135,39 @@ async fn scheduled_rotation_happens_once_across_two_servers_without_restart() {
 fn keys_rotate_if_due_rotates_once_when_due() {
     let dir = tempfile::tempdir().unwrap();
     let ring = dir.path().join("keyring");
-    let (ok, out) = keys(&ring, &["create", "default", "--rotation-period", "1s"]);
+    // Four runs at once (all spawned before any is waited for), once the key is due: one
+    // rotates, the others find the new primary fresh. The period is long enough that a run the
+    // loaded machine starts late still sees a fresh primary, never one due again.
+    let (ok, out) = keys(&ring, &["create", "default", "--rotation-period", "4s"]);
     assert!(ok, "{out}");
     let (ok, out) = keys(&ring, &["rotate", "--if-due"]);
     assert!(ok && out.contains("no key is due"), "{out}");
     let (ok, out) = keys(&ring, &["list"]);
     assert!(
-        ok && out.contains("1s") && out.contains("NEXT ROTATION"),
+        ok && out.contains("4s") && out.contains("NEXT ROTATION"),
         "{out}"
     );
-    std::thread::sleep(Duration::from_millis(1100));
-    let runs: Vec<_> = (0..4)
+    std::thread::sleep(Duration::from_millis(4100));
+    let children: Vec<_> = (0..4)
         .map(|_| {
             Command::new(keybroker_bin())
                 .args(["keys", "--keyring"])
                 .arg(&ring)
                 .args(["rotate", "--if-due"])
-                .output()
-                .map(|o| {
-                    (
-                        o.status.success(),
-                        String::from_utf8_lossy(&o.stdout).into_owned(),
-                    )
-                })
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let runs: Vec<_> = children
+        .into_iter()
+        .map(|c| {
+            c.wait_with_output().map(|o| {
+                (
+                    o.status.success(),
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                )
+            })
         })
         .collect();
     let rotated = runs
@@ -967,4 +977,543 @@ async fn azure_rotation_state_is_read_from_key_vault() {
     serves(&mut c, "rot").await;
     assert_eq!(fake.policy_gets(), 3);
     s.stop().await;
+}
+
+/// Stops a server and keeps its directory (its audit log) for the assertions after.
+async fn stop_keeping_dir(s: TestServer) -> tempfile::TempDir {
+    let TestServer { running, dir, .. } = s;
+    if let Some(r) = running {
+        assert!(r.shutdown().await, "clean shutdown");
+    }
+    dir
+}
+
+/// The audit log's lifecycle records (`"kind":"lifecycle"`), in log order.
+fn lifecycle_records(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "lifecycle")
+        .collect()
+}
+
+/// `keybroker audit verify FILES…`: (success, output).
+fn audit_verify(files: &[&Path]) -> (bool, String) {
+    let out = Command::new(keybroker_bin())
+        .args(["audit", "verify"])
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The fields a lifecycle record may carry: anything else (key material above all) fails.
+fn assert_lifecycle_fields_only(v: &serde_json::Value) {
+    const ALLOWED: &[&str] = &[
+        "seq",
+        "prev",
+        "time",
+        "kind",
+        "event",
+        "key",
+        "backend",
+        "keyring",
+        "trigger",
+        "old_primary_version",
+        "new_primary_version",
+        "old_min_decrypt_version",
+        "new_min_decrypt_version",
+        "deletion_time",
+        "forced",
+        "actor",
+        "mac",
+    ];
+    for k in v.as_object().unwrap().keys() {
+        assert!(ALLOWED.contains(&k.as_str()), "unexpected field {k} in {v}");
+    }
+    for k in v["actor"].as_object().unwrap().keys() {
+        assert!(
+            ["kind", "uid", "user", "pid"].contains(&k.as_str()),
+            "unexpected actor field {k} in {v}"
+        );
+    }
+}
+
+/// The key material of every version in a keyring file, as the file spells it (to show it is
+/// nowhere in the audit log).
+fn key_material_strings(ring: &Path) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ring).unwrap()).expect("a JSON keyring");
+    let mut out = Vec::new();
+    for k in v["keys"].as_object().unwrap().values() {
+        for ver in k["versions"].as_array().unwrap() {
+            out.push(ver["material"].as_str().unwrap().to_owned());
+        }
+    }
+    out
+}
+
+/// A running server's scheduled rotation is written to the audit log as a lifecycle record
+/// (old and new primary, the scheduler as actor) chained with the request records, and the
+/// whole log verifies; the record holds no key material.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_rotation_is_audited_and_the_chain_verifies() {
+    let s =
+        TestServer::local("[local]\npoll_interval = \"100ms\"\n[audit]\npath = \"audit.jsonl\"\n")
+            .await;
+    let (ring, log) = (s.path("keyring"), s.path("audit.jsonl"));
+    let mut c = s.client().await;
+    assert_eq!(encrypt(&mut c, b"before").await.unwrap().1, "1");
+    keyring::edit(&ring, false, |r| {
+        r.set_rotation_period("default", Some(Duration::from_secs(1)))
+    })
+    .unwrap();
+    eventually("the scheduler rotates to version 2", 20, async || {
+        created_times(&ring).len() >= 2
+    })
+    .await;
+    keyring::edit(&ring, false, |r| r.set_rotation_period("default", None)).unwrap();
+    let versions = created_times(&ring).len() as u64;
+    eventually("encrypt under the new primary", 10, async || {
+        encrypt(&mut c, b"after").await.unwrap().1 == versions.to_string()
+    })
+    .await;
+    let _dir = stop_keeping_dir(s).await;
+
+    let records = lifecycle_records(&log);
+    assert_eq!(
+        records.len() as u64,
+        versions - 1,
+        "one record per rotation: {records:?} in {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for (i, r) in records.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(r["event"], "rotated", "{r}");
+        assert_eq!(r["key"], "default");
+        assert_eq!(r["trigger"], "schedule");
+        assert_eq!(r["old_primary_version"].as_u64(), Some(i + 1), "{r}");
+        assert_eq!(r["new_primary_version"].as_u64(), Some(i + 2), "{r}");
+        assert_eq!(r["actor"]["kind"], "scheduler");
+        assert_eq!(
+            r["actor"]["pid"].as_u64(),
+            Some(u64::from(std::process::id()))
+        );
+        assert_lifecycle_fields_only(r);
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let material = key_material_strings(&ring);
+    assert!(!material.is_empty());
+    for m in &material {
+        assert!(!text.contains(m.as_str()), "key material in the audit log");
+    }
+    // Request records before and after the rotation, one chain.
+    assert!(text.lines().count() as u64 > versions, "{text}");
+    let (ok, out) = audit_verify(&[&log]);
+    assert!(ok, "{out}");
+}
+
+/// `keybroker keys --config …` records rotate, set-min-decrypt-version, schedule-deletion,
+/// cancel-deletion and purge in the configured audit log *while the server writes request
+/// records into it*: appends are serialised by the log's lock and each writer continues the
+/// other's chain, so `audit verify` accepts the whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lifecycle_commands_are_audited() {
+    let s = TestServer::local("[audit]\npath = \"audit.jsonl\"\n").await;
+    let (ring, log, cfg) = (
+        s.path("keyring"),
+        s.path("audit.jsonl"),
+        s.path("keybroker.toml"),
+    );
+    keyring::edit(&ring, false, |r| r.create_key("old")).unwrap();
+    let mut c = s.client().await;
+    encrypt(&mut c, b"x").await.unwrap();
+    // Request records keep coming while the commands run (bounded: until they are done).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        let mut c = s.client().await;
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                let _ = encrypt(&mut c, b"load").await;
+                n += 1;
+            }
+            n
+        })
+    };
+    let cli = |args: &'static [&'static str]| {
+        let cfg = cfg.clone();
+        move || {
+            let out = Command::new(keybroker_bin())
+                .args(["keys", "--keyring"])
+                .arg(cfg.with_file_name("keyring"))
+                .arg("--config")
+                .arg(&cfg)
+                .args(args)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        }
+    };
+    let run =
+        async |args: &'static [&'static str]| tokio::task::spawn_blocking(cli(args)).await.unwrap();
+    for args in [
+        &["rotate", "default"][..],
+        &["rotate", "--if-due"],
+        &["set-min-decrypt-version", "default", "2"],
+        &["set-min-decrypt-version", "default", "0"],
+        &["schedule-deletion", "default", "--in", "7d", "--force"],
+        &["cancel-deletion", "default"],
+    ] {
+        let (ok, out) = run(args).await;
+        assert!(ok, "{args:?}: {out}");
+    }
+    // A key whose window has passed: `keys purge` destroys it.
+    keyring::edit(&ring, false, |r| {
+        r.keys.get_mut("old").unwrap().delete_after =
+            Some(SystemTime::now() - Duration::from_secs(1));
+        Ok(())
+    })
+    .unwrap();
+    let (ok, out) = run(&["purge", "old"]).await;
+    assert!(ok, "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let requests = load.await.unwrap();
+    assert!(requests > 0);
+    let _dir = stop_keeping_dir(s).await;
+
+    let records = lifecycle_records(&log);
+    let summary: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap().to_owned(),
+                r["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expect = |e: &str, k: &str| (e.to_owned(), k.to_owned());
+    assert_eq!(
+        summary,
+        vec![
+            expect("rotated", "default"),
+            expect("min_decrypt_version_set", "default"),
+            expect("min_decrypt_version_set", "default"),
+            expect("deletion_scheduled", "default"),
+            expect("deletion_cancelled", "default"),
+            expect("purged", "old"),
+        ],
+        "`rotate --if-due` with nothing due records nothing"
+    );
+    let uid = u64::from(rustix::process::getuid().as_raw());
+    let ring_abs = std::fs::canonicalize(&ring).unwrap().display().to_string();
+    for r in &records {
+        assert_eq!(r["keyring"].as_str(), Some(ring_abs.as_str()), "{r}");
+        assert_eq!(r["actor"]["kind"], "cli", "{r}");
+        assert_eq!(r["actor"]["uid"].as_u64(), Some(uid), "{r}");
+        assert_eq!(r["trigger"], "command");
+        assert_lifecycle_fields_only(r);
+    }
+    assert_eq!(
+        (
+            records[0]["old_primary_version"].as_u64(),
+            records[0]["new_primary_version"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        (
+            records[1]["old_min_decrypt_version"].as_u64(),
+            records[1]["new_min_decrypt_version"].as_u64()
+        ),
+        (Some(0), Some(2))
+    );
+    assert_eq!(records[2]["new_min_decrypt_version"].as_u64(), Some(0));
+    assert_eq!(records[3]["forced"], true);
+    let at = keybroker::util::parse_rfc3339(records[3]["deletion_time"].as_str().unwrap())
+        .expect("deletion_time is RFC 3339");
+    let window = at.duration_since(SystemTime::now()).unwrap();
+    assert!(window > Duration::from_secs(6 * 86400), "{window:?}");
+
+    // Request and lifecycle records interleave in one chain that verifies.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kinds: Vec<bool> = text
+        .lines()
+        .map(|l| l.contains("\"kind\":\"lifecycle\""))
+        .collect();
+    let first = kinds.iter().position(|k| *k).unwrap();
+    let last = kinds.iter().rposition(|k| *k).unwrap();
+    assert!(
+        kinds[first..last].iter().any(|k| !*k),
+        "the server wrote request records between the commands' records"
+    );
+    let (ok, out) = audit_verify(&[&log]);
+    assert!(ok, "{out}");
+    for m in key_material_strings(&ring) {
+        assert!(!text.contains(m.as_str()), "key material in the audit log");
+    }
+
+    // A log the command cannot write stops it before it changes anything.
+    let bad = s_dir_config_with_unwritable_audit(&cfg);
+    let before = Keyring::load(&ring).unwrap().keys["default"].primary;
+    let out = Command::new(keybroker_bin())
+        .args(["keys", "--keyring"])
+        .arg(&ring)
+        .arg("--config")
+        .arg(&bad)
+        .args(["rotate", "default"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_eq!(
+        Keyring::load(&ring).unwrap().keys["default"].primary,
+        before
+    );
+}
+
+/// A copy of the configuration whose `[audit] key_file` does not exist.
+fn s_dir_config_with_unwritable_audit(cfg: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let bad = cfg.with_file_name("bad.toml");
+    std::fs::write(
+        &bad,
+        text.replace(
+            "[audit]\n",
+            "[audit]\nkey_file = \"/nonexistent/keybroker-audit.key\"\n",
+        ),
+    )
+    .unwrap();
+    bad
+}
+
+/// `audit report` lists lifecycle records in their own section (text) and array (JSON), and
+/// does not count them as uses: the rows hold only requests, and a key that only rotated has
+/// no last use (the deletion guard is not fooled either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_report_lists_lifecycle_events_apart_from_uses() {
+    let s = TestServer::local("[audit]\npath = \"audit.jsonl\"\n").await;
+    let (ring, log, cfg) = (
+        s.path("keyring"),
+        s.path("audit.jsonl"),
+        s.path("keybroker.toml"),
+    );
+    keyring::edit(&ring, false, |r| r.create_key("idle")).unwrap();
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        encrypt(&mut c, b"x").await.unwrap();
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(keybroker_bin())
+            .args(["keys", "--keyring"])
+            .arg(&ring)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&["rotate", "default"]);
+    cli(&["rotate", "idle"]);
+    // `idle` has lifecycle records but no use: the guard lets it be scheduled without --force.
+    cli(&["schedule-deletion", "idle", "--in", "7d"]);
+    cli(&["cancel-deletion", "idle"]);
+    eventually("3 request records", 10, async || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 7)
+    })
+    .await;
+    let _dir = stop_keeping_dir(s).await;
+
+    let report = |args: &[&str]| {
+        let out = Command::new(keybroker_bin())
+            .args(["audit", "report"])
+            .args(args)
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = report(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verified"], true);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "only the encrypts are uses: {out}");
+    assert_eq!(
+        (rows[0]["operation"].as_str(), rows[0]["count"].as_u64()),
+        (Some("encrypt"), Some(3))
+    );
+    let events: Vec<(&str, &str)> = v["lifecycle"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["key"].as_str().unwrap(), e["event"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("default", "rotated"),
+            ("idle", "rotated"),
+            ("idle", "deletion_scheduled"),
+            ("idle", "deletion_cancelled"),
+        ]
+    );
+    assert_eq!(v["lifecycle"][0]["detail"], "primary 1 -> 2");
+    assert!(
+        v["lifecycle"][0]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli (uid "),
+        "{out}"
+    );
+    let text = report(&[]);
+    assert!(
+        text.contains("lifecycle events (4; not uses of the key)"),
+        "{text}"
+    );
+    assert!(text.contains("deletion scheduled"), "{text}");
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("KEY"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(table.len(), 1, "{text}");
+}
+
+/// `[keys.NAME] min_decrypt_version` on a Cloud KMS key: a ciphertext whose copy names
+/// `…/cryptoKeyVersions/1` is refused once the minimum is 2 (FAILED_PRECONDITION,
+/// KEY_VERSION_RETIRED, the version named), one under version 2 decrypts, ReEncrypt still moves
+/// the old one forward, and ListKeys shows the minimum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_min_decrypt_version_refuses_older_versions() {
+    use crate::support::gcp_fake::{self, GcpKmsFake};
+    use keybroker::backend::gcp::GcpCredentials;
+    let fake = GcpKmsFake::start().await;
+    let key = fake.create_test_key("retire");
+    let server = async |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[gcp]\nendpoint = \"{}\"\n[keys.default]\nbackend = \"gcp\"\nkey_id = \"{key}\"\n{extra}\n",
+            fake.endpoint()
+        );
+        let mut config = keybroker::config::Config::parse(&text, "gcp.toml", dir.path())
+            .unwrap_or_else(|e| panic!("{e}"));
+        config.server.listen = vec![keybroker::config::ListenAddr::parse("127.0.0.1:0").unwrap()];
+        config.gcp.credentials = GcpCredentials::Custom(gcp_fake::credentials());
+        config.admin_listen = None;
+        for k in config.keys.values_mut() {
+            k.policy = keybroker::policy::Policy::allow_anonymous_everything();
+        }
+        TestServer::start_config(dir, config, Default::default()).await
+    };
+    let v1 = server("").await;
+    let mut c = v1.client().await;
+    let (old, version) = encrypt(&mut c, b"old data").await.unwrap();
+    assert_eq!(version, format!("{key}/cryptoKeyVersions/1"));
+    v1.stop().await;
+
+    fake.rotate(&key);
+    let s = server("min_decrypt_version = 2").await;
+    let mut c = s.client().await;
+    let (new, version) = encrypt(&mut c, b"new data").await.unwrap();
+    assert_eq!(version, format!("{key}/cryptoKeyVersions/2"));
+    assert_eq!(decrypt(&mut c, &new).await.unwrap().0, b"new data");
+    let e = decrypt(&mut c, &old).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (tonic::Code::FailedPrecondition, "KEY_VERSION_RETIRED"),
+        "{e:?}"
+    );
+    assert!(e.message().contains("version 1"), "{}", e.message());
+    // ReEncrypt reads it (the plaintext stays inside) and writes it under version 2.
+    let moved = c
+        .re_encrypt(ReEncryptRequest {
+            ciphertext: old.clone().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        moved.key_version,
+        format!("{key}/cryptoKeyVersions/2"),
+        "{moved:?}"
+    );
+    assert_eq!(
+        decrypt(&mut c, &moved.ciphertext).await.unwrap().0,
+        b"old data"
+    );
+    let listed = c.list_keys(ListKeysRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.keys[0].min_decrypt_version, "2");
+    s.stop().await;
+}
+
+/// `min_decrypt_version` in the configuration is refused at load, with the reason, on keys
+/// whose ciphertexts record no version keybroker can order (AWS: the key ARN only; Azure: an
+/// opaque version id), on a multi-backend key with such a copy (it would bypass the
+/// retirement), and on local keys (whose minimum lives in the keyring); GCP accepts it.
+#[test]
+fn min_decrypt_version_on_an_unordered_cloud_key_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let gcp_key = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+    let parse = |keys: &str| {
+        let text = format!(
+            "[aws]\nregion = \"eu-west-1\"\n[gcp]\nendpoint = \"http://127.0.0.1:9\"\n{keys}"
+        );
+        keybroker::config::Config::parse(&text, "t.toml", dir.path()).map_err(|e| e.to_string())
+    };
+    let aws = parse("[keys.a]\nbackend = \"aws\"\nkey_id = \"alias/a\"\nmin_decrypt_version = 2\n")
+        .unwrap_err();
+    assert!(
+        aws.contains("keys.a.min_decrypt_version")
+            && aws.contains("AWS KMS ciphertexts do not say"),
+        "{aws}"
+    );
+    let azure = parse(
+        "[keys.z]\nbackend = \"azure\"\nkey_id = \"https://vault1.vault.azure.net/keys/k\"\nmin_decrypt_version = 2\n",
+    )
+    .unwrap_err();
+    assert!(azure.contains("opaque ids with no order"), "{azure}");
+    let local = parse(&format!(
+        "[keys.l]\nbackend = \"local\"\nkey_id = \"l\"\nkeyring = \"{}/ring\"\nmin_decrypt_version = 2\n",
+        dir.path().display()
+    ))
+    .unwrap_err();
+    assert!(local.contains("keys set-min-decrypt-version"), "{local}");
+    let mixed = parse(&format!(
+        "[keys.m]\nmin_decrypt_version = 2\nwrap = [{{backend = \"gcp\", key_id = \"{gcp_key}\"}}, {{backend = \"aws\", key_id = \"alias/m\"}}]\n"
+    ))
+    .unwrap_err();
+    assert!(mixed.contains("wrapped by aws"), "{mixed}");
+    let zero = parse(&format!(
+        "[keys.g]\nbackend = \"gcp\"\nkey_id = \"{gcp_key}\"\nmin_decrypt_version = 0\n"
+    ))
+    .unwrap_err();
+    assert!(zero.contains("must be at least 1"), "{zero}");
+    let ok = parse(&format!(
+        "[keys.g]\nbackend = \"gcp\"\nkey_id = \"{gcp_key}\"\nmin_decrypt_version = 3\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ok.keys["g"].min_decrypt_version, Some(3));
 }

@@ -1,4 +1,5 @@
 //! The audit log: one JSON Lines record per key use (cache hits, denials and failures included),
+//! and one per lifecycle change of a local key (`lifecycle`: rotations, deletions, retirement),
 //! hash-chained so that an edited, deleted, reordered or inserted record is detectable
 //! (`keybroker audit verify`). docs/audit.md describes the record and the chain.
 //!
@@ -36,18 +37,20 @@ use crate::principal::Caller;
 use crate::settings::{Problems, Section};
 
 mod key;
+mod lifecycle;
 mod report;
 mod verify;
 mod writer;
 
+pub use crate::facts::{Actor, LifecycleEvent, LifecycleRecord};
 pub use key::{AuditKey, MAX_KEY_LEN, MIN_KEY_LEN, new_key_file};
-pub use report::{UsageReport, UsageRow, usage_report};
+pub use report::{LifecycleRow, UsageReport, UsageRow, usage_report};
 pub use verify::{
     BrokenLink, CHECKPOINT_FORMAT, Checkpoint, VerifyOptions, VerifyReport, read_checkpoint,
     verify, verify_bytes, verify_with,
 };
 use writer::Writer;
-pub use writer::rotated;
+pub use writer::{LifecycleLog, lock_path, rotated};
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -201,10 +204,20 @@ pub struct Record {
     pub destination_context: Option<BTreeMap<String, String>>,
 }
 
+/// What goes through the writer's queue: a request's record, or a lifecycle change's.
+// Not boxed: a request record is the hot path (one per key use) and must not allocate; the
+// smaller lifecycle variant is rare.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Entry {
+    Request(Record),
+    Lifecycle(LifecycleRecord),
+}
+
 /// The request-side handle.
 pub struct Auditor {
     /// `None` when auditing is off or after `close`.
-    tx: arc_swap::ArcSwapOption<mpsc::Sender<Record>>,
+    tx: arc_swap::ArcSwapOption<mpsc::Sender<Entry>>,
     enabled: bool,
     healthy: Arc<AtomicBool>,
     mode: AuditMode,
@@ -227,12 +240,19 @@ impl std::fmt::Debug for Auditor {
 }
 
 /// A reserved place for one record.
-pub struct Slot(Option<mpsc::OwnedPermit<Record>>);
+pub struct Slot(Option<mpsc::OwnedPermit<Entry>>);
 
 impl Slot {
     pub fn send(self, record: Record) {
         if let Some(p) = self.0 {
-            p.send(record);
+            p.send(Entry::Request(record));
+        }
+    }
+
+    /// Fills the slot with a lifecycle change's record.
+    pub fn send_lifecycle(self, record: LifecycleRecord) {
+        if let Some(p) = self.0 {
+            p.send(Entry::Lifecycle(record));
         }
     }
 }
@@ -368,6 +388,39 @@ impl Auditor {
                     Ok(Slot(None))
                 }
             },
+        }
+    }
+
+    /// [`Auditor::reserve`] for a thread that is not async (the keyring scheduler runs on a
+    /// blocking thread): the same rules, waiting by polling for at most `block_timeout`. A
+    /// lifecycle change that cannot get a slot in Required mode is not made (it is retried at
+    /// the next poll), as a request is refused.
+    pub fn reserve_blocking(&self) -> Result<Slot, Error> {
+        if !self.enabled {
+            return Ok(Slot(None));
+        }
+        let Some(tx) = self.tx.load_full() else {
+            return Err(Error::AuditUnavailable);
+        };
+        let deadline = std::time::Instant::now() + self.block_timeout;
+        loop {
+            if self.mode == AuditMode::Required && !self.healthy.load(Ordering::Relaxed) {
+                return Err(Error::AuditUnavailable);
+            }
+            match (*tx).clone().try_reserve_owned() {
+                Ok(p) => return Ok(Slot(Some(p))),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::AuditUnavailable),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if self.mode == AuditMode::BestEffort {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Slot(None));
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::AuditUnavailable);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
         }
     }
 

@@ -33,6 +33,21 @@ pub struct UsageRow {
     pub last_use: String,
 }
 
+/// One lifecycle record (`"kind":"lifecycle"`): a rotation, deletion or retirement. Listed
+/// apart from the rows: a lifecycle change is not a use of the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LifecycleRow {
+    pub time: String,
+    pub key: String,
+    /// `rotated`, `deletion_scheduled`, `deletion_cancelled`, `purged`, `min_decrypt_version_set`.
+    pub event: String,
+    /// What changed, in words (`version 3 -> 4`, `destroyed at ...`, `min 0 -> 3`).
+    pub detail: String,
+    /// `scheduler` or `cli`, with the uid (and `$USER` when the record has it).
+    pub actor: String,
+    pub trigger: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UsageReport {
     /// The whole chain verified (false: see `broken`; only the records before it are counted).
@@ -44,6 +59,8 @@ pub struct UsageReport {
     /// RFC 3339 start of the window, if one was given.
     pub since: Option<String>,
     pub rows: Vec<UsageRow>,
+    /// Lifecycle records in the window, in log order (not counted in `rows`).
+    pub lifecycle: Vec<LifecycleRow>,
 }
 
 impl UsageReport {
@@ -114,6 +131,10 @@ pub fn usage_report(
         }
         report.records_in_window += 1;
         let s = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
+        if v["kind"] == "lifecycle" {
+            report.lifecycle.push(lifecycle_row(&v));
+            continue;
+        }
         let result = s("result");
         let mut add = |key: String, backend_key_id: String, version: String, operation: String| {
             let row = rows
@@ -160,6 +181,59 @@ pub fn usage_report(
     }
     report.rows = rows.into_values().collect();
     report
+}
+
+fn lifecycle_row(v: &serde_json::Value) -> LifecycleRow {
+    let s = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
+    let n = |f: &str| v[f].as_u64();
+    let change = |what: &str, old: Option<u64>, new: Option<u64>| match (old, new) {
+        (Some(o), Some(n)) => format!("{what} {o} -> {n}"),
+        (None, Some(n)) => format!("{what} -> {n}"),
+        _ => String::new(),
+    };
+    let detail = match s("event").as_str() {
+        "rotated" => change(
+            "primary",
+            n("old_primary_version"),
+            n("new_primary_version"),
+        ),
+        "deletion_scheduled" => format!(
+            "destroyed at {}{}",
+            s("deletion_time"),
+            if v["forced"] == true {
+                " (--force)"
+            } else {
+                ""
+            }
+        ),
+        "min_decrypt_version_set" => change(
+            "min_decrypt_version",
+            n("old_min_decrypt_version"),
+            n("new_min_decrypt_version"),
+        ),
+        _ => String::new(),
+    };
+    let a = &v["actor"];
+    let actor = format!(
+        "{} (uid {}{})",
+        a["kind"].as_str().unwrap_or("?"),
+        a["uid"]
+            .as_u64()
+            .map(|u| u.to_string())
+            .unwrap_or("?".into()),
+        a["user"]
+            .as_str()
+            .map(|u| format!(", {u}"))
+            .unwrap_or_default()
+    );
+    LifecycleRow {
+        time: s("time"),
+        key: s("key"),
+        event: s("event"),
+        detail,
+        actor,
+        trigger: s("trigger"),
+    }
 }
 
 #[cfg(test)]

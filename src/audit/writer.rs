@@ -1,6 +1,14 @@
 //! The audit writer thread: serializes records by hand (fixed field order, RFC 8259 escaping),
 //! chains them (hash or MAC), writes them in batches, rotates files, keeps the checkpoint, and
 //! picks the chain up again from the last line after a restart.
+//!
+//! A file log may have more than one writer: several servers sharing one audit file, and
+//! `keybroker keys …` recording a lifecycle change into the log a running server writes
+//! ([`LifecycleLog`]). Each batch is therefore chained and appended under an exclusive lock on
+//! `.<log>.lock`, after checking that the file is still the one (and the length) this writer last
+//! left; if another writer appended or rotated meanwhile, the chain is picked up again from the
+//! file's last line first. Without that, two writers would each link to their own last record
+//! and the chain would break at the first interleaving.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -14,12 +22,13 @@ use tokio::sync::mpsc;
 
 use super::key::{AuditKey, close_with_mac, mac_matches, split_mac};
 use super::{
-    AuditConfig, AuditSink, CHECKPOINT_FORMAT, GENESIS, Record, field, hex, json_str,
-    read_checkpoint,
+    AuditConfig, AuditSink, CHECKPOINT_FORMAT, Entry, GENESIS, LifecycleRecord, Record, field, hex,
+    json_str, read_checkpoint,
 };
 use crate::facts::RequestId;
 
 /// Where the writer is in the chain.
+#[derive(Clone)]
 struct Chain {
     seq: u64,
     prev: String,
@@ -34,6 +43,13 @@ pub(super) struct Writer {
     chain: Chain,
     key: Option<Arc<AuditKey>>,
     checkpoint: Option<Checkpointer>,
+    /// `.<log>.lock`, held while a batch is chained and appended (regular-file logs only: a pipe
+    /// or a device has one writer and no chain to pick up).
+    lock: Option<File>,
+    /// Whether the log is a regular file other writers may append to (then `lock` is set).
+    shared: bool,
+    /// (device, inode) of the file `file` is, to notice a rotation by another writer.
+    file_id: Option<(u64, u64)>,
 }
 
 /// Keeps the checkpoint file: the latest (seq, link) rewritten atomically every interval while
@@ -64,10 +80,29 @@ impl Writer {
                 last: std::time::Instant::now(),
                 written_seq: 0,
             }),
+            lock: None,
+            shared: false,
+            file_id: None,
         };
         if let AuditSink::File(path) = &config.sink {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
+            }
+            let regular = match std::fs::metadata(path) {
+                Ok(m) => m.is_file(),
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            };
+            if regular {
+                match open_lock(path) {
+                    Ok(l) => {
+                        w.lock = Some(l);
+                        w.shared = true;
+                    }
+                    // Then this process is the log's only safe writer, as before locks.
+                    Err(e) => tracing::warn!(log = %path.display(), error = %e,
+                        "cannot open the audit log's lock file; other writers (keys commands, \
+                         other servers) must not append to this log"),
+                }
             }
             // Continue the chain of an existing log (the newest file, else the newest rotation).
             for candidate in [path.clone(), rotated(path, 1)] {
@@ -146,7 +181,12 @@ impl Writer {
                 .append(true)
                 .mode(0o600)
                 .open(path)?;
-            self.size = f.metadata()?.len();
+            let m = f.metadata()?;
+            self.size = m.len();
+            self.file_id = {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.dev(), m.ino()))
+            };
             self.file = Some(f);
         }
         Ok(())
@@ -206,72 +246,23 @@ impl Writer {
 
     /// Appends one record as a JSON line and advances the chain. Written by hand (fields in a
     /// fixed order, strings escaped per RFC 8259): this runs once per key use.
-    fn serialize(&mut self, r: &Record, out: &mut Vec<u8>) {
+    fn serialize(&mut self, entry: &Entry, out: &mut Vec<u8>) {
         use std::io::Write as _;
         self.chain.seq += 1;
-        let f = &r.facts;
         let start = out.len();
         let _ = write!(out, "{{\"seq\":{},\"prev\":\"", self.chain.seq);
         out.extend_from_slice(self.chain.prev.as_bytes());
         out.extend_from_slice(b"\",\"time\":\"");
-        crate::util::write_rfc3339(r.time, out);
-        out.extend_from_slice(b"\",\"request_id\":");
-        match &r.request_id {
-            RequestId::Client(id) => json_str(out, id),
-            generated => {
-                let _ = write!(out, "\"{generated}\"");
+        match entry {
+            Entry::Request(r) => {
+                crate::util::write_rfc3339(r.time, out);
+                out.push(b'"');
+                request_fields(r, out);
             }
-        }
-        field(out, "caller", Some(&r.caller));
-        field(out, "identified_by", Some(r.identified_by));
-        field(out, "operation", Some(r.operation.as_str()));
-        field(out, "key", f.key.as_deref());
-        field(out, "backend", f.backend.map(|b| b.as_str()));
-        field(out, "backend_key_id", f.backend_key_id.as_deref());
-        field(out, "key_version", f.key_version.as_deref());
-        if f.source_key.is_some() {
-            field(out, "source_key", f.source_key.as_deref());
-            field(out, "source_key_version", f.source_key_version.as_deref());
-        }
-        field(out, "result", Some(r.code));
-        field(out, "reason", r.reason);
-        field(out, "cache", f.cache.map(|c| c.as_str()));
-        if let Some(b) = f.batch {
-            let _ = write!(
-                out,
-                ",\"batch\":{{\"item\":{},\"items\":{}}}",
-                b.index, b.items
-            );
-        }
-        if let Some(n) = f.segments {
-            let _ = write!(out, ",\"segments\":{n}");
-        }
-        write_copies(out, f);
-        let _ = write!(
-            out,
-            ",\"bytes\":{},\"latency_us\":{}",
-            f.bytes, r.latency_us
-        );
-        let contexts = [
-            ("context", "context_digest", &r.context_digest, &r.context),
-            (
-                "destination_context",
-                "destination_context_digest",
-                &r.destination_context_digest,
-                &r.destination_context,
-            ),
-        ];
-        for (i, (name, digest_name, digest, values)) in contexts.into_iter().enumerate() {
-            // `context_digest` is always present (null if none); the destination's only on
-            // ReEncrypt.
-            if i == 0 || digest.is_some() {
-                field(out, digest_name, digest.as_ref().map(|d| hex(d)).as_deref());
-            }
-            if let Some(m) = values {
-                let _ = write!(out, ",\"{name}\":");
-                if serde_json::to_writer(&mut *out, m).is_err() {
-                    out.extend_from_slice(b"null");
-                }
+            Entry::Lifecycle(l) => {
+                crate::util::write_rfc3339(l.time, out);
+                out.push(b'"');
+                super::lifecycle::write_fields(l, out);
             }
         }
         match &self.key {
@@ -285,11 +276,87 @@ impl Writer {
         out.push(b'\n');
     }
 
+    /// Holds `.<log>.lock` (if this log has one) while `f` runs. A lock that cannot be taken is
+    /// logged and `f` runs anyway: the chain check at verify time still catches a collision.
+    fn locked<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let lock = self.lock.take();
+        let held = lock.as_ref().map(|l| match l.lock() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lock the audit log for appending");
+                false
+            }
+        });
+        let out = f(self);
+        if let (Some(l), Some(true)) = (&lock, held) {
+            let _ = l.unlock();
+        }
+        self.lock = lock;
+        out
+    }
+
+    /// Under the lock: if another writer appended to or rotated the log since this one last
+    /// wrote, continue the chain from the file's last line (and reopen the current file).
+    fn resync(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let AuditSink::File(path) = &self.sink else {
+            return Ok(());
+        };
+        if !self.shared {
+            return Ok(());
+        }
+        let on_disk = match std::fs::metadata(path) {
+            Ok(m) => Some((m.dev(), m.ino(), m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let ours = match (&self.file, self.file_id) {
+            (Some(_), Some((dev, ino))) => Some((dev, ino, self.size)),
+            _ => None,
+        };
+        if on_disk.is_some() && on_disk == ours {
+            return Ok(());
+        }
+        let path = path.clone();
+        for candidate in [path.clone(), rotated(&path, 1)] {
+            if let Some(chain) = last_link(&candidate, self.key.as_deref())? {
+                self.chain = chain;
+                break;
+            }
+        }
+        self.file = None;
+        self.reopen()
+    }
+
+    /// Chains and appends `entries` as one write, under the log's lock, continuing another
+    /// writer's chain first if there is one. On failure the chain is where it was (nothing of
+    /// the batch is left in the file), so the caller can simply try again.
+    fn append(&mut self, entries: &[Entry], buf: &mut Vec<u8>) -> io::Result<()> {
+        self.locked(|w| {
+            w.resync()?;
+            let saved = w.chain.clone();
+            buf.clear();
+            for e in entries {
+                w.serialize(e, buf);
+            }
+            match w.write(buf) {
+                Ok(()) => {
+                    w.checkpoint(false);
+                    Ok(())
+                }
+                Err(e) => {
+                    w.chain = saved;
+                    Err(e)
+                }
+            }
+        })
+    }
+
     /// The writer thread: serializes, chains and writes records in batches, off the request
     /// threads (a stuck disk or pipe blocks only this thread; requests are then refused with
     /// AUDIT_UNAVAILABLE once the queue is full, instead of hanging). A short linger after each
     /// wake-up gathers records into bigger writes.
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Record>, healthy: Arc<AtomicBool>) {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Entry>, healthy: Arc<AtomicBool>) {
         const LINGER: Duration = Duration::from_micros(500);
         let mut batch = Vec::with_capacity(1024);
         let mut buf = Vec::with_capacity(256 << 10);
@@ -301,19 +368,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            for r in batch.drain(..) {
-                self.serialize(&r, &mut buf);
-            }
-            // Keep the serialized lines until they are written; while the sink fails, requests
-            // are refused (Required mode) and this retries.
+            // Keep the records until they are written; while the sink fails, requests are
+            // refused (Required mode) and this retries.
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.write(&buf) {
+                match self.append(&batch, &mut buf) {
                     Ok(()) => {
                         if !healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!("audit log writable again");
                         }
-                        self.checkpoint(false);
                         break;
                     }
                     Err(e) => {
@@ -326,6 +389,7 @@ impl Writer {
                     }
                 }
             }
+            batch.clear();
             buf.clear();
         }
         if let Some(f) = &self.file {
@@ -333,6 +397,169 @@ impl Writer {
         }
         self.checkpoint(true);
         tracing::info!(last_seq = self.chain.seq, last_hash = %self.chain.prev, "audit log closed");
+    }
+}
+
+/// A request record's fields after `time` (docs/audit.md has the list).
+fn request_fields(r: &Record, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let f = &r.facts;
+    out.extend_from_slice(b",\"request_id\":");
+    match &r.request_id {
+        RequestId::Client(id) => json_str(out, id),
+        generated => {
+            let _ = write!(out, "\"{generated}\"");
+        }
+    }
+    field(out, "caller", Some(&r.caller));
+    field(out, "identified_by", Some(r.identified_by));
+    field(out, "operation", Some(r.operation.as_str()));
+    field(out, "key", f.key.as_deref());
+    field(out, "backend", f.backend.map(|b| b.as_str()));
+    field(out, "backend_key_id", f.backend_key_id.as_deref());
+    field(out, "key_version", f.key_version.as_deref());
+    if f.source_key.is_some() {
+        field(out, "source_key", f.source_key.as_deref());
+        field(out, "source_key_version", f.source_key_version.as_deref());
+    }
+    field(out, "result", Some(r.code));
+    field(out, "reason", r.reason);
+    field(out, "cache", f.cache.map(|c| c.as_str()));
+    if let Some(b) = f.batch {
+        let _ = write!(
+            out,
+            ",\"batch\":{{\"item\":{},\"items\":{}}}",
+            b.index, b.items
+        );
+    }
+    if let Some(n) = f.segments {
+        let _ = write!(out, ",\"segments\":{n}");
+    }
+    write_copies(out, f);
+    let _ = write!(
+        out,
+        ",\"bytes\":{},\"latency_us\":{}",
+        f.bytes, r.latency_us
+    );
+    let contexts = [
+        ("context", "context_digest", &r.context_digest, &r.context),
+        (
+            "destination_context",
+            "destination_context_digest",
+            &r.destination_context_digest,
+            &r.destination_context,
+        ),
+    ];
+    for (i, (name, digest_name, digest, values)) in contexts.into_iter().enumerate() {
+        // `context_digest` is always present (null if none); the destination's only on
+        // ReEncrypt.
+        if i == 0 || digest.is_some() {
+            field(out, digest_name, digest.as_ref().map(|d| hex(d)).as_deref());
+        }
+        if let Some(m) = values {
+            let _ = write!(out, ",\"{name}\":");
+            if serde_json::to_writer(&mut *out, m).is_err() {
+                out.extend_from_slice(b"null");
+            }
+        }
+    }
+}
+
+/// `.audit.jsonl.lock` beside `audit.jsonl`: hidden, so that `audit.jsonl.*` (how the rotated
+/// files are named, and globbed for `audit verify` and `audit report`) never matches it.
+pub fn lock_path(log: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(log.file_name().unwrap_or_default());
+    name.push(".lock");
+    log.with_file_name(name)
+}
+
+/// Opens (creating) the log's lock file, which every writer of one log file holds to append.
+fn open_lock(log: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(lock_path(log))
+}
+
+/// A lifecycle change's way into a log that a running server may be writing at the same time
+/// (`keybroker keys …`): appends under the log's lock after continuing the chain from the file,
+/// exactly as the server's writer does, so both writers' records form one chain that
+/// `audit verify` accepts. Opened before the change is made, so a log that cannot be written
+/// (or a key file that cannot be read) stops the command before it changes anything.
+pub struct LifecycleLog {
+    writer: Writer,
+}
+
+impl LifecycleLog {
+    /// The configured log, if it is a file (`None` when auditing is off or the sink is
+    /// stdout, which belongs to the server process).
+    pub fn open(config: &AuditConfig) -> io::Result<Option<Self>> {
+        if !config.enabled || !matches!(config.sink, AuditSink::File(_)) {
+            return Ok(None);
+        }
+        let key = match &config.key_file {
+            Some(path) => Some(Arc::new(AuditKey::load(path)?)),
+            None => None,
+        };
+        let writer = Writer::open(config, key)?;
+        if !writer.shared {
+            return Err(io::Error::other(
+                "the audit log is not a regular file: only the server can write it",
+            ));
+        }
+        Ok(Some(Self { writer }))
+    }
+
+    /// Appends the records (one write, synced to disk), waiting up to 10 s for the lock.
+    pub fn append(&mut self, records: Vec<LifecycleRecord>) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let w = &mut self.writer;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let lock = w
+            .lock
+            .take()
+            .ok_or_else(|| io::Error::other("audit log lock not open"))?;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    w.lock = Some(lock);
+                    return Err(io::Error::other(
+                        "the audit log stayed locked by another writer for 10 s",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    w.lock = Some(lock);
+                    return Err(e);
+                }
+            }
+        }
+        let entries: Vec<Entry> = records.into_iter().map(Entry::Lifecycle).collect();
+        let mut buf = Vec::with_capacity(1024);
+        let result = (|| {
+            w.resync()?;
+            for e in &entries {
+                w.serialize(e, &mut buf);
+            }
+            w.write(&buf)?;
+            if let Some(f) = &w.file {
+                f.sync_all()?;
+            }
+            w.checkpoint(true);
+            Ok(())
+        })();
+        let _ = lock.unlock();
+        w.lock = Some(lock);
+        result
     }
 }
 
@@ -449,5 +676,63 @@ fn write_copies(out: &mut Vec<u8>, f: &crate::facts::Facts) {
             );
         }
         out.push(b']');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Actor, LifecycleEvent, verify};
+
+    fn record(n: u32) -> LifecycleRecord {
+        let mut r = LifecycleRecord::new(
+            LifecycleEvent::Rotated,
+            "k",
+            Path::new("/keys/ring"),
+            "command",
+            Actor::cli(),
+        );
+        r.new_primary_version = Some(n);
+        r
+    }
+
+    /// Two writers on one file, taking turns, each rotating the file when it fills: every record
+    /// lands once and the files form one chain (each continued the other's, across rotations).
+    #[test]
+    fn two_writers_continue_each_others_chain_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let config = AuditConfig {
+            sink: AuditSink::File(path.clone()),
+            max_file_bytes: 4096,
+            max_files: 100,
+            ..AuditConfig::default()
+        };
+        let mut a = LifecycleLog::open(&config).unwrap().unwrap();
+        let mut b = LifecycleLog::open(&config).unwrap().unwrap();
+        for n in 0..60 {
+            let w = if n % 3 == 0 { &mut a } else { &mut b };
+            w.append(vec![record(n)]).unwrap();
+        }
+        let mut files: Vec<PathBuf> = (1..=100)
+            .rev()
+            .map(|n| rotated(&path, n))
+            .filter(|p| p.exists())
+            .collect();
+        assert!(files.len() >= 3, "{files:?}");
+        files.push(path.clone());
+        let report = verify(&files).unwrap_or_else(|b| panic!("{b:?}"));
+        assert_eq!(
+            (report.records, report.first_seq, report.last_seq),
+            (60, Some(1), Some(60))
+        );
+        assert!(lock_path(&path).exists());
+        assert!(
+            !lock_path(&path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("audit.jsonl.")
+        );
     }
 }

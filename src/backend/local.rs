@@ -32,6 +32,7 @@ use super::{
     KeyDescription, KeyHint, Lifecycle, Wrapped,
 };
 use crate::envelope::{FormatError, WrappedCopy};
+use crate::facts::{Actor, LifecycleEvent, LifecycleRecord};
 use crate::keyring::{Keyring, KeyringError};
 use crate::secret::{SecretKey, random_fill};
 use crate::settings::{Problems, Section, resolve};
@@ -100,11 +101,23 @@ pub fn key_config(
     })
 }
 
+/// Room for one lifecycle record, reserved before the change it records is made.
+pub type LifecycleSlot = Box<dyn FnOnce(LifecycleRecord) + Send>;
+
+/// Where a keyring's scheduler records the rotations and purges it makes: a server's audit log
+/// (which sits above the backends, so it is handed down as this).
+pub trait LifecycleSink: Send + Sync {
+    /// Room for `n` records, reserved before the changes are made; an error defers them.
+    fn reserve(&self, n: usize) -> Result<Vec<LifecycleSlot>, String>;
+}
+
 /// The keyrings open in one registry: one handle (and one watcher) per file, shared by every
 /// key that uses it.
 pub struct LocalRings {
     rings: HashMap<PathBuf, Arc<LocalKeyring>>,
     poll_interval: Duration,
+    /// Where the keyrings' schedulers record what they do (a server's audit log).
+    audit: Option<Arc<dyn LifecycleSink>>,
 }
 
 impl LocalRings {
@@ -112,7 +125,12 @@ impl LocalRings {
         Self {
             rings: HashMap::new(),
             poll_interval,
+            audit: None,
         }
+    }
+
+    pub fn set_audit(&mut self, audit: Arc<dyn LifecycleSink>) {
+        self.audit = Some(audit);
     }
 
     /// The backend for key `key_id` of `keyring`, creating both first with `create`.
@@ -135,6 +153,9 @@ impl LocalRings {
             None => {
                 let r = LocalKeyring::open(keyring, create.then_some(key_id))
                     .map_err(|e| e.to_string())?;
+                if let Some(a) = &self.audit {
+                    let _ = r.audit.set(Arc::clone(a));
+                }
                 r.watch(self.poll_interval);
                 self.rings.insert(keyring.to_owned(), Arc::clone(&r));
                 r
@@ -155,6 +176,8 @@ pub struct LocalKeyring {
     path: PathBuf,
     ring: ArcSwap<Keyring>,
     stamp: Mutex<Option<FileStamp>>,
+    /// The audit log the scheduler's rotations and purges are recorded in (a server's).
+    audit: std::sync::OnceLock<Arc<dyn LifecycleSink>>,
 }
 
 impl LocalKeyring {
@@ -190,6 +213,7 @@ impl LocalKeyring {
             path: path.to_owned(),
             ring: ArcSwap::from_pointee(ring),
             stamp: Mutex::new(before),
+            audit: std::sync::OnceLock::new(),
         }))
     }
 
@@ -266,20 +290,68 @@ impl LocalKeyring {
         if !rotate && !purge {
             return;
         }
+        // Required audit: no change without a place for its record. A full or failing audit
+        // log defers the change to a later poll, as it refuses a request.
+        let due = ring
+            .keys
+            .values()
+            .filter(|k| k.rotation_due(now) || k.delete_after.is_some_and(|a| a <= now))
+            .count();
+        let mut slots = match self.audit.get() {
+            Some(audit) => match audit.reserve(due) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(keyring = %self.path.display(), error = %e,
+                        "scheduled rotation or purge is due but the audit log cannot record it; deferred");
+                    return;
+                }
+            },
+            None => Vec::new(),
+        };
         let done = crate::keyring::edit_if(&self.path, false, |r| {
+            let before: HashMap<String, u32> =
+                r.keys.iter().map(|(n, k)| (n.clone(), k.primary)).collect();
             let rotated = r.rotate_due(None, now)?;
             let purged = r.purge_due(None, now)?;
-            Ok((!rotated.is_empty() || !purged.is_empty()).then_some((rotated, purged)))
+            Ok((!rotated.is_empty() || !purged.is_empty()).then_some((before, rotated, purged)))
         });
         match done {
-            Ok(Some((rotated, purged))) => {
+            Ok(Some((before, rotated, purged))) => {
+                let mut record = |rec: LifecycleRecord| {
+                    let slot = match (slots.pop(), self.audit.get()) {
+                        (Some(s), _) => Some(s),
+                        // More became due between the check and the lock: best effort.
+                        (None, Some(a)) => a.reserve(1).ok().and_then(|mut v| v.pop()),
+                        (None, None) => None,
+                    };
+                    if let Some(slot) = slot {
+                        slot(rec);
+                    }
+                };
                 for (key, version) in rotated {
                     tracing::info!(keyring = %self.path.display(), key, version,
                         event = "scheduled_rotation", "rotated key: its rotation period had passed");
+                    let mut rec = LifecycleRecord::new(
+                        LifecycleEvent::Rotated,
+                        &key,
+                        &self.path,
+                        "schedule",
+                        Actor::scheduler(),
+                    );
+                    rec.old_primary_version = before.get(&key).copied();
+                    rec.new_primary_version = Some(version);
+                    record(rec);
                 }
                 for key in purged {
                     tracing::warn!(keyring = %self.path.display(), key,
                         event = "purged", "destroyed key: its deletion window had ended");
+                    record(LifecycleRecord::new(
+                        LifecycleEvent::Purged,
+                        &key,
+                        &self.path,
+                        "schedule",
+                        Actor::scheduler(),
+                    ));
                 }
                 self.reload_if_changed();
             }

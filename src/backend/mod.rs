@@ -395,6 +395,13 @@ impl Factory {
         }
     }
 
+    /// Local keyrings opened by this factory record their scheduled rotations and purges in
+    /// `audit`.
+    pub fn with_audit(mut self, audit: std::sync::Arc<dyn local::LifecycleSink>) -> Self {
+        self.local.set_audit(audit);
+        self
+    }
+
     /// A backend for one key. Makes no network call: a provider outage at startup must not stop
     /// the sidecar (configuration errors, a missing keyring key, are reported here).
     pub async fn build(&mut self, config: &BackendConfig) -> Result<Arc<dyn KeyBackend>, String> {

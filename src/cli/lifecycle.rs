@@ -4,13 +4,21 @@
 //!
 //! Must never print key material (only names, versions and times), and never schedule a
 //! deletion the audit log argues against without `--force`.
+//!
+//! With `--config` naming a file audit log, every change here (rotate, schedule/cancel
+//! deletion, purge, set-min-decrypt-version) is recorded in it as a lifecycle record, appended
+//! under the log's lock so that it chains with what a running server writes. The log is opened
+//! before the change: a log (or audit key) that cannot be written stops the command first.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use clap::Subcommand;
 
-use crate::audit::{AuditKey, AuditSink, UsageReport, VerifyOptions, rotated, usage_report};
+use crate::audit::{
+    Actor, AuditKey, AuditSink, LifecycleEvent, LifecycleLog, LifecycleRecord, UsageReport,
+    VerifyOptions, rotated, usage_report,
+};
 use crate::command::CliResult;
 use crate::config::Config;
 use crate::keyring::{self, Keyring, RingKey};
@@ -54,6 +62,56 @@ fn period_of(s: &str) -> Result<Option<std::time::Duration>, String> {
     }
 }
 
+/// Where this command records its changes: the configuration's audit log, if it is a file.
+struct Trail {
+    log: Option<LifecycleLog>,
+    keyring: PathBuf,
+}
+
+impl Trail {
+    fn open(keyring: &Path, config: Option<&Config>) -> Result<Self, String> {
+        let log = match config {
+            Some(c) if c.audit.enabled => match &c.audit.sink {
+                AuditSink::File(p) => Some(
+                    LifecycleLog::open(&c.audit)
+                        .map_err(|e| {
+                            format!(
+                                "cannot record this change in the audit log {}: {e} (nothing was changed)",
+                                p.display()
+                            )
+                        })?
+                        .ok_or("the audit log is not a file")?,
+                ),
+                AuditSink::Stdout => {
+                    eprintln!(
+                        "note: the configured audit log is the server's stdout; this change is \
+                         not recorded in it (configure [audit] path to record lifecycle changes)"
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        Ok(Self {
+            log,
+            keyring: keyring.to_owned(),
+        })
+    }
+
+    fn record(&self, event: LifecycleEvent, key: &str, trigger: &'static str) -> LifecycleRecord {
+        LifecycleRecord::new(event, key, &self.keyring, trigger, Actor::cli())
+    }
+
+    fn append(&mut self, records: Vec<LifecycleRecord>) -> CliResult {
+        if let Some(log) = &mut self.log {
+            log.append(records).map_err(|e| {
+                format!("the change was made, but its audit record could not be written: {e}")
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// `keys create --rotation-period`.
 pub fn create(path: &Path, name: &str, rotation: Option<&str>) -> CliResult {
     let period = rotation.map(period_of).transpose()?.flatten();
@@ -67,22 +125,36 @@ pub fn create(path: &Path, name: &str, rotation: Option<&str>) -> CliResult {
 
 /// `keys rotate [NAME] [--if-due]`: what a CronJob runs; with `--if-due` only keys whose
 /// period has passed rotate (decided under the lock: concurrent runs rotate once).
-pub fn rotate(path: &Path, name: Option<&str>, if_due: bool) -> CliResult {
+pub fn rotate(path: &Path, config: Option<&Config>, name: Option<&str>, if_due: bool) -> CliResult {
+    let mut trail = Trail::open(path, config)?;
     if !if_due {
         let name = name.ok_or("keys rotate: name the key (or pass --if-due)")?;
-        let v = keyring::edit(path, false, |r| r.rotate_key(name))?;
+        let (old, v) = keyring::edit(path, false, |r| {
+            let old = r.keys.get(name).map(|k| k.primary);
+            Ok((old, r.rotate_key(name)?))
+        })?;
         println!("rotated key {name:?}: version {v} is now primary");
-        return Ok(());
+        let mut rec = trail.record(LifecycleEvent::Rotated, name, "command");
+        rec.old_primary_version = old;
+        rec.new_primary_version = Some(v);
+        return trail.append(vec![rec]);
     }
     let now = SystemTime::now();
     let done = keyring::edit_if(path, false, |r| {
+        let before: std::collections::HashMap<String, u32> =
+            r.keys.iter().map(|(n, k)| (n.clone(), k.primary)).collect();
         let rotated = r.rotate_due(name, now)?;
-        Ok((!rotated.is_empty()).then_some(rotated))
+        Ok((!rotated.is_empty()).then_some((before, rotated)))
     })?;
     match done {
         None => println!("no key is due for rotation"),
-        Some(rotated) => {
+        Some((before, rotated)) => {
+            let mut records = Vec::new();
             for (key, v) in rotated {
+                let mut rec = trail.record(LifecycleEvent::Rotated, &key, "if_due");
+                rec.old_primary_version = before.get(&key).copied();
+                rec.new_primary_version = Some(v);
+                records.push(rec);
                 tracing::info!(
                     key,
                     version = v,
@@ -91,6 +163,7 @@ pub fn rotate(path: &Path, name: Option<&str>, if_due: bool) -> CliResult {
                 );
                 println!("rotated key {key:?}: version {v} is now primary (rotation was due)");
             }
+            trail.append(records)?;
         }
     }
     Ok(())
@@ -241,6 +314,21 @@ fn report_for(
 }
 
 pub fn run(path: &Path, config: Option<&Config>, cmd: LifecycleCmd) -> CliResult {
+    let records_changes = matches!(
+        cmd,
+        LifecycleCmd::SetMinDecryptVersion { .. }
+            | LifecycleCmd::ScheduleDeletion { .. }
+            | LifecycleCmd::CancelDeletion { .. }
+            | LifecycleCmd::Purge { .. }
+    );
+    let mut trail = if records_changes {
+        Trail::open(path, config)?
+    } else {
+        Trail {
+            log: None,
+            keyring: path.to_owned(),
+        }
+    };
     match cmd {
         LifecycleCmd::Describe { name } => describe(path, &name)?,
         LifecycleCmd::SetRotation { name, period } => {
@@ -252,13 +340,21 @@ pub fn run(path: &Path, config: Option<&Config>, cmd: LifecycleCmd) -> CliResult
             }
         }
         LifecycleCmd::SetMinDecryptVersion { name, version } => {
-            keyring::edit(path, false, |r| r.set_min_decrypt_version(&name, version))?;
+            let old = keyring::edit(path, false, |r| {
+                let old = r.keys.get(&name).map(|k| k.min_decrypt_version);
+                r.set_min_decrypt_version(&name, version)?;
+                Ok(old)
+            })?;
             tracing::info!(
                 key = name,
                 min_decrypt_version = version,
                 event = "retire_versions"
             );
             println!("key {name:?}: versions below {version} no longer decrypt");
+            let mut rec = trail.record(LifecycleEvent::MinDecryptVersionSet, &name, "command");
+            rec.old_min_decrypt_version = old;
+            rec.new_min_decrypt_version = Some(version);
+            trail.append(vec![rec])?;
         }
         LifecycleCmd::ScheduleDeletion {
             name,
@@ -324,11 +420,17 @@ pub fn run(path: &Path, config: Option<&Config>, cmd: LifecycleCmd) -> CliResult
                  (cancel with `keybroker keys cancel-deletion {name}`)",
                 rfc3339(at)
             );
+            let mut rec = trail.record(LifecycleEvent::DeletionScheduled, &name, "command");
+            rec.deletion_time = Some(at);
+            rec.forced = force;
+            trail.append(vec![rec])?;
         }
         LifecycleCmd::CancelDeletion { name } => {
             keyring::edit(path, false, |r| r.cancel_deletion(&name))?;
             tracing::info!(key = name, event = "cancel_deletion");
             println!("deletion of key {name:?} cancelled; it works as before");
+            let rec = trail.record(LifecycleEvent::DeletionCancelled, &name, "command");
+            trail.append(vec![rec])?;
         }
         LifecycleCmd::Purge { name } => {
             let now = SystemTime::now();
@@ -339,10 +441,13 @@ pub fn run(path: &Path, config: Option<&Config>, cmd: LifecycleCmd) -> CliResult
             match purged {
                 None => println!("no key's deletion window has ended"),
                 Some(p) => {
+                    let mut records = Vec::new();
                     for k in p {
                         tracing::warn!(key = k, event = "purged", "destroyed key");
                         println!("destroyed key {k:?}: its data can no longer be decrypted");
+                        records.push(trail.record(LifecycleEvent::Purged, &k, "command"));
                     }
+                    trail.append(records)?;
                 }
             }
         }
@@ -403,6 +508,28 @@ pub fn audit_report(
                 r.first_use,
                 r.last_use
             );
+        }
+        if !report.lifecycle.is_empty() {
+            println!();
+            println!(
+                "lifecycle events ({}; not uses of the key):",
+                report.lifecycle.len()
+            );
+            println!(
+                "{:<27} {:<24} {:<24} {:<40} ACTOR",
+                "TIME", "KEY", "EVENT", "DETAIL"
+            );
+            for e in &report.lifecycle {
+                println!(
+                    "{:<27} {:<24} {:<24} {:<40} {} [{}]",
+                    e.time,
+                    e.key,
+                    e.event.replace('_', " "),
+                    e.detail,
+                    e.actor,
+                    e.trigger
+                );
+            }
         }
     }
     Ok(report.verified)

@@ -127,7 +127,8 @@ pub struct KeysArgs {
     /// Keyring file (default: the configuration's [local] keyring, else .keybroker/keyring).
     #[arg(long)]
     pub keyring: Option<PathBuf>,
-    /// Take the keyring path from this configuration file.
+    /// Take the keyring path from this configuration file; lifecycle changes are then recorded
+    /// in its [audit] log (if that is a file).
     #[arg(long, env = config::ENV_CONFIG)]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
@@ -501,7 +502,9 @@ fn keys(args: KeysArgs) -> CliResult {
             name,
             rotation_period,
         } => lifecycle::create(&path, &name, rotation_period.as_deref())?,
-        KeysCmd::Rotate { name, if_due } => lifecycle::rotate(&path, name.as_deref(), if_due)?,
+        KeysCmd::Rotate { name, if_due } => {
+            lifecycle::rotate(&path, config.as_ref(), name.as_deref(), if_due)?
+        }
         KeysCmd::Lifecycle(cmd) => lifecycle::run(&path, config.as_ref(), cmd)?,
         KeysCmd::Disable { name } => {
             keyring::edit(&path, false, |r| r.set_enabled(&name, false))?;

@@ -181,6 +181,7 @@ pub async fn start_with(config: &Config, options: StartOptions) -> Result<Runnin
         identifier: Arc::clone(&identifier),
         metrics: Arc::clone(&core.metrics),
         stats: Arc::clone(&core.stats),
+        audit: Arc::clone(&core.audit),
         layer: options.backend_layer.clone(),
         lock: tokio::sync::Mutex::new(()),
     });
@@ -274,8 +275,14 @@ impl Core {
         // aws-lc's first random draw takes tens of milliseconds: pay it before reporting SERVING.
         let _ = crate::secret::SecretKey::generate(32);
         let stats = Arc::new(StatsBook::default());
+        // The auditor first: the keyrings' schedulers record their rotations in it.
+        let (audit, audit_writer) =
+            Auditor::start(&config.audit).map_err(|source| StartError::Audit {
+                sink: config.audit.sink.clone(),
+                source,
+            })?;
         let registry = config
-            .build_registry(&stats, options.backend_layer.as_ref(), None)
+            .build_registry_audited(&stats, options.backend_layer.as_ref(), None, &audit)
             .await?;
         registry.spawn_lifecycle_refresh();
         registry.spawn_canaries();
@@ -284,11 +291,6 @@ impl Core {
             config.cache.capacity,
             config.server.max_request_bytes,
         ));
-        let (audit, audit_writer) =
-            Auditor::start(&config.audit).map_err(|source| StartError::Audit {
-                sink: config.audit.sink.clone(),
-                source,
-            })?;
         let metrics = Arc::new(Metrics::new(
             config.metrics.enabled,
             config.known_callers(),
