@@ -75,7 +75,7 @@ fuzz_target!(
         let vectors = vectors();
         bounded(input.len(), || {
             // The header, as DecryptStream sees it arrive.
-            let mut have = 0;
+            let mut have = 0usize;
             let header_len = loop {
                 have = have.saturating_add(chunk).min(data.len());
                 match stream::parse_header(&data[..have]) {
