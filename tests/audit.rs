@@ -14,7 +14,7 @@ use serde_json::Value;
 use tonic::Code;
 
 use crate::policy::client_as;
-use crate::support::{TestServer, keybroker_bin, reason};
+use crate::support::{TestServer, keybroker_bin, reason, success_and_output};
 
 fn records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -52,19 +52,13 @@ fn verify_args(extra: &[&Path], files: &[PathBuf]) -> (bool, String) {
         flags.push(if i == 0 { "--key" } else { "--checkpoint" }.to_owned());
         flags.push(p.display().to_string());
     }
-    let out = Command::new(keybroker_bin())
-        .args(["audit", "verify"])
-        .args(&flags)
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    success_and_output(
+        Command::new(keybroker_bin())
+            .args(["audit", "verify"])
+            .args(&flags)
+            .args(files)
+            .output()
+            .unwrap(),
     )
 }
 

@@ -13,7 +13,7 @@ use keybroker::keyring::{self, Keyring};
 use keybroker::proto::{DecryptRequest, EncryptRequest, ListKeysRequest, ReEncryptRequest};
 use tonic::transport::Channel;
 
-use crate::support::{TestServer, keybroker_bin, local_config, reason};
+use crate::support::{TestServer, keybroker_bin, local_config, reason, success_and_output};
 
 type Client = KeyBrokerClient<Channel>;
 
@@ -42,19 +42,13 @@ async fn decrypt(c: &mut Client, ct: &[u8]) -> Result<(Vec<u8>, String), tonic::
 
 /// `keybroker keys --keyring RING ARGS...`: (success, stdout + stderr).
 fn keys(ring: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(keybroker_bin())
-        .args(["keys", "--keyring"])
-        .arg(ring)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    success_and_output(
+        Command::new(keybroker_bin())
+            .args(["keys", "--keyring"])
+            .arg(ring)
+            .args(args)
+            .output()
+            .unwrap(),
     )
 }
 
@@ -647,14 +641,7 @@ async fn aws_rotation_state_is_read_from_kms() {
     ))
     .await;
     let mut c = s.client().await;
-    let mut keys = Vec::new();
-    eventually("ListKeys shows the AWS rotation state", 20, async || {
-        keys = c
-            .list_keys(ListKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys;
+    let keys = list_until(&mut c, "ListKeys shows the AWS rotation state", |keys| {
         keys.iter().all(|k| k.rotation_source == "aws")
     })
     .await;
@@ -740,16 +727,19 @@ async fn list_until(
 ) -> Vec<keybroker::proto::KeyInfo> {
     let mut keys = Vec::new();
     eventually(what, 20, async || {
-        keys = c
-            .list_keys(ListKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys;
+        keys = list_keys(c).await;
         done(&keys)
     })
     .await;
     keys
+}
+
+async fn list_keys(c: &mut Client) -> Vec<keybroker::proto::KeyInfo> {
+    c.list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
 }
 
 /// Encrypt and Decrypt through key `key` still work (the key serves whatever its lifecycle).
@@ -855,12 +845,7 @@ async fn gcp_refused_rotation_state_leaves_the_key_serving() {
     .await;
     let mut c = s.client().await;
     serves(&mut c, "x").await;
-    let keys = c
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_keys(&mut c).await;
     let x = keys.iter().find(|k| k.name == "x").unwrap();
     assert_eq!(
         (x.rotation_source.as_str(), x.rotation_period.as_str()),
@@ -938,12 +923,7 @@ async fn azure_rotation_state_is_read_from_key_vault() {
     })
     .await;
     serves(&mut c, "refused").await;
-    let keys = c
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_keys(&mut c).await;
     let x = keys.iter().find(|k| k.name == "refused").unwrap();
     assert_eq!(
         (x.rotation_source.as_str(), x.rotation_period.as_str()),
@@ -1000,18 +980,12 @@ fn lifecycle_records(log: &Path) -> Vec<serde_json::Value> {
 
 /// `keybroker audit verify FILES…`: (success, output).
 fn audit_verify(files: &[&Path]) -> (bool, String) {
-    let out = Command::new(keybroker_bin())
-        .args(["audit", "verify"])
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    success_and_output(
+        Command::new(keybroker_bin())
+            .args(["audit", "verify"])
+            .args(files)
+            .output()
+            .unwrap(),
     )
 }
 

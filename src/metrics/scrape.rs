@@ -29,6 +29,9 @@ impl prometheus_client::collector::Collector for Scrape {
     }
 }
 
+/// A per-listener gauge: its name, its help, and how to read it from a listener's figures.
+type ListenerGauge = (&'static str, &'static str, fn(&ListenerFigures) -> u64);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
@@ -657,29 +660,26 @@ impl Scrape {
                 .encode_counter::<ListenerLimitLabels, _, u64>(&n, None)?;
             }
         }
-        let mut m = enc.encode_descriptor(
-            "keybroker_requests_in_flight",
-            "gRPC requests holding one of the listener's max_requests_in_flight slots now.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for l in listeners {
-            m.encode_family(&ListenerLabels {
-                listener: l.listener.clone(),
-            })?
-            .encode_gauge(&l.requests_in_flight)?;
-        }
-        let mut m = enc.encode_descriptor(
-            "keybroker_max_requests_in_flight",
-            "The listener's max_requests_in_flight: beyond it requests are refused, not queued.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for l in listeners {
-            m.encode_family(&ListenerLabels {
-                listener: l.listener.clone(),
-            })?
-            .encode_gauge(&l.max_requests_in_flight)?;
+        let gauges: [ListenerGauge; 2] = [
+            (
+                "keybroker_requests_in_flight",
+                "gRPC requests holding one of the listener's max_requests_in_flight slots now.",
+                |l| l.requests_in_flight,
+            ),
+            (
+                "keybroker_max_requests_in_flight",
+                "The listener's max_requests_in_flight: beyond it requests are refused, not queued.",
+                |l| l.max_requests_in_flight,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for l in listeners {
+                m.encode_family(&ListenerLabels {
+                    listener: l.listener.clone(),
+                })?
+                .encode_gauge(&value(l))?;
+            }
         }
         Ok(())
     }

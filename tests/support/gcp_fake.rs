@@ -292,6 +292,11 @@ impl GcpKmsFake {
 
     /// Back-dates (or forward-dates) a version's `create_time`.
     pub fn set_created(&self, version: &str, at: SystemTime) {
+        self.with_version(version, |v| v.create_time = timestamp(at));
+    }
+
+    /// Runs `f` on the version named `version` (a full `…/cryptoKeyVersions/N` name).
+    fn with_version(&self, version: &str, f: impl FnOnce(&mut Version)) {
         let (key, id) = parse_version_name(version).expect("not a version name");
         let mut g = self.shared.lock();
         let v = g
@@ -299,7 +304,7 @@ impl GcpKmsFake {
             .get_mut(&key)
             .and_then(|k| k.versions.get_mut(&id))
             .expect("no such version");
-        v.create_time = timestamp(at);
+        f(v);
     }
 
     pub fn primary(&self, key: &str) -> Option<String> {
@@ -308,17 +313,12 @@ impl GcpKmsFake {
     }
 
     pub fn set_state(&self, version: &str, state: State) {
-        let (key, id) = parse_version_name(version).expect("not a version name");
-        let mut g = self.shared.lock();
-        let v = g
-            .keys
-            .get_mut(&key)
-            .and_then(|k| k.versions.get_mut(&id))
-            .expect("no such version");
-        v.state = state;
-        if state == State::Destroyed {
-            v.material = None;
-        }
+        self.with_version(version, |v| {
+            v.state = state;
+            if state == State::Destroyed {
+                v.material = None;
+            }
+        });
     }
 
     pub fn disable(&self, version: &str) {

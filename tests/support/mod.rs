@@ -144,6 +144,18 @@ pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// The `keybroker` binary built for these tests.
+/// A finished command's success and everything it printed (stdout, then stderr).
+pub fn success_and_output(out: std::process::Output) -> (bool, String) {
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 pub fn keybroker_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_keybroker"))
 }
