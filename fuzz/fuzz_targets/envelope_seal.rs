@@ -7,8 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use keybroker::backend::BackendKind;
-use keybroker::envelope::{self, Kind, WrappedCopy};
+use keybroker::envelope::{self, Kind};
 use keybroker::secret::SecretKey;
 use keybroker_fuzz::bounded;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -66,21 +65,8 @@ fuzz_target!(|input: Input<'_>| {
             Kind::DerivedDataKey => &derived[..],
             _ => input.plaintext,
         };
-        let copies: Vec<WrappedCopy<'_>> = input
-            .copies
-            .iter()
-            .map(|&(b, key_id, key_version, wrapped)| WrappedCopy {
-                backend: BackendKind::ALL[b as usize % BackendKind::ALL.len()],
-                key_id,
-                key_version,
-                wrapped,
-            })
-            .collect();
-        let context: BTreeMap<String, String> = input
-            .context
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let copies = keybroker_fuzz::copies(&input.copies);
+        let context = keybroker_fuzz::context(&input.context);
         let Ok(sealed) = envelope::seal_with_salt(
             version,
             kind,

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use keybroker::backend::BackendKind;
 use keybroker::envelope::WrappedCopy;
 use keybroker::envelope::stream::{self, SEALED_SEGMENT_LEN, SEGMENT_LEN};
 use keybroker::secret::SecretKey;
@@ -157,21 +156,8 @@ fuzz_target!(|input: Input<'_>| {
         let payload: Vec<u8> = (0..payload_len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(input.pattern))
             .collect();
-        let copies: Vec<WrappedCopy<'_>> = input
-            .copies
-            .iter()
-            .map(|&(b, key_id, key_version, wrapped)| WrappedCopy {
-                backend: BackendKind::ALL[b as usize % BackendKind::ALL.len()],
-                key_id,
-                key_version,
-                wrapped,
-            })
-            .collect();
-        let context: BTreeMap<String, String> = input
-            .context
-            .iter()
-            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let copies = keybroker_fuzz::copies(&input.copies);
+        let context = keybroker_fuzz::context(&input.context);
         let Some((sealed, header_len)) = seal(&input, &copies, &context, &payload) else {
             return;
         };

@@ -213,6 +213,33 @@ fn report(len: usize, growth: usize) {
 }
 
 /// Lowercase hex decoding for embedded test data (panics on bad hex: the data is ours).
+/// The wrapped copies a structured target asked for (`(backend, key id, version, wrapped)`,
+/// the backend picked modulo the known ones).
+pub fn copies<'a>(
+    fields: &[(u8, &'a str, &'a str, &'a [u8])],
+) -> Vec<keybroker::envelope::WrappedCopy<'a>> {
+    use keybroker::backend::BackendKind;
+    fields
+        .iter()
+        .map(
+            |&(b, key_id, key_version, wrapped)| keybroker::envelope::WrappedCopy {
+                backend: BackendKind::ALL[b as usize % BackendKind::ALL.len()],
+                key_id,
+                key_version,
+                wrapped,
+            },
+        )
+        .collect()
+}
+
+/// The encryption context a structured target asked for (later duplicates win).
+pub fn context(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 pub fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
