@@ -227,6 +227,8 @@ fn snapshot(broker: &Broker, audit: &Auditor, listeners: Vec<ListenerFigures>) -
         cache_entries: broker.cache().entry_counts_now(),
         audit_dropped: audit.dropped(),
         audit_healthy: audit.healthy(),
+        audit_refused: audit.refused(),
+        audit_queue: audit.queue_depth(),
         listeners,
     }
 }

@@ -317,6 +317,50 @@ async fn the_chain_continues_across_rotation_and_restart() {
     assert!(!ok && out.contains("deleted"), "{out}");
 }
 
+/// Past `max_files` the oldest file goes (its blocks are freed off the writer thread, which
+/// holds it open until then): exactly the newest files are left, each whole, and they verify
+/// as a chain whose start was rotated away, ending at the last request.
+#[tokio::test]
+async fn rotation_keeps_max_files_and_drops_the_oldest() {
+    let audit = "[audit]\npath = \"audit.jsonl\"\nmax_file_size = \"4KiB\"\nmax_files = 2\n";
+    let dir = tempfile::tempdir().unwrap();
+    let text = crate::policy::config(dir.path()) + audit;
+    let mut s = TestServer::start_in(dir, &text).await;
+    let mut billing = client_as(&s.addr, Some("tok-billing")).await;
+    for i in 0..60u8 {
+        billing
+            .encrypt(EncryptRequest {
+                key: "payments".into(),
+                plaintext: vec![i].into(),
+                context: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+    }
+    s.running.take().unwrap().shutdown().await;
+    let dir = s.dir.path().to_owned();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("audit.jsonl"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]);
+    let files: Vec<PathBuf> = ["audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+    let (ok, out) = verify(&files);
+    assert!(ok, "{out}");
+    let kept: Vec<Value> = files.iter().flat_map(|f| records(f)).collect();
+    assert!(kept[0]["seq"].as_u64().unwrap() > 1, "nothing was dropped");
+    assert_eq!(kept.last().unwrap()["seq"], 60);
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len > 0 && len <= 4096, "{}: {len} bytes", f.display());
+    }
+}
+
 /// The writer is stuck (a pipe nobody reads): once the queue is full, requests fail with
 /// AUDIT_UNAVAILABLE instead of going unaudited, and recover when the writer can write again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,7 +411,11 @@ async fn a_blocked_writer_refuses_key_use() {
         (e.code(), reason(&e).as_str()),
         (Code::Unavailable, "AUDIT_UNAVAILABLE")
     );
-    // Metrics still answer and show the writer is stuck behind a full queue.
+    // The queue's figures (what /metrics shows) say why: all 4 slots taken, the most ever, and
+    // this refusal counted.
+    let auditor = &s.running.as_ref().unwrap().audit;
+    assert_eq!(auditor.queue_depth(), (4, 4, 4));
+    assert!(auditor.refused() >= 1, "refusals {}", auditor.refused());
     tx.send(()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

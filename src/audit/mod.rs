@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest;
@@ -224,6 +224,10 @@ pub struct Auditor {
     block_timeout: Duration,
     include_context_values: bool,
     dropped: AtomicU64,
+    /// Requests and lifecycle changes refused `AUDIT_UNAVAILABLE` (Required mode).
+    refused: AtomicU64,
+    /// The most records queued at once since start: how close the writer came to refusing.
+    peak: AtomicUsize,
     /// Set when the log is keyed: context digests are then HMACs.
     key: Option<Arc<AuditKey>>,
     /// The digest of the empty context (most requests carry none), computed once.
@@ -309,6 +313,8 @@ impl Auditor {
             block_timeout: config.block_timeout,
             include_context_values: config.include_context_values,
             dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
             key: key.clone(),
             empty_context_digest: match &key {
                 Some(k) => k.context_mac(&[0, 0]),
@@ -355,14 +361,20 @@ impl Auditor {
 
     /// Reserves a record slot before a key is used.
     pub async fn reserve(&self) -> Result<Slot, Error> {
+        let slot = self.reserve_now().await;
+        self.count_refusal(&slot);
+        slot
+    }
+
+    async fn reserve_now(&self) -> Result<Slot, Error> {
         if !self.enabled {
             return Ok(Slot(None));
         }
-        let Some(tx) = self.tx.load_full() else {
+        let Some(queue) = self.tx.load_full() else {
             return Err(Error::AuditUnavailable);
         };
-        let tx = (*tx).clone();
-        match self.mode {
+        let tx = (*queue).clone();
+        let slot = match self.mode {
             AuditMode::Required => {
                 if !self.healthy.load(Ordering::Relaxed) {
                     return Err(Error::AuditUnavailable);
@@ -373,22 +385,59 @@ impl Auditor {
                         return Err(Error::AuditUnavailable);
                     }
                     Err(mpsc::error::TrySendError::Full(tx)) => {
+                        self.note_depth(&queue);
                         match tokio::time::timeout(self.block_timeout, tx.reserve_owned()).await {
                             Ok(Ok(p)) => p,
                             _ => return Err(Error::AuditUnavailable),
                         }
                     }
                 };
-                Ok(Slot(Some(permit)))
+                Slot(Some(permit))
             }
             AuditMode::BestEffort => match tx.try_reserve_owned() {
-                Ok(p) => Ok(Slot(Some(p))),
+                Ok(p) => Slot(Some(p)),
                 Err(_) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
-                    Ok(Slot(None))
+                    Slot(None)
                 }
             },
+        };
+        self.note_depth(&queue);
+        Ok(slot)
+    }
+
+    /// Keeps the high-water mark. A relaxed read first: the shared line is written only when
+    /// the queue is deeper than ever before, so the request path stays a load.
+    fn note_depth(&self, tx: &mpsc::Sender<Entry>) {
+        let queued = tx.max_capacity() - tx.capacity();
+        if queued > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(queued, Ordering::Relaxed);
         }
+    }
+
+    fn count_refusal(&self, slot: &Result<Slot, Error>) {
+        if slot.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records queued now (reserved or waiting for the writer), the most ever queued at once,
+    /// and the queue's size (all 0 when auditing is off).
+    pub fn queue_depth(&self) -> (u64, u64, u64) {
+        let Some(tx) = self.tx.load_full() else {
+            return (0, self.peak.load(Ordering::Relaxed) as u64, 0);
+        };
+        let max = tx.max_capacity();
+        (
+            (max - tx.capacity()) as u64,
+            self.peak.load(Ordering::Relaxed) as u64,
+            max as u64,
+        )
+    }
+
+    /// Requests (and lifecycle changes) refused because their record could not be queued.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// [`Auditor::reserve`] for a thread that is not async (the keyring scheduler runs on a
@@ -396,6 +445,12 @@ impl Auditor {
     /// lifecycle change that cannot get a slot in Required mode is not made (it is retried at
     /// the next poll), as a request is refused.
     pub fn reserve_blocking(&self) -> Result<Slot, Error> {
+        let slot = self.reserve_blocking_now();
+        self.count_refusal(&slot);
+        slot
+    }
+
+    fn reserve_blocking_now(&self) -> Result<Slot, Error> {
         if !self.enabled {
             return Ok(Slot(None));
         }
@@ -408,7 +463,10 @@ impl Auditor {
                 return Err(Error::AuditUnavailable);
             }
             match (*tx).clone().try_reserve_owned() {
-                Ok(p) => return Ok(Slot(Some(p))),
+                Ok(p) => {
+                    self.note_depth(&tx);
+                    return Ok(Slot(Some(p)));
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::AuditUnavailable),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if self.mode == AuditMode::BestEffort {

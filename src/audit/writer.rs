@@ -50,6 +50,19 @@ pub(super) struct Writer {
     shared: bool,
     /// (device, inode) of the file `file` is, to notice a rotation by another writer.
     file_id: Option<(u64, u64)>,
+    /// The fsync of the file rotated away last, on its own thread (see [`Writer::rotate`]).
+    syncing: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A batch write this slow is logged: at 10,000 requests/s it queues 1,000 records.
+const SLOW_WRITE: Duration = Duration::from_millis(100);
+
+/// A writer that goes away (the server's at close, a `keys` command's at exit) first lets the
+/// last rotated file's fsync finish, so that file is as durable as the one it closes.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.finish_sync();
+    }
 }
 
 /// Keeps the checkpoint file: the latest (seq, link) rewritten atomically every interval while
@@ -83,6 +96,7 @@ impl Writer {
             lock: None,
             shared: false,
             file_id: None,
+            syncing: None,
         };
         if let AuditSink::File(path) = &config.sink {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -192,26 +206,86 @@ impl Writer {
         Ok(())
     }
 
+    /// Renames the full file away and opens a new one. The slow parts run on a thread of their
+    /// own: the full file's fsync (up to `max_file_bytes` of dirty pages, seconds on a busy
+    /// disk) and freeing the oldest file's blocks (an unlink of 100 MiB that is on disk takes
+    /// tens of milliseconds, more while that fsync holds the journal). On the writer thread
+    /// they held every request behind a full queue, and some were refused after
+    /// `block_timeout`. The oldest file is opened before it is unlinked, so its blocks are
+    /// freed when that thread closes it. One such thread at a time: a rotation first waits for
+    /// the previous one (a whole file of writes ago), so a disk slower than the log slows the
+    /// writer rather than piling up threads.
     fn rotate(&mut self) -> io::Result<()> {
-        let AuditSink::File(path) = &self.sink else {
+        let AuditSink::File(path) = self.sink.clone() else {
             return Ok(());
         };
-        if let Some(f) = self.file.take() {
-            f.sync_all()?;
-        }
-        if self.max_files == 0 {
-            std::fs::remove_file(path)?;
+        let path = path.as_path();
+        let started = std::time::Instant::now();
+        self.finish_sync();
+        let oldest = rotated(path, self.max_files);
+        let doomed = if self.max_files == 0 {
+            None
         } else {
-            let _ = std::fs::remove_file(rotated(path, self.max_files));
+            let doomed = File::open(&oldest).ok();
+            match std::fs::remove_file(&oldest) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             for i in (1..self.max_files).rev() {
                 let from = rotated(path, i);
                 if from.exists() {
                     std::fs::rename(&from, rotated(path, i + 1))?;
                 }
             }
+            doomed
+        };
+        // The full file is still open (and still `path`): fsync it and free the oldest one
+        // off this thread, after it is renamed away and the new file is open.
+        let full = self.file.take().filter(|_| self.max_files > 0);
+        if self.max_files == 0 {
+            std::fs::remove_file(path)?;
+        } else {
             std::fs::rename(path, rotated(path, 1))?;
         }
-        self.reopen()
+        self.reopen()?;
+        let Some(full) = full else {
+            return Ok(());
+        };
+        let spawned = std::thread::Builder::new()
+            .name("keybroker-audit-sync".into())
+            .spawn(move || {
+                let synced = std::time::Instant::now();
+                match full.sync_all() {
+                    Ok(()) => tracing::info!(took_ms = synced.elapsed().as_millis() as u64,
+                        "rotated audit file synced"),
+                    Err(e) => tracing::error!(error = %e,
+                        "cannot fsync the rotated audit file; its last records may not survive a power loss"),
+                }
+                drop(doomed);
+            });
+        match spawned {
+            Ok(h) => self.syncing = Some(h),
+            // The files moved into the closure that did not run (and were closed with it):
+            // sync the rotated file here instead.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the audit sync thread; syncing inline");
+                if self.max_files > 0 {
+                    File::open(rotated(path, 1))?.sync_all()?;
+                }
+            }
+        }
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "audit log rotated"
+        );
+        Ok(())
+    }
+
+    /// Waits for the last rotated file's fsync, if one is running.
+    fn finish_sync(&mut self) {
+        if let Some(h) = self.syncing.take() {
+            let _ = h.join();
+        }
     }
 
     /// Appends serialized lines, rotating first if the file would pass its size limit.
@@ -372,8 +446,17 @@ impl Writer {
             // refused (Required mode) and this retries.
             let mut backoff = Duration::from_millis(100);
             loop {
+                let started = std::time::Instant::now();
                 match self.append(&batch, &mut buf) {
                     Ok(()) => {
+                        let took = started.elapsed();
+                        if took >= SLOW_WRITE {
+                            tracing::warn!(
+                                took_ms = took.as_millis() as u64,
+                                records = batch.len(),
+                                "slow audit write: requests waited for the log's disk"
+                            );
+                        }
                         if !healthy.swap(true, Ordering::Relaxed) {
                             tracing::info!("audit log writable again");
                         }
@@ -392,6 +475,7 @@ impl Writer {
             batch.clear();
             buf.clear();
         }
+        self.finish_sync();
         if let Some(f) = &self.file {
             let _ = f.sync_all();
         }

@@ -259,6 +259,10 @@ pub struct Snapshot {
     pub cache_entries: (u64, u64),
     pub audit_dropped: u64,
     pub audit_healthy: bool,
+    /// Requests refused because their audit record could not be queued (AUDIT_UNAVAILABLE).
+    pub audit_refused: u64,
+    /// Audit records queued now, the most queued at once since start, and the queue's size.
+    pub audit_queue: (u64, u64, u64),
     /// Every gRPC listener's admission figures (`[server.limits]`), in start order.
     pub listeners: Vec<ListenerFigures>,
 }

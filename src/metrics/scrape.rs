@@ -699,6 +699,34 @@ impl Scrape {
             MetricType::Gauge,
         )?;
         m.encode_gauge(&(self.snapshot.audit_healthy as u64))?;
+        let mut m = enc.encode_descriptor(
+            "keybroker_audit_refusals",
+            "Requests refused AUDIT_UNAVAILABLE: their audit record could not be queued (required mode).",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<OpLabels, _, u64>(&self.snapshot.audit_refused, None)?;
+        let (queued, peak, capacity) = self.snapshot.audit_queue;
+        for (name, help, value) in [
+            (
+                "keybroker_audit_queue_records",
+                "Audit records queued now (reserved by a request or waiting for the writer).",
+                queued,
+            ),
+            (
+                "keybroker_audit_queue_peak_records",
+                "The most audit records queued at once since start; at the capacity, requests waited for the writer.",
+                peak,
+            ),
+            (
+                "keybroker_audit_queue_capacity",
+                "The audit queue's size ([audit] queue).",
+                capacity,
+            ),
+        ] {
+            enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value)?;
+        }
         Ok(())
     }
 }

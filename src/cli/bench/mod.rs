@@ -419,7 +419,7 @@ impl Load {
         client: &mut KeyBrokerClient<Channel>,
         k: usize,
         payload: bytes::Bytes,
-    ) -> bool {
+    ) -> Result<(), Status> {
         match self.op {
             BenchOp::Encrypt => client
                 .encrypt(self.request(proto::EncryptRequest {
@@ -428,14 +428,14 @@ impl Load {
                     context: BTreeMap::new(),
                 }))
                 .await
-                .is_ok(),
+                .map(drop),
             BenchOp::Decrypt => client
                 .decrypt(self.request(proto::DecryptRequest {
                     ciphertext: payload,
                     context: BTreeMap::new(),
                 }))
                 .await
-                .is_ok(),
+                .map(drop),
         }
     }
 
@@ -477,7 +477,7 @@ async fn measure(
                 let k = next % load.keys.len();
                 next = next.wrapping_add(concurrency);
                 let payload = load.payloads[k].clone();
-                let ok = load.call(&mut client, k, payload).await;
+                let ok = load.call(&mut client, k, payload).await.is_ok();
                 let t1 = Instant::now();
                 if ok {
                     completed += 1;
@@ -875,7 +875,7 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
     let per_chunk = (total / SOAK_CHUNKS).max(1);
     let plaintext = bytes::Bytes::from(vec![0x5a; args.payload.first().copied().unwrap_or(1024)]);
     let started = Instant::now();
-    let (sent, errors, rss, rotations, reloads) = rt.block_on(async {
+    let (sent, (failed, failed_chunks), rss, rotations, reloads) = rt.block_on(async {
         let cs = clients(&kb.addr, args.connections).await?;
         let mut c0 = cs[0].clone();
         let ct = c0
@@ -888,7 +888,9 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
             .into_inner()
             .ciphertext;
         let mut sent = 1u64;
-        let mut errors = 0u64;
+        let mut failed = Failures::default();
+        // (chunk, errors in it) for the chunks that had any: when, not only how many.
+        let mut failed_chunks = Vec::new();
         let mut rss = Vec::new();
         let (mut rotations, mut reloads) = (0, 0);
         for chunk in 0..SOAK_CHUNKS {
@@ -906,9 +908,12 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
                 }],
                 token: None,
             });
-            let (n, e) = fixed_count(&cs, &load, concurrency, per_chunk).await;
+            let (n, f) = fixed_count(&cs, &load, concurrency, per_chunk).await;
             sent += n;
-            errors += e;
+            if f.count > 0 {
+                failed_chunks.push((chunk, f.count));
+            }
+            failed.merge(f);
             rss.push(serve::usage(pid).rss_kib);
             if chunk % 10 == 9 {
                 crate::keyring::edit(&kb.dir.join(".keybroker/keyring"), false, |r| {
@@ -927,7 +932,13 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
                 reloads += 1;
             }
         }
-        Ok::<_, Box<dyn std::error::Error>>((sent, errors, rss, rotations, reloads))
+        Ok::<_, Box<dyn std::error::Error>>((
+            sent,
+            (failed, failed_chunks),
+            rss,
+            rotations,
+            reloads,
+        ))
     })?;
     let elapsed = started.elapsed();
     let scrape = kb
@@ -937,6 +948,12 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
         .transpose()?
         .unwrap_or_default();
     let counted = serve::counter_sum(&scrape, "keybroker_requests");
+    let audit_queue = [
+        "keybroker_audit_queue_peak_records",
+        "keybroker_audit_queue_capacity",
+    ]
+    .map(|name| serve::series_sum(&scrape, name));
+    let audit_refused = serve::counter_sum(&scrape, "keybroker_audit_refusals");
     // SIGTERM: the server drains and the audit writer writes everything before exiting.
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -954,6 +971,28 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
         .collect();
     files.push(log);
     let chain = crate::audit::verify(&files);
+    // What the server logged of its audit writer's slow steps (text format, `took_ms=N`).
+    let stderr = std::fs::read_to_string(kb.dir.join("stderr")).unwrap_or_default();
+    let took_ms = |message: &str| -> Vec<u64> {
+        let mut ms: Vec<u64> = stderr
+            .lines()
+            .filter(|l| l.contains(message))
+            .filter_map(|l| l.split("took_ms=").nth(1))
+            .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        ms.sort_unstable();
+        ms
+    };
+    let audit_steps = [
+        ("audit log rotated", "rotations (on the writer thread)"),
+        (
+            "rotated audit file synced",
+            "fsyncs of rotated files (off the writer thread)",
+        ),
+        ("slow audit write", "batch writes over 100 ms"),
+    ]
+    .map(|(message, what)| (what, took_ms(message)));
     let warm = rss[SOAK_CHUNKS as usize / 10];
     let last = *rss.last().unwrap_or(&0);
     let peak = rss.iter().copied().max().unwrap_or(0);
@@ -967,7 +1006,8 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     println!(
-        "| {sent} | {counted:.0} | {errors} | {:.0} | {:.0} | {rotations} | {reloads} | {:.1} / {:.1} / {:.1} | {:+.1} % | {} |",
+        "| {sent} | {counted:.0} | {} | {:.0} | {:.0} | {rotations} | {reloads} | {:.1} / {:.1} / {:.1} | {:+.1} % | {} |",
+        failed.count,
         elapsed.as_secs_f64(),
         sent as f64 / elapsed.as_secs_f64(),
         mib(warm),
@@ -992,6 +1032,21 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
             Err(e) => format!("BROKEN: {e:?}"),
         }
     );
+    println!();
+    println!(
+        "Audit queue: at most {:.0} of {:.0} records queued at once; {audit_refused:.0} requests refused AUDIT_UNAVAILABLE.",
+        audit_queue[0], audit_queue[1]
+    );
+    for (what, ms) in &audit_steps {
+        match (ms.first(), ms.last()) {
+            (Some(first), Some(last)) => println!(
+                "Audit {what}: {}, {first}–{last} ms (median {} ms).",
+                ms.len(),
+                ms[ms.len() / 2]
+            ),
+            _ => println!("Audit {what}: none logged."),
+        }
+    }
     let curve: Vec<String> = rss
         .iter()
         .step_by(10)
@@ -1003,23 +1058,70 @@ fn soak(args: &BenchArgs, total: u64) -> CliResult {
         "RSS MiB at 0 %, 10 %, … 100 % of the run: {}",
         curve.join(", ")
     );
+    if failed.count > 0 {
+        println!();
+        let at: Vec<String> = failed_chunks
+            .iter()
+            .map(|(chunk, n)| format!("{}: {n}", chunk + 1))
+            .collect();
+        println!("Errors by chunk (% of the run: count): {}", at.join(", "));
+        for (kind, n) in &failed.kinds {
+            println!("- {n} × {kind}");
+        }
+    }
     Ok(())
 }
 
-/// Sends exactly `count` requests with `concurrency` workers; (sent, errors).
+/// What went wrong in a run, by gRPC code and message: a soak's "no error" is only worth
+/// something if a failure says why.
+#[derive(Default)]
+struct Failures {
+    count: u64,
+    /// `CODE: message` (cut to 120 characters) → how many; at most 8 distinct, the rest counted
+    /// under "other", so a run of unique messages stays bounded.
+    kinds: BTreeMap<String, u64>,
+}
+
+impl Failures {
+    const KINDS: usize = 8;
+
+    fn add(&mut self, status: &Status) {
+        self.count += 1;
+        let mut kind = format!("{:?}: {}", status.code(), status.message());
+        if let Some((cut, _)) = kind.char_indices().nth(120) {
+            kind.truncate(cut);
+        }
+        let kind = if self.kinds.len() < Self::KINDS || self.kinds.contains_key(&kind) {
+            kind
+        } else {
+            "other".to_owned()
+        };
+        *self.kinds.entry(kind).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Failures) {
+        self.count += other.count;
+        for (kind, n) in other.kinds {
+            *self.kinds.entry(kind).or_default() += n;
+        }
+    }
+}
+
+/// Sends exactly `count` requests with `concurrency` workers; how many were sent and how they
+/// failed.
 async fn fixed_count(
     clients: &[KeyBrokerClient<Channel>],
     load: &Arc<Load>,
     concurrency: usize,
     count: u64,
-) -> (u64, u64) {
+) -> (u64, Failures) {
     let left = Arc::new(std::sync::atomic::AtomicU64::new(count));
     let mut tasks = Vec::new();
     for i in 0..concurrency {
         let mut client = clients[i % clients.len()].clone();
         let (load, left) = (Arc::clone(load), Arc::clone(&left));
         tasks.push(tokio::spawn(async move {
-            let (mut n, mut e) = (0u64, 0u64);
+            let (mut n, mut failed) = (0u64, Failures::default());
             while left
                 .fetch_update(
                     std::sync::atomic::Ordering::Relaxed,
@@ -1028,21 +1130,20 @@ async fn fixed_count(
                 )
                 .is_ok()
             {
-                let ok = load.call(&mut client, 0, load.payloads[0].clone()).await;
                 n += 1;
-                if !ok {
-                    e += 1;
+                if let Err(status) = load.call(&mut client, 0, load.payloads[0].clone()).await {
+                    failed.add(&status);
                 }
             }
-            (n, e)
+            (n, failed)
         }));
     }
-    let (mut n, mut e) = (0, 0);
+    let (mut n, mut failed) = (0, Failures::default());
     for t in tasks {
         if let Ok((a, b)) = t.await {
             n += a;
-            e += b;
+            failed.merge(b);
         }
     }
-    (n, e)
+    (n, failed)
 }

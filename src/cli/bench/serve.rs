@@ -239,11 +239,15 @@ pub fn admin_get(admin: &str, path: &str) -> std::io::Result<String> {
 
 /// The sum of a counter's samples in an OpenMetrics scrape (`name` without `_total`).
 pub fn counter_sum(scrape: &str, name: &str) -> f64 {
-    let total = format!("{name}_total");
+    series_sum(scrape, &format!("{name}_total"))
+}
+
+/// The sum of every series of the family `name` (a gauge's one value, for an unlabelled one).
+pub fn series_sum(scrape: &str, name: &str) -> f64 {
     scrape
         .lines()
         .filter(|l| {
-            l.strip_prefix(&total)
+            l.strip_prefix(name)
                 .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
         })
         .filter_map(|l| l.rsplit(' ').next())
