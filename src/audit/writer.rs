@@ -598,7 +598,8 @@ impl LifecycleLog {
         Ok(Some(Self { writer }))
     }
 
-    /// Appends the records (one write, synced to disk), waiting up to 10 s for the lock.
+    /// Appends the records (one write, synced to disk once the lock is released), waiting up to
+    /// 10 s for the lock.
     pub fn append(&mut self, records: Vec<LifecycleRecord>) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -629,21 +630,25 @@ impl LifecycleLog {
         }
         let entries: Vec<Entry> = records.into_iter().map(Entry::Lifecycle).collect();
         let mut buf = Vec::with_capacity(1024);
-        let result = (|| {
+        let result: io::Result<()> = (|| {
             w.resync()?;
             for e in &entries {
                 w.serialize(e, &mut buf);
             }
             w.write(&buf)?;
-            if let Some(f) = &w.file {
-                f.sync_all()?;
-            }
             w.checkpoint(true);
             Ok(())
         })();
         let _ = lock.unlock();
         w.lock = Some(lock);
-        result
+        result?;
+        // Synced after the lock is released: the fsync flushes the whole file (a running
+        // server's records too, up to `max_file_bytes`), and a server waiting for the lock
+        // meanwhile would hold its requests behind a full queue.
+        match &w.file {
+            Some(f) => f.sync_all(),
+            None => Ok(()),
+        }
     }
 }
 
