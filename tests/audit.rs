@@ -62,6 +62,20 @@ fn verify_args(extra: &[&Path], files: &[PathBuf]) -> (bool, String) {
     )
 }
 
+/// `n` successful Encrypts of `payments` (plaintexts 0, 1, …): n records to find in the log.
+async fn encrypt_payments(billing: &mut crate::policy::Client, n: u8) {
+    for i in 0..n {
+        billing
+            .encrypt(EncryptRequest {
+                key: "payments".into(),
+                plaintext: vec![i].into(),
+                context: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
 async fn audited_server(audit: &str) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let text = crate::policy::config(dir.path()) + audit;
@@ -197,16 +211,7 @@ async fn request_ids_from_the_client_are_kept() {
 async fn verify_catches_edit_delete_reorder_insert() {
     let s = audited_server("[audit]\npath = \"audit.jsonl\"\n").await;
     let mut billing = client_as(&s.addr, Some("tok-billing")).await;
-    for i in 0..8u8 {
-        billing
-            .encrypt(EncryptRequest {
-                key: "payments".into(),
-                plaintext: vec![i].into(),
-                context: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
-    }
+    encrypt_payments(&mut billing, 8).await;
     let log = s.path("audit.jsonl");
     wait_records(&log, 8).await;
     let lines: Vec<String> = std::fs::read_to_string(&log)
@@ -253,32 +258,14 @@ async fn the_chain_continues_across_rotation_and_restart() {
     let text = crate::policy::config(dir.path()) + audit;
     let s = TestServer::start_in(dir, &text).await;
     let mut billing = client_as(&s.addr, Some("tok-billing")).await;
-    for i in 0..40u8 {
-        billing
-            .encrypt(EncryptRequest {
-                key: "payments".into(),
-                plaintext: vec![i].into(),
-                context: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
-    }
+    encrypt_payments(&mut billing, 40).await;
     // Restart: a new server on the same directory continues the same log.
     let mut s = s;
     s.running.take().unwrap().shutdown().await;
     let keep = std::mem::replace(&mut s.dir, tempfile::tempdir().unwrap());
     let s2 = TestServer::start_in(keep, &text).await;
     let mut billing = client_as(&s2.addr, Some("tok-billing")).await;
-    for i in 0..5u8 {
-        billing
-            .encrypt(EncryptRequest {
-                key: "payments".into(),
-                plaintext: vec![i].into(),
-                context: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
-    }
+    encrypt_payments(&mut billing, 5).await;
     let mut s2 = s2;
     s2.running.take().unwrap().shutdown().await;
     let dir = s2.dir.path().to_owned();
@@ -327,16 +314,7 @@ async fn rotation_keeps_max_files_and_drops_the_oldest() {
     let text = crate::policy::config(dir.path()) + audit;
     let mut s = TestServer::start_in(dir, &text).await;
     let mut billing = client_as(&s.addr, Some("tok-billing")).await;
-    for i in 0..60u8 {
-        billing
-            .encrypt(EncryptRequest {
-                key: "payments".into(),
-                plaintext: vec![i].into(),
-                context: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
-    }
+    encrypt_payments(&mut billing, 60).await;
     s.running.take().unwrap().shutdown().await;
     let dir = s.dir.path().to_owned();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
